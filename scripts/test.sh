@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what is missing, builds, and runs every test: GoogleTest units (ctest), a bounded
+# fuzz run of the message parser, and the pytest integration suite against real processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+bash scripts/build.sh
+
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1 OMPI_MCA_mpi_yield_when_idle=1
+export PYTHONDONTWRITEBYTECODE=1
+
+echo "== unit tests (ctest)"
+ctest --test-dir build --output-on-failure -j 2 --timeout 120
+
+if [ -x scripts/fuzz.sh ]; then
+  echo "== fuzz (bounded)"
+  bash scripts/fuzz.sh "${PXF_FUZZ_SECONDS:-30}"
+fi
+
+echo "== integration tests (pytest, /usr/bin/python3)"
+/usr/bin/python3 -m pytest -p no:cacheprovider -q -rfEs tests/integration

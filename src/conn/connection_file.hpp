@@ -1,0 +1,64 @@
+#pragma once
+// ipcontroller[-<cluster_id>]-{client,engine}.json, read and written exactly as the stock
+// ipcontroller does (every key, integer ports, the engine file's `broadcast` list).
+#include <nlohmann/json.hpp>
+
+#include <filesystem>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace pxf::conn {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+// Any problem with a connection file or profile location. what() names the file and says
+// what is wrong, e.g. "/x/security/ipcontroller-client.json: missing key 'task_scheme'".
+class ConnectionFileError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Keys both files share.
+struct Common {
+  std::string interface = "tcp://127.0.0.1";
+  std::string location;                     // controller hostname
+  std::string ssh;                          // "" = no tunnel
+  std::string key;                          // HMAC key; "" = unsigned
+  std::string signature_scheme = "hmac-sha256";
+  std::string pack = "json";
+  std::string unpack = "json";
+  std::optional<std::string> curve_serverkey;  // null when CURVE is off
+};
+
+struct ClientInfo : Common {
+  int registration = 0, control = 0, mux = 0, task = 0, iopub = 0, notification = 0, broadcast = 0;
+  std::string task_scheme = "leastload";
+};
+
+struct EngineInfo : Common {
+  int registration = 0, control = 0, mux = 0, task = 0, iopub = 0, hb_ping = 0, hb_pong = 0;
+  std::vector<int> broadcast;  // one port per leaf broadcast scheduler; engine uses [id % size]
+};
+
+json to_json(const ClientInfo& c);
+json to_json(const EngineInfo& e);
+// `source` names where the JSON came from (a path, "IPP_CONNECTION_INFO") for error messages.
+ClientInfo client_from_json(const json& j, const std::string& source);
+EngineInfo engine_from_json(const json& j, const std::string& source);
+
+ClientInfo read_client_file(const fs::path& path);
+EngineInfo read_engine_file(const fs::path& path);
+// Parses the engine file's JSON text (as passed in $IPP_CONNECTION_INFO).
+EngineInfo engine_from_text(const std::string& text, const std::string& source);
+
+// Writes `j` to `path` atomically (temporary file in the same folder, fsync, rename) with
+// mode 0600, creating missing parent folders (mode 0700).
+void write_atomic(const fs::path& path, const json& j);
+
+// "tcp://127.0.0.1" + port -> "tcp://127.0.0.1:5555".
+std::string url(const std::string& interface, int port);
+
+} // namespace pxf::conn

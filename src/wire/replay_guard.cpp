@@ -1,0 +1,17 @@
+#include "wire/replay_guard.hpp"
+
+namespace pxf::wire {
+
+bool ReplayGuard::accept(std::string_view signature) {
+  if (capacity_ == 0) return true;
+  auto [it, inserted] = set_.emplace(signature);
+  if (!inserted) return false;
+  order_.push_back(*it);
+  if (order_.size() > capacity_) {
+    set_.erase(order_.front());
+    order_.pop_front();
+  }
+  return true;
+}
+
+} // namespace pxf::wire

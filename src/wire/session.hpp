@@ -1,0 +1,89 @@
+#pragma once
+// The wire codec, written once for every process: decode and verify incoming multipart
+// messages, encode and sign outgoing ones, and build headers as jupyter_client does.
+//
+// Concurrency: decode() updates the replay guard and is for one thread at a time; encode(),
+// build() and make_header() are safe from any thread.
+#include "wire/drop.hpp"
+#include "wire/limits.hpp"
+#include "wire/message.hpp"
+#include "wire/replay_guard.hpp"
+#include "wire/signer.hpp"
+
+#include <atomic>
+#include <optional>
+#include <string>
+
+namespace pxf::wire {
+
+struct SessionOptions {
+  std::string key;                       // HMAC key; empty = unsigned mode
+  std::string signature_scheme = "hmac-sha256";
+  std::string session_id;                // default: new_id()
+  std::string username = "username";
+  Limits limits;
+  std::size_t replay_capacity = 65536;   // 0 disables the replay guard
+};
+
+struct DecodeOptions {
+  bool parse_content = true;  // relays may skip parsing content (it is still signed and checked)
+  bool check_replay = true;
+};
+
+// Result of decode(): a message, or the reason it was refused and a human detail.
+struct Decoded {
+  std::optional<Message> msg;
+  Drop reason = Drop::none;
+  std::string detail;
+  explicit operator bool() const { return msg.has_value(); }
+};
+
+class Session {
+ public:
+  explicit Session(SessionOptions opts = {});
+
+  Decoded decode(Frames&& frames, DecodeOptions opts = {});
+
+  // Serializes and signs a new message.
+  Frames encode(Frames identities, const json& header, const json& parent, const json& metadata,
+                const json& content, Frames buffers = {}) const;
+
+  // Re-serializes a message from its parsed fields (after a handler changed them) and re-signs
+  // it; identities and buffers are moved. Content must have been parsed.
+  Frames reencode(Message&& m) const;
+
+  // Forwards a message unchanged: original JSON frames and signature, m.identities in front.
+  static Frames forward(Message&& m);
+
+  // A new header: unique msg_id "<session>_<pid>_<n>", ISO date with 'Z', version "5.3".
+  json make_header(std::string_view msg_type) const;
+
+  // make_header + encode.
+  Frames build(Frames identities, std::string_view msg_type, const json& content,
+               const json& parent = json::object(), const json& metadata = json::object(),
+               Frames buffers = {}) const;
+
+  const std::string& session_id() const { return session_id_; }
+  const std::string& username() const { return username_; }
+  const Signer& signer() const { return signer_; }
+  const Limits& limits() const { return limits_; }
+  DropCounters& drops() { return drops_; }
+  const DropCounters& drops() const { return drops_; }
+
+ private:
+  Decoded fail(Drop reason, std::string detail);
+
+  Signer signer_;
+  std::string session_id_;
+  std::string username_;
+  Limits limits_;
+  ReplayGuard replay_;
+  DropCounters drops_;
+  std::string pid_;
+  mutable std::atomic<std::uint64_t> counter_{0};
+};
+
+// JSON text as jupyter_client accepts it: UTF-8, invalid UTF-8 in strings replaced.
+std::string dump_json(const json& j);
+
+} // namespace pxf::wire
