@@ -19,4 +19,4 @@ if [ -x scripts/fuzz.sh ]; then
 fi
 
 echo "== integration tests (pytest, /usr/bin/python3)"
-/usr/bin/python3 -m pytest -p no:cacheprovider -q -rfEs tests/integration
+/usr/bin/python3 -m pytest -p no:cacheprovider -q -rfEs tests/python tests/integration

@@ -1,5 +1,6 @@
 #include "util/clock.hpp"
 
+#include <cstdio>
 #include <ctime>
 
 namespace pxf {
@@ -15,7 +16,7 @@ std::string iso_format(std::chrono::system_clock::time_point t) {
   }
   std::tm tm{};
   gmtime_r(&secs, &tm);
-  char buf[40];
+  char buf[128];  // room for any int fields, so the format can never truncate
   std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02d.%06ldZ", tm.tm_year + 1900, tm.tm_mon + 1,
                 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, frac);
   return buf;

@@ -1,5 +1,6 @@
 #pragma once
 // Identifiers in the formats jupyter_client uses, so peers cannot tell us apart.
+#include <cstddef>
 #include <string>
 
 namespace pxf {

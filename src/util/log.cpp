@@ -28,7 +28,10 @@ const char* level_name(int lvl) {
 
 void set_level(int lvl) { g_level = lvl; }
 int level() { return g_level; }
-void set_name(std::string name) { g_name = std::move(name); }
+void set_name(std::string name) {
+  std::lock_guard lock(g_mutex);  // write() reads g_name under the same lock
+  g_name = std::move(name);
+}
 
 bool parse_level(std::string_view text, int& out) {
   int v = 0;

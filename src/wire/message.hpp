@@ -25,8 +25,9 @@ struct Message {
   json metadata;  // object
   json content;   // object; null when decoded with parse_content = false
 
-  const std::string& msg_id() const { return header["msg_id"].get_ref<const std::string&>(); }
-  const std::string& msg_type() const { return header["msg_type"].get_ref<const std::string&>(); }
+  // at(): a hand-built Message without these throws instead of hitting const operator[]'s UB.
+  const std::string& msg_id() const { return header.at("msg_id").get_ref<const std::string&>(); }
+  const std::string& msg_type() const { return header.at("msg_type").get_ref<const std::string&>(); }
   // The sender's session ("" if absent or not a string).
   std::string session() const;
   // parent_header.msg_id, or "" when there is no parent.

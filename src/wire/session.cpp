@@ -36,9 +36,35 @@ Decoded Session::fail(Drop reason, std::string detail) {
 }
 
 namespace {
+// True if `s` nests [ / { deeper than `limit` outside strings. Runs before the parser because
+// nlohmann parses deep input fine but dump/copy/== recurse per level and overflow the stack.
+// Exact for valid JSON; on invalid JSON the parser rejects the frame anyway.
+bool nests_deeper_than(std::string_view s, std::size_t limit) {
+  std::size_t depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    char ch = s[i];
+    if (in_string) {
+      if (ch == '\\') ++i;
+      else if (ch == '"') in_string = false;
+    } else if (ch == '"') {
+      in_string = true;
+    } else if (ch == '[' || ch == '{') {
+      if (++depth > limit) return true;
+    } else if ((ch == ']' || ch == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return false;
+}
+
 // Parses one JSON frame into `out`; returns an error text or "" on success.
-std::string parse_object(const zmq::message_t& f, const char* name, json& out, Drop& why) {
+std::string parse_object(const zmq::message_t& f, const char* name, std::size_t max_depth, json& out, Drop& why) {
   auto v = view(f);
+  if (nests_deeper_than(v, max_depth)) {
+    why = Drop::invalid_json;
+    return std::string(name) + " nests deeper than " + std::to_string(max_depth) + " levels";
+  }
   out = json::parse(v.begin(), v.end(), nullptr, /*allow_exceptions=*/false);
   if (out.is_discarded()) {
     why = Drop::invalid_json;
@@ -94,10 +120,11 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
 
   Message msg;
   Drop why = Drop::none;
-  std::string err = parse_object(h, "header", msg.header, why);
-  if (err.empty()) err = parse_object(p, "parent_header", msg.parent, why);
-  if (err.empty()) err = parse_object(m, "metadata", msg.metadata, why);
-  if (err.empty() && opts.parse_content) err = parse_object(c, "content", msg.content, why);
+  const std::size_t depth = limits_.max_json_depth;
+  std::string err = parse_object(h, "header", depth, msg.header, why);
+  if (err.empty()) err = parse_object(p, "parent_header", depth, msg.parent, why);
+  if (err.empty()) err = parse_object(m, "metadata", depth, msg.metadata, why);
+  if (err.empty() && opts.parse_content) err = parse_object(c, "content", depth, msg.content, why);
   if (!err.empty()) return fail(why, err);
   auto id = msg.header.find("msg_id");
   auto type = msg.header.find("msg_type");
@@ -144,7 +171,27 @@ Frames Session::encode(Frames identities, const json& header, const json& parent
                   std::move(buffers));
 }
 
+Frames Session::encode_frames(Frames identities, zmq::message_t h, zmq::message_t p, zmq::message_t m,
+                              zmq::message_t c, Frames buffers) const {
+  std::string sig = signer_.sign(view(h), view(p), view(m), view(c));
+  Frames out = std::move(identities);
+  out.reserve(out.size() + 6 + buffers.size());
+  out.push_back(frame(kDelimiter));
+  out.push_back(frame(sig));
+  out.push_back(std::move(h));
+  out.push_back(std::move(p));
+  out.push_back(std::move(m));
+  out.push_back(std::move(c));
+  for (auto& b : buffers) out.push_back(std::move(b));
+  return out;
+}
+
 Frames Session::reencode(Message&& msg) const {
+  // Content decoded with parse_content = false is null here: re-sign its original bytes rather
+  // than replace the content with "null".
+  if (msg.content.is_null())
+    return encode_frames(std::move(msg.identities), frame(dump_json(msg.header)), frame(dump_json(msg.parent)),
+                         frame(dump_json(msg.metadata)), std::move(msg.content_frame), std::move(msg.buffers));
   return encode(std::move(msg.identities), msg.header, msg.parent, msg.metadata, msg.content,
                 std::move(msg.buffers));
 }

@@ -48,8 +48,12 @@ class Session {
   Frames encode(Frames identities, const json& header, const json& parent, const json& metadata,
                 const json& content, Frames buffers = {}) const;
 
+  // Signs already-serialized JSON frames (e.g. one shared content frame for many targets).
+  Frames encode_frames(Frames identities, zmq::message_t header, zmq::message_t parent,
+                       zmq::message_t metadata, zmq::message_t content, Frames buffers = {}) const;
+
   // Re-serializes a message from its parsed fields (after a handler changed them) and re-signs
-  // it; identities and buffers are moved. Content must have been parsed.
+  // it; identities and buffers are moved. Content decoded unparsed (null) keeps its original bytes.
   Frames reencode(Message&& m) const;
 
   // Forwards a message unchanged: original JSON frames and signature, m.identities in front.

@@ -1,0 +1,250 @@
+"""The IPython shell of an engine: ipykernel's ``ZMQInteractiveShell`` without sockets.
+
+The stock engine runs user code in ipykernel's ``ZMQInteractiveShell`` (magics, ``display``,
+``get_ipython()``, ``!cmd`` through pipes, ``Out`` numbering). We instantiate that same class and
+only swap what talks to ZeroMQ: the display hook (``execute_result``), the display publisher
+(``display_data``/``clear_output``), the data publisher (``data_message``) and the traceback
+side channel (``error``). They call the runtime's ``publish`` callback with the content,
+metadata and topic the stock engine would send.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from typing import Any, Callable, Dict, List, Optional
+
+from IPython.core.interactiveshell import InteractiveShell
+from ipykernel.compiler import XCachingCompiler
+from ipykernel.displayhook import ZMQShellDisplayHook
+from ipykernel.jsonutil import encode_images, json_clean
+from ipykernel.kernelbase import Kernel as IPKernel
+from ipykernel.zmqshell import ZMQDisplayPublisher, ZMQInteractiveShell
+from ipyparallel.serialize import serialize_object
+from traitlets.config import Config
+
+from .iostream import _header_of
+from .jsonsafe import jsonable
+
+#: ``publish(msg_type, content, parent_header, metadata, buffers, topic)``
+Publish = Callable[[str, dict, dict, dict, list, bytes], None]
+
+
+def _flush_std() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+
+class DisplayHook(ZMQShellDisplayHook):
+    """``execute_result`` publisher (ipykernel's ``ZMQShellDisplayHook`` without a session).
+
+    Like the stock hook, the message is built whole, so its metadata is ``{}``.
+    """
+
+    def bind(self, publish: Publish) -> None:
+        self._pub = publish
+        self._parent: dict = {}
+
+    def set_parent(self, parent: dict) -> None:
+        self._parent = _header_of(parent)
+
+    def start_displayhook(self) -> None:
+        self.msg = {"content": {"data": {}, "metadata": {}}}
+
+    def finish_displayhook(self) -> None:
+        _flush_std()
+        content = self.msg["content"]
+        if content["data"]:
+            self._pub("execute_result", jsonable(content), self._parent, {}, [], self.topic)
+        self.msg = None
+
+
+class DisplayPublisher(ZMQDisplayPublisher):
+    """``display_data`` publisher (ipykernel's ``ZMQDisplayPublisher`` without a session).
+
+    Transform hooks registered with :meth:`register_hook` (ipywidgets' ``Output``) still see a
+    message dict with ``header``, ``msg_type``, ``parent_header``, ``metadata`` and ``content``.
+    As in the stock engine, ``display_data`` is built whole (metadata ``{}``) while
+    ``clear_output`` is sent by type (metadata ``{"engine": uuid}``).
+    """
+
+    def bind(self, publish: Publish, engine_uuid: str) -> None:
+        self._pub = publish
+        self._engine_md = {"engine": engine_uuid}
+        self._parent: dict = {}
+
+    def set_parent(self, parent: dict) -> None:
+        self._parent = _header_of(parent)
+
+    def _message(self, msg_type: str, content: dict, metadata: dict) -> dict:
+        return {
+            "header": {"msg_type": msg_type},
+            "msg_type": msg_type,
+            "parent_header": self._parent,
+            "metadata": metadata,
+            "content": content,
+            "buffers": [],
+        }
+
+    def publish(self, data, metadata=None, transient=None, update=False):
+        self._flush_streams()
+        if metadata is None:
+            metadata = {}
+        if transient is None:
+            transient = {}
+        self._validate_data(data, metadata)
+        content = {"data": encode_images(data), "metadata": metadata, "transient": transient}
+        msg_type = "update_display_data" if update else "display_data"
+        msg = self._message(msg_type, json_clean(content), {})
+        for hook in self._hooks:
+            msg = hook(msg)
+            if msg is None:
+                return
+        self._send(msg)
+
+    def clear_output(self, wait=False):
+        self._flush_streams()
+        self._send(self._message("clear_output", {"wait": wait}, dict(self._engine_md)))
+
+    def _send(self, msg: dict) -> None:
+        self._pub(
+            msg["msg_type"],
+            jsonable(msg["content"]),
+            msg.get("parent_header") or {},
+            jsonable(msg.get("metadata") or {}),
+            list(msg.get("buffers") or []),
+            self.topic,
+        )
+
+
+class DataPublisher:
+    """``data_message`` publisher, as ``ipyparallel.engine.datapub.ZMQDataPublisher``.
+
+    The stock kernel never sets this publisher's topic, so it is the bare ``b"datapub"``.
+    """
+
+    topic = b"datapub"
+
+    def __init__(self, publish: Publish, engine_uuid: str, thresholds: Dict[str, int]) -> None:
+        self._publish = publish
+        self._engine = engine_uuid
+        self._thresholds = thresholds
+        self.parent_header: dict = {}
+
+    def set_parent(self, parent: dict) -> None:
+        self.parent_header = _header_of(parent)
+
+    def publish_data(self, data: dict) -> None:
+        """Publish a ``data_message`` on IOPub (``ipyparallel.datapub.publish_data``).
+
+        Parameters
+        ----------
+        data : dict
+            The data to be published. Think of it as a namespace.
+        """
+        buffers = serialize_object(data, **self._thresholds)
+        content = json_clean(dict(keys=list(data.keys())))
+        self._publish(
+            "data_message", jsonable(content), self.parent_header,
+            {"engine": self._engine}, buffers, self.topic,
+        )
+
+
+class KernelStub:
+    """What ``get_ipython().kernel`` offers on a pxfabric engine.
+
+    The stock engine exposes its ``IPythonParallelKernel``; user code mostly reads identities
+    and the current parent from it. Sockets, sessions and the event loop do not exist here.
+    """
+
+    eventloop = None
+    session = None
+    iopub_socket = None
+    _allow_stdin = False  # no stdin channel: input()/getpass() raise as in the stock engine
+
+    def __init__(self, engine_id: int, engine_uuid: str) -> None:
+        self.engine_id = engine_id
+        self.int_id = engine_id
+        self.ident = engine_uuid
+        self.log = logging.getLogger("pxfabric.engine")
+        self._parents: Dict[str, dict] = {"shell": {}, "control": {}}
+        self.shell = None
+        self.data_pub = None
+        # ipykernel's own functions, so tracebacks through input() match the stock engine's.
+        self.raw_input = types.MethodType(IPKernel.raw_input, self)
+        self.getpass = types.MethodType(IPKernel.getpass, self)
+
+    def get_parent(self, channel: str = "shell") -> dict:
+        """The message being handled on ``channel`` (``"shell"`` or ``"control"``)."""
+        return self._parents.get(channel, {})
+
+    def set_parent(self, ident: Any, parent: dict, channel: str = "shell") -> None:
+        self._parents[channel] = parent
+
+
+def make_shell(
+    kernel: KernelStub,
+    profile_dir: Any,
+    user_ns: Optional[dict],
+    error_sink: Callable[[str, str, List[str]], None],
+) -> ZMQInteractiveShell:
+    """Create the process-wide ``ZMQInteractiveShell`` singleton for an engine.
+
+    Parameters
+    ----------
+    kernel : KernelStub
+        Becomes ``shell.kernel``.
+    profile_dir : IPython.core.profiledir.ProfileDir
+        The engine's profile directory.
+    user_ns : dict or None
+        Initial user namespace (the stock engine passes an empty dict).
+    error_sink : callable
+        ``error_sink(ename, evalue, stb)`` publishes the IOPub ``error`` message that
+        ipykernel's ``_showtraceback`` would send.
+    """
+    if InteractiveShell.initialized():
+        raise RuntimeError(
+            "an IPython shell already exists in this process; one EngineRuntime per process"
+        )
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"  # as the stock engine
+    shell = ZMQInteractiveShell.instance(
+        config=config,
+        profile_dir=profile_dir,
+        user_ns={} if user_ns is None else user_ns,
+        kernel=kernel,
+        compiler_class=XCachingCompiler,
+        displayhook_class=DisplayHook,
+        display_pub_class=DisplayPublisher,
+    )
+
+    def _showtraceback(self, etype, evalue, stb):
+        _flush_std()
+        self._last_traceback = stb
+        error_sink(str(etype.__name__), str(evalue), stb)
+
+    def set_parent(self, parent):
+        # ZMQInteractiveShell.set_parent without the traitlets round trip (hot path).
+        values = getattr(self, "_trait_values", None)
+        if values is not None:
+            values["parent_header"] = parent
+        else:  # pragma: no cover - other traitlets layouts
+            self.parent_header = parent
+        self.displayhook.set_parent(parent)
+        self.display_pub.set_parent(parent)
+        if hasattr(self, "_data_pub"):
+            self._data_pub.set_parent(parent)
+        for stream in (sys.stdout, sys.stderr):
+            setter = getattr(stream, "set_parent", None)
+            if setter is not None:
+                try:
+                    setter(parent)
+                except Exception:
+                    pass
+
+    shell._showtraceback = types.MethodType(_showtraceback, shell)
+    shell.set_parent = types.MethodType(set_parent, shell)
+    shell.exit_now = False
+    kernel.shell = shell
+    return shell

@@ -1,0 +1,352 @@
+#include "controller/controller.hpp"
+
+#include "controller/errors.hpp"
+#include "util/clock.hpp"
+#include "util/ids.hpp"
+#include "util/log.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <charconv>
+#include <climits>
+
+namespace pxf::controller {
+
+using wire::view;
+
+namespace {
+constexpr const char* kLog = "controller";
+constexpr std::size_t kBatch = 256;  // messages drained per socket per poll, for fairness
+
+std::string hostname() {
+  char buf[256] = {};
+  if (gethostname(buf, sizeof buf - 1) != 0) return "localhost";
+  return buf;
+}
+} // namespace
+
+Controller::Controller(Options opts)
+    : opts_(std::move(opts)), balancer_(opts_.scheme, opts_.hwm) {
+  location_ = conn::resolve_profile(opts_.profile);
+  port_pool_ = opts_.ports;
+  if (opts_.location.empty()) opts_.location = hostname();
+  if (opts_.engine_ip.empty()) opts_.engine_ip = opts_.ip;
+  if (opts_.registration_timeout_s <= 0) opts_.registration_timeout_s = std::max(30.0, opts_.ping_ms / 100.0);
+}
+
+Controller::~Controller() { remove_connection_files(); }
+
+zmq::socket_t Controller::make_router(const char* routing_id) {
+  zmq::socket_t s(ctx_, zmq::socket_type::router);
+  if (routing_id) s.set(zmq::sockopt::routing_id, zmq::const_buffer(routing_id, std::strlen(routing_id)));
+  // Sending to a peer that is gone raises EHOSTUNREACH, which we count, instead of a silent drop.
+  s.set(zmq::sockopt::router_mandatory, 1);
+  return s;
+}
+
+int Controller::bind(zmq::socket_t& s, const std::string& ip) {
+  s.set(zmq::sockopt::sndhwm, 0);
+  s.set(zmq::sockopt::rcvhwm, 0);
+  s.set(zmq::sockopt::linger, 1000);
+  std::string host = (ip == "*" || ip == "0.0.0.0") ? "*" : ip;
+  int port = 0;
+  if (!port_pool_.empty()) {
+    port = port_pool_.front();
+    port_pool_.erase(port_pool_.begin());
+  }
+  s.bind("tcp://" + host + ":" + (port ? std::to_string(port) : std::string("*")));
+  std::string ep = s.get(zmq::sockopt::last_endpoint);
+  return std::stoi(ep.substr(ep.rfind(':') + 1));
+}
+
+void Controller::start() {
+  conn::ensure_profile_dirs(location_);
+  std::optional<conn::ClientInfo> old_client;
+  std::optional<conn::EngineInfo> old_engine;
+  if (opts_.reuse && std::filesystem::exists(location_.client_file()) &&
+      std::filesystem::exists(location_.engine_file())) {
+    old_client = conn::read_client_file(location_.client_file());
+    old_engine = conn::read_engine_file(location_.engine_file());
+    PXF_LOG(info, kLog) << "--reuse: reusing key and ports of " << location_.client_file().string();
+  }
+  std::string key = opts_.key_given ? opts_.key : (old_client ? old_client->key : new_id());
+  wire::SessionOptions so;
+  so.key = key;
+  so.signature_scheme = opts_.signature_scheme;
+  if (opts_.max_message_bytes) so.limits.max_frame_bytes = opts_.max_message_bytes;
+  session_ = std::make_unique<wire::Session>(so);
+
+  // With --reuse the old ports go first in the pool, in the order sockets are bound below.
+  if (old_client && old_engine) {
+    port_pool_ = {old_client->registration, old_client->mux,     old_engine->mux,
+                  old_client->control,      old_engine->control, old_client->task,
+                  old_engine->task,         old_client->broadcast};
+    for (int p : old_engine->broadcast) port_pool_.push_back(p);
+    for (int p : {old_engine->iopub, old_client->iopub, old_client->notification, old_engine->hb_ping,
+                  old_engine->hb_pong})
+      port_pool_.push_back(p);
+  } else if (opts_.registration_port) {
+    port_pool_.insert(port_pool_.begin(), opts_.registration_port);
+  }
+
+  query_ = make_router(nullptr);
+  int reg = bind(query_, opts_.ip);
+  if (opts_.engine_ip != opts_.ip) query_.bind("tcp://" + opts_.engine_ip + ":" + std::to_string(reg));
+  mux_in_ = make_router("mux_in");
+  int mux_c = bind(mux_in_, opts_.ip);
+  mux_out_ = make_router("mux_out");
+  int mux_e = bind(mux_out_, opts_.engine_ip);
+  control_in_ = make_router("control_in");
+  int ctl_c = bind(control_in_, opts_.ip);
+  control_out_ = make_router("control_out");
+  int ctl_e = bind(control_out_, opts_.engine_ip);
+  task_in_ = make_router("task_in");
+  int task_c = bind(task_in_, opts_.ip);
+  task_out_ = make_router("task_out");
+  int task_e = bind(task_out_, opts_.engine_ip);
+  bcast_in_ = make_router("sub_scheduler_0");
+  int bc_c = bind(bcast_in_, opts_.ip);
+  // One engine-facing broadcast socket bound on every leaf port: each engine connects to one.
+  bcast_out_ = make_router("sub_scheduler_00");
+  std::vector<int> bc_e;
+  for (int i = 0; i < std::max(1, opts_.broadcast_leaves); ++i) bc_e.push_back(bind(bcast_out_, opts_.engine_ip));
+  iopub_in_ = zmq::socket_t(ctx_, zmq::socket_type::sub);
+  iopub_in_.set(zmq::sockopt::subscribe, "");
+  int iopub_e = bind(iopub_in_, opts_.engine_ip);
+  iopub_out_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
+  int iopub_c = bind(iopub_out_, opts_.ip);
+  notifier_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
+  int notif = bind(notifier_, opts_.ip);
+  hb_ping_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
+  int ping = bind(hb_ping_, opts_.engine_ip);
+  hb_pong_ = make_router(nullptr);
+  hb_pong_.set(zmq::sockopt::router_mandatory, 0);
+  int pong = bind(hb_pong_, opts_.engine_ip);
+
+  auto common = [&](conn::Common& c, const std::string& ip) {
+    c.interface = "tcp://" + ip;
+    c.location = opts_.location;
+    c.key = key;
+    c.signature_scheme = opts_.signature_scheme;
+  };
+  common(client_info_, opts_.ip);
+  client_info_.registration = reg;
+  client_info_.control = ctl_c;
+  client_info_.mux = mux_c;
+  client_info_.task = task_c;
+  client_info_.task_scheme = opts_.scheme;
+  client_info_.iopub = iopub_c;
+  client_info_.notification = notif;
+  client_info_.broadcast = bc_c;
+  common(engine_info_, opts_.engine_ip);
+  engine_info_.registration = reg;
+  engine_info_.control = ctl_e;
+  engine_info_.mux = mux_e;
+  engine_info_.task = task_e;
+  engine_info_.iopub = iopub_e;
+  engine_info_.hb_ping = ping;
+  engine_info_.hb_pong = pong;
+  engine_info_.broadcast = bc_e;
+
+  write_connection_files();
+  for (auto& w : opts_.warnings) PXF_LOG(warning, kLog) << w;
+  next_beat_ms_ = mono_ms() + opts_.ping_ms;
+  PXF_LOG(info, kLog) << "listening on " << client_info_.interface << " (registration port " << reg
+                      << "); connection files in " << location_.security_dir().string();
+}
+
+void Controller::write_connection_files() {
+  conn::write_atomic(location_.client_file(), conn::to_json(client_info_));
+  conn::write_atomic(location_.engine_file(), conn::to_json(engine_info_));
+  files_written_ = true;
+}
+
+void Controller::remove_connection_files() {
+  if (!files_written_ || opts_.reuse) return;
+  std::error_code ec;
+  std::filesystem::remove(location_.client_file(), ec);
+  std::filesystem::remove(location_.engine_file(), ec);
+  files_written_ = false;
+}
+
+int Controller::run() {
+  while (!stop_requested_) {
+    std::int64_t now = mono_ms();
+    std::int64_t next = next_beat_ms_;
+    if (next_fast_ping_ms_) next = std::min(next, next_fast_ping_ms_);
+    if (shutdown_at_ms_) next = std::min(next, shutdown_at_ms_);
+    for (auto& t : waiting_)
+      if (t.deadline_ms) next = std::min(next, t.deadline_ms);
+    poll_once(std::clamp<std::int64_t>(next - now, 0, 1000));
+    on_timers();
+    if (shutdown_at_ms_ && mono_ms() >= shutdown_at_ms_) break;
+  }
+  PXF_LOG(info, kLog) << "stopping; dropped messages: " << session_->drops().summary();
+  remove_connection_files();
+  return 0;
+}
+
+void Controller::poll_once(long timeout_ms) {
+  static const std::array<const char*, 11> names = {"query", "mux_in", "mux_out", "control_in", "control_out",
+                                                    "task_in", "task_out", "bcast_in", "bcast_out", "iopub", "hb"};
+  std::array<zmq::socket_t*, 11> socks = {&query_,   &mux_in_,  &mux_out_,  &control_in_, &control_out_, &task_in_,
+                                          &task_out_, &bcast_in_, &bcast_out_, &iopub_in_,  &hb_pong_};
+  std::array<zmq::pollitem_t, 11> items{};
+  for (std::size_t i = 0; i < socks.size(); ++i) items[i] = {socks[i]->handle(), 0, ZMQ_POLLIN, 0};
+  try {
+    zmq::poll(items.data(), items.size(), std::chrono::milliseconds(timeout_ms));
+  } catch (const zmq::error_t& e) {
+    if (e.num() == EINTR) return;
+    throw;
+  }
+  for (std::size_t i = 0; i < socks.size(); ++i) {
+    if (!(items[i].revents & ZMQ_POLLIN)) continue;
+    for (std::size_t n = 0; n < kBatch; ++n) {
+      Frames frames;
+      std::optional<std::size_t> got;
+      try {
+        got = zmq::recv_multipart(*socks[i], std::back_inserter(frames), zmq::recv_flags::dontwait);
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) break;
+        throw;
+      }
+      if (!got) break;
+      ++counters_[std::string("in.") + names[i]];
+      // Each handler is an edge: whatever it throws becomes a logged, counted error, and the
+      // loop goes on serving the next message.
+      try {
+        switch (i) {
+          case 0: on_query(std::move(frames)); break;
+          case 1: on_client_direct(std::move(frames), false); break;
+          case 2: on_engine_direct(std::move(frames), false); break;
+          case 3: on_client_direct(std::move(frames), true); break;
+          case 4: on_engine_direct(std::move(frames), true); break;
+          case 5: on_task_submit(std::move(frames)); break;
+          case 6: on_task_reply(std::move(frames)); break;
+          case 7: on_broadcast_submit(std::move(frames)); break;
+          case 8: on_broadcast_reply(std::move(frames)); break;
+          case 9: on_iopub(std::move(frames)); break;
+          case 10: on_pong(std::move(frames)); break;
+        }
+      } catch (const std::exception& e) {
+        ++counters_["handler_error"];
+        PXF_LOG(error, kLog) << "error handling a message on " << names[i] << ": " << e.what();
+      }
+    }
+  }
+}
+
+bool Controller::decode(const char* channel, Frames&& frames, Message& out, bool parse_content) {
+  wire::DecodeOptions o;
+  o.parse_content = parse_content;
+  auto d = session_->decode(std::move(frames), o);
+  if (!d) {
+    auto& n = counters_[std::string("drop.") + channel + "." + wire::to_string(d.reason)];
+    ++n;
+    if (n <= 10 || n % 1000 == 0)
+      PXF_LOG(warning, kLog) << "dropped a message on " << channel << " (" << wire::to_string(d.reason)
+                             << ", #" << n << "): " << d.detail;
+    return false;
+  }
+  out = std::move(*d.msg);
+  return true;
+}
+
+void Controller::send(zmq::socket_t& s, Frames&& frames, const char* channel) {
+  try {
+    zmq::send_multipart(s, frames);
+  } catch (const zmq::error_t& e) {
+    if (e.num() != EHOSTUNREACH) throw;
+    auto& n = counters_[std::string("unroutable.") + channel];
+    ++n;
+    if (n <= 10 || n % 1000 == 0)
+      PXF_LOG(info, kLog) << "peer gone on " << channel << ", message dropped (#" << n << ")";
+  }
+}
+
+void Controller::on_timers() {
+  std::int64_t now = mono_ms();
+  if (now >= next_beat_ms_) {
+    beat();
+    next_beat_ms_ = now + opts_.ping_ms;
+  }
+  // Pending registrations: purge stalled ones; ping fast so new engines register quickly.
+  bool pending = false;
+  std::vector<int> stalled;
+  for (auto& [id, e] : engines_.all()) {
+    if (e.registered) continue;
+    if (now >= e.pending_deadline_ms)
+      stalled.push_back(id);
+    else
+      pending = true;
+  }
+  for (int id : stalled) {
+    PXF_LOG(warning, kLog) << "registration of engine " << id << " stalled (no heartbeat); dropped";
+    engines_.remove(id);
+  }
+  if (pending) {
+    if (now >= next_fast_ping_ms_) {
+      std::string payload = std::to_string(++beat_seq_);
+      hb_ping_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+      next_fast_ping_ms_ = now + 25;
+    }
+  } else {
+    next_fast_ping_ms_ = 0;
+  }
+  // Load-balanced task timeouts apply only while a task waits for an engine (stock semantics).
+  for (auto it = waiting_.begin(); it != waiting_.end();) {
+    if (it->deadline_ms && now >= it->deadline_ms) {
+      Task t = std::move(*it);
+      it = waiting_.erase(it);
+      zmq::message_t client = std::move(t.msg.identities.front());
+      fail_task(std::move(client), t.msg, error_content("TaskTimeout", "", "ipyparallel.error"), "");
+    } else {
+      ++it;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ heartbeat
+
+void Controller::beat() {
+  std::vector<int> dead;
+  for (auto& [id, e] : engines_.all()) {
+    if (!e.registered) continue;
+    if (e.answered) {
+      e.missed_beats = 0;
+    } else if (++e.missed_beats > opts_.max_heartbeat_misses) {
+      dead.push_back(id);
+    }
+    e.answered = false;
+  }
+  for (int id : dead) unregister(id, "missed " + std::to_string(opts_.max_heartbeat_misses + 1) + " heartbeats");
+  oldest_valid_beat_ = beat_seq_;  // a pong to the previous ping still counts (late by one)
+  std::string payload = std::to_string(++beat_seq_);
+  hb_ping_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
+}
+
+void Controller::on_pong(Frames&& frames) {
+  if (frames.size() != 2) {
+    ++counters_["drop.hb.malformed"];
+    return;
+  }
+  auto payload = view(frames[1]);
+  std::int64_t seq = 0;
+  auto [p, ec] = std::from_chars(payload.data(), payload.data() + payload.size(), seq);
+  if (ec != std::errc() || seq < oldest_valid_beat_ || seq > beat_seq_) {
+    ++counters_["drop.hb.stale"];
+    return;
+  }
+  Engine* e = engines_.by_uuid(view(frames[0]));
+  if (!e) {
+    ++counters_["drop.hb.unknown"];
+    return;
+  }
+  e->answered = true;
+  e->missed_beats = 0;
+  if (!e->registered) finish_registration(*e);
+}
+
+} // namespace pxf::controller

@@ -1,0 +1,141 @@
+#pragma once
+// pxcontroller: hub, direct/control relays, load-balanced and broadcast schedulers, the iopub
+// relay and the heartbeat, in one process with one event loop (protocol §3-§8).
+//
+// Concurrency: everything runs on the thread that calls run(); request_stop() may be called
+// from a signal handler.
+#include "conn/connection_file.hpp"
+#include "conn/profile.hpp"
+#include "controller/engines.hpp"
+#include "controller/load_balancer.hpp"
+#include "controller/options.hpp"
+#include "wire/session.hpp"
+
+#include <atomic>
+#include <deque>
+#include <memory>
+#include <optional>
+#include <unordered_map>
+
+namespace pxf::controller {
+
+using wire::Frames;
+using wire::json;
+using wire::Message;
+
+class Controller {
+ public:
+  explicit Controller(Options opts);
+  ~Controller();
+
+  // Binds every socket and writes both connection files. Throws on failure.
+  void start();
+  // Serves until a stop is requested (signal or shutdown_request); removes the files.
+  int run();
+  void request_stop() { stop_requested_ = true; }
+
+  const conn::ClientInfo& client_info() const { return client_info_; }
+  const conn::EngineInfo& engine_info() const { return engine_info_; }
+
+ private:
+  // --- sockets and files
+  zmq::socket_t make_router(const char* routing_id);
+  int bind(zmq::socket_t& s, const std::string& ip);
+  void write_connection_files();
+  void remove_connection_files();
+
+  // --- event loop
+  void poll_once(long timeout_ms);
+  void on_timers();
+  bool decode(const char* channel, Frames&& frames, Message& out, bool parse_content);
+  void send(zmq::socket_t& s, Frames&& frames, const char* channel);
+
+  // --- hub (registration socket)
+  void on_query(Frames&& frames);
+  void reply(const zmq::message_t& ident, const Message& req, const char* type, const json& content,
+             Frames buffers = {});
+  void on_connection_request(const zmq::message_t& ident, const Message& m);
+  void on_registration_request(const zmq::message_t& ident, const Message& m);
+  void on_unregistration_request(const Message& m);
+  void on_queue_request(const zmq::message_t& ident, const Message& m);
+  void on_result_request(const zmq::message_t& ident, const Message& m);
+  void on_history_request(const zmq::message_t& ident, const Message& m);
+  void on_shutdown_request(const zmq::message_t& ident, const Message& m);
+  void on_stats_request(const zmq::message_t& ident, const Message& m);
+  void finish_registration(Engine& e);
+  void unregister(int id, const std::string& why);
+  void notify(const char* type, const json& content, const json& parent = json::object());
+
+  // --- heartbeat
+  void beat();
+  void on_pong(Frames&& frames);
+
+  // --- direct (mux) and control relays
+  void on_client_direct(Frames&& frames, bool control);
+  void on_engine_direct(Frames&& frames, bool control);
+  void reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
+                      const char* channel);
+
+  // --- load-balanced tasks
+  struct Task {
+    Message msg;                    // identities = [client]
+    std::string msg_id;
+    std::vector<int> targets;       // allowed engine ids
+    bool targeted = false;          // false: any engine will do
+    std::int64_t deadline_ms = 0;   // task timeout while waiting; 0 = none
+  };
+  struct InFlight {
+    int engine = -1;
+    std::string client;
+    json header;                    // the request header (parent of synthesized replies)
+  };
+  void on_task_submit(Frames&& frames);
+  void on_task_reply(Frames&& frames);
+  bool try_dispatch(Task& t);
+  void dispatch_waiting();
+  void fail_task(zmq::message_t client, Message& req, const json& content, const std::string& engine_uuid);
+
+  // --- broadcast
+  struct Broadcast {
+    std::string client;
+    std::vector<std::pair<std::string, int>> targets;  // (uuid, id) in request order
+    std::vector<std::optional<Message>> replies;       // coalescing: per target
+    std::size_t remaining = 0;
+    std::optional<std::size_t> last;                   // index of the last reply received
+  };
+  void on_broadcast_submit(Frames&& frames);
+  void on_broadcast_reply(Frames&& frames);
+  void emit_coalesced(const std::string& orig_id, Broadcast& b);
+
+  // --- iopub
+  void on_iopub(Frames&& frames);
+
+  Options opts_;
+  conn::ProfileLocation location_;
+  conn::ClientInfo client_info_;
+  conn::EngineInfo engine_info_;
+  std::unique_ptr<wire::Session> session_;
+  zmq::context_t ctx_;
+  std::vector<int> port_pool_;
+
+  zmq::socket_t query_, notifier_;
+  zmq::socket_t mux_in_, mux_out_, control_in_, control_out_;
+  zmq::socket_t task_in_, task_out_, bcast_in_, bcast_out_;
+  zmq::socket_t iopub_in_, iopub_out_, hb_ping_, hb_pong_;
+
+  EngineTable engines_;
+  LoadBalancer balancer_;
+  std::deque<Task> waiting_;
+  std::unordered_map<std::string, InFlight> in_flight_;
+  std::unordered_map<std::string, Broadcast> broadcasts_;
+  std::deque<std::string> history_;  // msg_ids in submission order
+
+  std::int64_t beat_seq_ = 0, oldest_valid_beat_ = 0, next_beat_ms_ = 0, fast_ping_until_ms_ = 0;
+  std::int64_t next_fast_ping_ms_ = 0;
+  std::int64_t shutdown_at_ms_ = 0;
+  std::atomic<bool> stop_requested_{false};
+  bool files_written_ = false;
+  std::unordered_map<std::string, std::uint64_t> counters_;  // messages per channel, drops by kind
+};
+
+} // namespace pxf::controller

@@ -1,0 +1,48 @@
+#include "controller/engines.hpp"
+
+namespace pxf::controller {
+
+int EngineTable::allocate_id(int requested) {
+  if (requested >= 0 && !used_ids_.count(requested) && !engines_.count(requested)) return requested;
+  while (used_ids_.count(next_id_) || engines_.count(next_id_)) ++next_id_;
+  return next_id_++;
+}
+
+Engine& EngineTable::add(int id, std::string uuid) {
+  used_ids_.insert(id);
+  by_uuid_[uuid] = id;
+  Engine& e = engines_[id];
+  e.id = id;
+  e.uuid = std::move(uuid);
+  return e;
+}
+
+void EngineTable::mark_registered(Engine& e) {
+  e.registered = true;
+  history_.push_back(e.id);
+}
+
+void EngineTable::remove(int id) {
+  auto it = engines_.find(id);
+  if (it == engines_.end()) return;
+  by_uuid_.erase(it->second.uuid);
+  engines_.erase(it);
+}
+
+Engine* EngineTable::by_id(int id) {
+  auto it = engines_.find(id);
+  return it == engines_.end() ? nullptr : &it->second;
+}
+
+Engine* EngineTable::by_uuid(std::string_view uuid) {
+  auto it = by_uuid_.find(std::string(uuid));
+  return it == by_uuid_.end() ? nullptr : by_id(it->second);
+}
+
+std::size_t EngineTable::registered_count() const {
+  std::size_t n = 0;
+  for (auto& [id, e] : engines_) n += e.registered;
+  return n;
+}
+
+} // namespace pxf::controller

@@ -1,0 +1,49 @@
+#pragma once
+// The controller's table of engines: ids, uuids, registration state and queue bookkeeping.
+#include <cstdint>
+#include <map>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+namespace pxf::controller {
+
+struct Engine {
+  int id = -1;
+  std::string uuid;                           // ZMQ identity of all its sockets
+  bool registered = false;                    // false until its first heartbeat
+  std::int64_t pending_deadline_ms = 0;       // registration stalls after this
+  int missed_beats = 0;
+  bool answered = true;                       // answered a ping since the last beat
+  std::unordered_set<std::string> queue;      // outstanding direct (mux) requests
+  std::unordered_set<std::string> tasks;      // outstanding load-balanced tasks
+  std::vector<std::string> completed;         // finished msg_ids, both queues
+};
+
+class EngineTable {
+ public:
+  // Picks an id: `requested` if it is free, else the next never-used id (ids are not reused).
+  int allocate_id(int requested);
+  Engine& add(int id, std::string uuid);
+  void mark_registered(Engine& e);
+  void remove(int id);
+
+  Engine* by_id(int id);
+  Engine* by_uuid(std::string_view uuid);
+  bool uuid_known(std::string_view uuid) const { return by_uuid_.count(std::string(uuid)) != 0; }
+
+  std::map<int, Engine>& all() { return engines_; }
+  std::size_t registered_count() const;
+  // Ids ever registered (stock keeps dead ids visible to queue_status).
+  const std::vector<int>& history() const { return history_; }
+
+ private:
+  std::map<int, Engine> engines_;
+  std::unordered_map<std::string, int> by_uuid_;
+  std::unordered_set<int> used_ids_;
+  std::vector<int> history_;
+  int next_id_ = 0;
+};
+
+} // namespace pxf::controller

@@ -1,0 +1,272 @@
+// The hub: registration, queries and notifications on the registration socket (protocol §4).
+#include "controller/controller.hpp"
+#include "controller/errors.hpp"
+#include "util/clock.hpp"
+#include "util/log.hpp"
+
+namespace pxf::controller {
+
+using wire::view;
+
+namespace {
+constexpr const char* kLog = "hub";
+
+// A request the hub cannot serve; becomes a hub_error reply with this ename/evalue.
+struct BadRequest : std::runtime_error {
+  BadRequest(std::string ename, const std::string& evalue) : std::runtime_error(evalue), ename(std::move(ename)) {}
+  std::string ename;
+};
+
+// Engine ids from a queue_request's `targets`: null = all, an int, an engine uuid, or a list.
+std::vector<int> validate_targets(const json& targets, EngineTable& engines) {
+  std::vector<int> out;
+  if (targets.is_null()) {
+    for (int id : engines.history()) out.push_back(id);
+    if (out.empty()) throw BadRequest("IndexError", "No Engines Registered");
+    return out;
+  }
+  json list = targets.is_array() ? targets : json::array({targets});
+  std::vector<std::string> bad;
+  for (auto& t : list) {
+    if (t.is_number_integer()) {
+      out.push_back(t.get<int>());
+    } else if (t.is_string()) {
+      Engine* e = engines.by_uuid(t.get<std::string>());
+      if (!e) {
+        bad.push_back(t.dump());
+        continue;
+      }
+      out.push_back(e->id);
+    } else {
+      throw BadRequest("TypeError", "targets must be null, an engine id, a uuid or a list of them, not " + t.dump());
+    }
+  }
+  auto& hist = engines.history();
+  for (int id : out)
+    if (std::find(hist.begin(), hist.end(), id) == hist.end()) bad.push_back(std::to_string(id));
+  if (!bad.empty()) {
+    std::string s = "No Such Engine: [";
+    for (std::size_t i = 0; i < bad.size(); ++i) s += (i ? ", " : "") + bad[i];
+    throw BadRequest("IndexError", s + "]");
+  }
+  if (out.empty()) throw BadRequest("IndexError", "No Engines Registered");
+  return out;
+}
+} // namespace
+
+void Controller::reply(const zmq::message_t& ident, const Message& req, const char* type, const json& content,
+                       Frames buffers) {
+  Frames ids;
+  ids.push_back(wire::clone(ident));
+  send(query_, session_->build(std::move(ids), type, content, req.header, json::object(), std::move(buffers)),
+       "query");
+}
+
+void Controller::notify(const char* type, const json& content, const json& parent) {
+  zmq::send_multipart(notifier_, session_->build({}, type, content, parent));
+}
+
+void Controller::on_query(Frames&& frames) {
+  if (frames.empty()) return;
+  zmq::message_t ident = wire::clone(frames.front());
+  wire::DecodeOptions o;
+  auto d = session_->decode(std::move(frames), o);
+  if (!d) {
+    auto& n = counters_[std::string("drop.query.") + wire::to_string(d.reason)];
+    ++n;
+    if (n <= 10 || n % 1000 == 0)
+      PXF_LOG(warning, kLog) << "dropped a query (" << wire::to_string(d.reason) << ", #" << n << "): " << d.detail;
+    // A signed but malformed request deserves an answer, as the stock hub gives; an
+    // unauthenticated one does not.
+    bool authenticated = d.reason == wire::Drop::invalid_json || d.reason == wire::Drop::not_an_object ||
+                         d.reason == wire::Drop::missing_field;
+    if (authenticated) {
+      Frames ids;
+      ids.push_back(std::move(ident));
+      send(query_, session_->build(std::move(ids), "hub_error", error_content("ValueError", d.detail, "")),
+           "query");
+    }
+    return;
+  }
+  Message& m = *d.msg;
+  const std::string& type = m.msg_type();
+  PXF_LOG(debug, kLog) << "client " << view(ident).size() << "B-id requested " << type;
+  try {
+    if (type == "connection_request") return on_connection_request(ident, m);
+    if (type == "registration_request") return on_registration_request(ident, m);
+    if (type == "unregistration_request") return on_unregistration_request(m);
+    if (type == "queue_request") return on_queue_request(ident, m);
+    if (type == "result_request") return on_result_request(ident, m);
+    if (type == "history_request") return on_history_request(ident, m);
+    if (type == "shutdown_request") return on_shutdown_request(ident, m);
+    if (type == "pxf_stats_request") return on_stats_request(ident, m);
+    if (type == "db_request" || type == "purge_request" || type == "resubmit_request")
+      throw BadRequest("NotImplementedError", type + " is not supported by pxcontroller yet");
+    if (type == "become_dask_request" || type == "stop_distributed_request")
+      throw BadRequest("NotImplementedError", "pxcontroller does not run a dask scheduler");
+    throw BadRequest("KeyError", "Bad Message Type: '" + type + "'");
+  } catch (const BadRequest& e) {
+    ++counters_["query.error"];
+    PXF_LOG(info, kLog) << type << ": " << e.ename << ": " << e.what();
+    reply(ident, m, "hub_error", error_content(e.ename, e.what(), ""));
+  } catch (const json::exception& e) {
+    ++counters_["query.error"];
+    PXF_LOG(info, kLog) << type << ": malformed content: " << e.what();
+    reply(ident, m, "hub_error", error_content("KeyError", std::string("malformed request: ") + e.what(), ""));
+  }
+}
+
+void Controller::on_connection_request(const zmq::message_t& ident, const Message& m) {
+  json engines = json::object();
+  for (auto& [id, e] : engines_.all())
+    if (e.registered) engines[std::to_string(id)] = e.uuid;
+  reply(ident, m, "connection_reply", {{"status", "ok"}, {"engines", engines}});
+}
+
+void Controller::on_registration_request(const zmq::message_t& ident, const Message& m) {
+  auto it = m.content.find("uuid");
+  if (it == m.content.end() || !it->is_string()) throw BadRequest("KeyError", "registration_request needs a 'uuid'");
+  std::string uuid = it->get<std::string>();
+  if (uuid.empty()) throw BadRequest("ValueError", "registration_request has an empty 'uuid'");
+  if (engines_.uuid_known(uuid)) throw BadRequest("KeyError", "uuid '" + uuid + "' in use");
+  int requested = -1;
+  if (auto r = m.content.find("id"); r != m.content.end() && !r->is_null()) {
+    if (!r->is_number_integer()) throw BadRequest("TypeError", "registration_request 'id' must be an integer");
+    requested = r->get<int>();
+  }
+  int id = engines_.allocate_id(requested);
+  Engine& e = engines_.add(id, uuid);
+  e.pending_deadline_ms = mono_ms() + static_cast<std::int64_t>(opts_.registration_timeout_s * 1000);
+  json info = {{"interface", engine_info_.interface}, {"registration", engine_info_.registration},
+               {"control", engine_info_.control},     {"mux", engine_info_.mux},
+               {"task", engine_info_.task},           {"iopub", engine_info_.iopub},
+               {"hb_ping", engine_info_.hb_ping},     {"hb_pong", engine_info_.hb_pong},
+               {"broadcast", engine_info_.broadcast}};
+  PXF_LOG(info, kLog) << "registration::engine " << id << " (" << uuid << ") pending its first heartbeat";
+  reply(ident, m, "registration_reply",
+        {{"status", "ok"}, {"id", id}, {"hb_period", opts_.ping_ms}, {"connection_info", info}});
+  next_fast_ping_ms_ = mono_ms();  // ping now: registration completes on the first pong
+}
+
+void Controller::finish_registration(Engine& e) {
+  engines_.mark_registered(e);
+  e.missed_beats = 0;
+  balancer_.add_engine(e.id);
+  PXF_LOG(info, kLog) << "engine::engine " << e.id << " (" << e.uuid << ") registered";
+  notify("registration_notification", {{"id", e.id}, {"uuid", e.uuid}});
+  dispatch_waiting();
+}
+
+void Controller::on_unregistration_request(const Message& m) {
+  auto it = m.content.find("id");
+  if (it == m.content.end() || !it->is_number_integer()) {
+    ++counters_["query.error"];
+    PXF_LOG(info, kLog) << "unregistration_request without an integer id; ignored";
+    return;
+  }
+  unregister(it->get<int>(), "unregistration_request");
+}
+
+void Controller::on_queue_request(const zmq::message_t& ident, const Message& m) {
+  if (!m.content.contains("targets")) throw BadRequest("KeyError", "queue_request needs 'targets'");
+  auto targets = validate_targets(m.content["targets"], engines_);
+  auto verbose_it = m.content.find("verbose");
+  bool verbose = verbose_it != m.content.end() && verbose_it->is_boolean() && verbose_it->get<bool>();
+  json out = {{"status", "ok"}};
+  static const std::unordered_set<std::string> none;
+  static const std::vector<std::string> none_list;
+  for (int id : targets) {
+    Engine* e = engines_.by_id(id);
+    auto& q = e ? e->queue : none;
+    auto& t = e ? e->tasks : none;
+    auto& c = e ? e->completed : none_list;
+    if (verbose)
+      out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c)}, {"tasks", json(t)}};
+    else
+      out[std::to_string(id)] = {{"queue", q.size()}, {"completed", c.size()}, {"tasks", t.size()}};
+  }
+  if (verbose) {
+    json u = json::array();
+    for (auto& t : waiting_) u.push_back(t.msg_id);
+    out["unassigned"] = u;
+  } else {
+    out["unassigned"] = waiting_.size();
+  }
+  reply(ident, m, "queue_reply", out);
+}
+
+void Controller::on_result_request(const zmq::message_t&, const Message& m) {
+  // Task records with full results are the scheduling issue's; until then the hub reports
+  // which ids it knows as pending and says clearly that stored results are not kept.
+  auto ids = m.content.find("msg_ids");
+  if (ids == m.content.end() || !ids->is_array()) throw BadRequest("KeyError", "result_request needs 'msg_ids'");
+  throw BadRequest("NotImplementedError", "pxcontroller does not keep task results for result_request yet");
+}
+
+void Controller::on_history_request(const zmq::message_t& ident, const Message& m) {
+  reply(ident, m, "history_reply", {{"status", "ok"}, {"history", json(history_)}});
+}
+
+void Controller::on_shutdown_request(const zmq::message_t& ident, const Message& m) {
+  PXF_LOG(info, kLog) << "shutdown requested by a client; exiting in 1 s";
+  reply(ident, m, "shutdown_reply", {{"status", "ok"}});
+  notify("shutdown_notification", {{"status", "ok"}}, m.header);
+  shutdown_at_ms_ = mono_ms() + 1000;
+}
+
+void Controller::on_stats_request(const zmq::message_t& ident, const Message& m) {
+  json drops = json::object();
+  for (std::size_t i = 1; i < static_cast<std::size_t>(wire::Drop::count_); ++i) {
+    auto d = static_cast<wire::Drop>(i);
+    drops[wire::to_string(d)] = session_->drops().get(d);
+  }
+  reply(ident, m, "pxf_stats_reply",
+        {{"status", "ok"},
+         {"drops", drops},
+         {"counters", counters_},
+         {"engines", engines_.registered_count()},
+         {"waiting", waiting_.size()},
+         {"in_flight", in_flight_.size()}});
+}
+
+void Controller::unregister(int id, const std::string& why) {
+  Engine* e = engines_.by_id(id);
+  if (!e) return;
+  std::string uuid = e->uuid;
+  bool was_registered = e->registered;
+  PXF_LOG(info, kLog) << "engine " << id << " (" << uuid << ") unregistered: " << why;
+  balancer_.remove_engine(id);
+  // Its load-balanced tasks fail now with EngineError (the client only fails direct work).
+  std::vector<std::string> stranded(e->tasks.begin(), e->tasks.end());
+  engines_.remove(id);
+  if (was_registered) notify("unregistration_notification", {{"id", id}, {"uuid", uuid}});
+  for (auto& msg_id : stranded) {
+    auto it = in_flight_.find(msg_id);
+    if (it == in_flight_.end()) continue;
+    InFlight f = std::move(it->second);
+    in_flight_.erase(it);
+    Frames ids;
+    ids.push_back(wire::frame(f.client));
+    ids.push_back(wire::frame(uuid));
+    json md = {{"status", "error"}, {"engine", uuid}, {"date", iso_now()}};
+    send(task_in_,
+         session_->build(std::move(ids), "apply_reply",
+                         error_content("EngineError",
+                                       "Engine '" + uuid + "' died while running task '" + msg_id + "'"),
+                         f.header, md),
+         "task_in");
+  }
+  // Coalescing broadcasts stop waiting for it.
+  std::vector<std::string> done;
+  for (auto& [orig, b] : broadcasts_) {
+    for (std::size_t i = 0; i < b.targets.size(); ++i) {
+      if (b.targets[i].first == uuid && !b.replies[i]) {
+        if (--b.remaining == 0) done.push_back(orig);
+      }
+    }
+  }
+  for (auto& orig : done) emit_coalesced(orig, broadcasts_.at(orig));
+  dispatch_waiting();
+}
+
+} // namespace pxf::controller

@@ -1,0 +1,205 @@
+#include "controller/options.hpp"
+
+#include "util/log.hpp"
+
+#include <charconv>
+#include <cstdlib>
+#include <functional>
+#include <iostream>
+#include <map>
+
+namespace pxf::controller {
+
+std::string usage() {
+  return R"(usage: pxcontroller [options]
+
+A drop-in replacement for ipcontroller: serves the stock ipyparallel client and stock
+ipengines, and the MPI engine jobs of pxfabric.
+
+  --profile NAME          profile (files under $IPYTHONDIR/profile_NAME)
+  --profile-dir DIR       profile directory (overrides --profile)
+  --cluster-id ID         cluster id: ipcontroller-<ID>-{client,engine}.json
+  --ip ADDR               address to listen on (default 127.0.0.1; '*' for all)
+  --engine-ip ADDR        address for engine-facing sockets (default: --ip)
+  --location HOST         hostname written into the connection files
+  --port N                registration port (default random)
+  --ports A-B[,C...]      ports for the other sockets (default random)
+  --reuse                 reuse key and ports from existing connection files
+  --ping MS               heartbeat period in ms (default 3000)
+  --scheme NAME           load-balancing scheme (leastload)
+  --hwm N                 outstanding tasks per engine, 0 = unlimited (default 1)
+  --log-level LEVEL       10/DEBUG, 20/INFO (default), 30/WARN, 40/ERROR
+  --dictdb                accepted for compatibility (the in-memory store is the only one)
+  --Class.trait=value     ipcontroller config options; applied where they mean
+                          something here, otherwise ignored with a warning
+  -h, --help              this text
+
+Environment: IPP_PROFILE_DIR, IPP_CLUSTER_ID, IPP_SESSION_KEY, IPYTHONDIR.
+)";
+}
+
+namespace {
+
+int to_int(const std::string& opt, const std::string& v) {
+  int out = 0;
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+  if (ec != std::errc() || p != v.data() + v.size())
+    throw UsageError("option " + opt + " expects an integer, got '" + v + "'");
+  return out;
+}
+
+double to_double(const std::string& opt, const std::string& v) {
+  char* end = nullptr;
+  double d = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end) throw UsageError("option " + opt + " expects a number, got '" + v + "'");
+  return d;
+}
+
+bool to_bool(const std::string& opt, const std::string& v) {
+  if (v == "True" || v == "true" || v == "1") return true;
+  if (v == "False" || v == "false" || v == "0") return false;
+  throw UsageError("option " + opt + " expects True or False, got '" + v + "'");
+}
+
+// traitlets values may be quoted: --IPController.ip='"0.0.0.0"'
+std::string unquote(std::string v) {
+  if (v.size() >= 2 && (v.front() == '"' || v.front() == '\'') && v.back() == v.front())
+    return v.substr(1, v.size() - 2);
+  return v;
+}
+
+std::vector<int> parse_ports(const std::string& opt, const std::string& v) {
+  std::vector<int> out;
+  std::size_t start = 0;
+  while (start <= v.size()) {
+    auto comma = v.find(',', start);
+    std::string part = v.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    auto dash = part.find('-');
+    if (dash == std::string::npos) {
+      out.push_back(to_int(opt, part));
+    } else {
+      int a = to_int(opt, part.substr(0, dash)), b = to_int(opt, part.substr(dash + 1));
+      if (b < a || b - a > 65535) throw UsageError("option " + opt + ": bad port range '" + part + "'");
+      for (int p = a; p <= b; ++p) out.push_back(p);
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+} // namespace
+
+std::optional<Options> parse_options(const std::vector<std::string>& args) {
+  Options o;
+  if (const char* v = std::getenv("IPP_PROFILE_DIR"); v && *v) o.profile.profile_dir = v;
+  if (const char* v = std::getenv("IPP_CLUSTER_ID"); v && *v) o.profile.cluster_id = v;
+  if (const char* v = std::getenv("IPP_SESSION_KEY"); v) {
+    o.key = v;
+    o.key_given = true;
+  }
+
+  using Setter = std::function<void(const std::string& opt, const std::string& value)>;
+  // Options that take a value, by every spelling ipcontroller and its launchers use.
+  std::map<std::string, Setter> valued = {
+      {"profile", [&](auto&, auto& v) { o.profile.profile = v; }},
+      {"profile-dir", [&](auto&, auto& v) { o.profile.profile_dir = v; }},
+      {"cluster-id", [&](auto&, auto& v) { o.profile.cluster_id = v; }},
+      {"ip", [&](auto&, auto& v) { o.ip = v; }},
+      {"engine-ip", [&](auto&, auto& v) { o.engine_ip = v; }},
+      {"location", [&](auto&, auto& v) { o.location = v; }},
+      {"port", [&](auto& k, auto& v) { o.registration_port = to_int(k, v); }},
+      {"ports", [&](auto& k, auto& v) { o.ports = parse_ports(k, v); }},
+      {"ping", [&](auto& k, auto& v) { o.ping_ms = to_int(k, v); }},
+      {"scheme", [&](auto&, auto& v) { o.scheme = v; }},
+      {"hwm", [&](auto& k, auto& v) { o.hwm = to_int(k, v); }},
+      {"log-level",
+       [&](auto& k, auto& v) {
+         if (!log::parse_level(v, o.log_level)) throw UsageError("option " + k + ": unknown log level '" + v + "'");
+       }},
+      {"ipython-dir", [&](auto&, auto& v) { ::setenv("IPYTHONDIR", v.c_str(), 1); }},
+      // traitlets spellings that mean something here
+      {"IPController.ip", [&](auto&, auto& v) { o.ip = unquote(v); }},
+      {"IPController.engine_ip", [&](auto&, auto& v) { o.engine_ip = unquote(v); }},
+      {"IPController.client_ip", [&](auto&, auto& v) { o.ip = unquote(v); }},
+      {"IPController.location", [&](auto&, auto& v) { o.location = unquote(v); }},
+      {"IPController.reuse_files", [&](auto& k, auto& v) { o.reuse = to_bool(k, v); }},
+      {"IPController.regport", [&](auto& k, auto& v) { o.registration_port = to_int(k, v); }},
+      {"IPController.ports", [&](auto& k, auto& v) { o.ports = parse_ports(k, unquote(v)); }},
+      {"IPController.registration_timeout", [&](auto& k, auto& v) { o.registration_timeout_s = to_double(k, v); }},
+      {"HeartMonitor.period", [&](auto& k, auto& v) { o.ping_ms = to_int(k, v); }},
+      {"HeartMonitor.max_heartmonitor_misses", [&](auto& k, auto& v) { o.max_heartbeat_misses = to_int(k, v); }},
+      {"TaskScheduler.scheme_name", [&](auto&, auto& v) { o.scheme = unquote(v); }},
+      {"TaskScheduler.hwm", [&](auto& k, auto& v) { o.hwm = to_int(k, v); }},
+      {"Session.key",
+       [&](auto&, auto& v) {
+         o.key = unquote(v);
+         o.key_given = true;
+       }},
+      {"Session.signature_scheme", [&](auto&, auto& v) { o.signature_scheme = unquote(v); }},
+      {"ProfileDir.location", [&](auto&, auto& v) { o.profile.profile_dir = unquote(v); }},
+      {"BaseIPythonApplication.profile", [&](auto&, auto& v) { o.profile.profile = unquote(v); }},
+      {"BaseParallelApplication.cluster_id", [&](auto&, auto& v) { o.profile.cluster_id = unquote(v); }},
+      {"Application.log_level",
+       [&](auto& k, auto& v) {
+         if (!log::parse_level(unquote(v), o.log_level)) throw UsageError("option " + k + ": unknown log level '" + v + "'");
+       }},
+  };
+  std::map<std::string, std::function<void()>> flags = {
+      {"reuse", [&] { o.reuse = true; }},
+      {"dictdb", [] {}},  // the in-memory record store is the only one, as with --dictdb
+      {"nodb", [&] { o.warnings.push_back("--nodb: task records are kept in memory anyway"); }},
+      {"secure", [] {}},
+      {"no-secure",
+       [&] {
+         o.key.clear();
+         o.key_given = true;
+       }},
+      {"debug", [&] { o.log_level = log::debug; }},
+      {"quiet", [&] { o.log_level = log::critical; }},
+      {"log-to-file", [&] { o.warnings.push_back("--log-to-file: pxcontroller logs to stderr"); }},
+      {"restore", [&] { o.warnings.push_back("--restore: engine state is not restored by pxcontroller"); }},
+  };
+
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "-h" || a == "--help" || a == "--help-all") {
+      std::cout << usage();
+      return std::nullopt;
+    }
+    if (a.rfind("--", 0) != 0) throw UsageError("unexpected argument '" + a + "' (see --help)");
+    std::string name = a.substr(2), value;
+    bool has_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    if (auto f = flags.find(name); f != flags.end()) {
+      if (has_value) throw UsageError("option --" + name + " takes no value");
+      f->second();
+      continue;
+    }
+    auto v = valued.find(name);
+    bool traitlet = name.find('.') != std::string::npos;
+    if (v == valued.end() && !traitlet) throw UsageError("unknown option '--" + name + "' (see --help)");
+    if (!has_value) {
+      if (i + 1 >= args.size()) throw UsageError("option --" + name + " needs a value");
+      value = args[++i];
+    }
+    if (v != valued.end())
+      v->second("--" + name, value);
+    else
+      o.warnings.push_back("--" + name + " has no meaning for pxcontroller; ignored");
+  }
+  if (o.ping_ms <= 0) throw UsageError("--ping must be a positive number of milliseconds");
+  if (o.hwm < 0) throw UsageError("--hwm must be 0 (unlimited) or more");
+  static const char* schemes[] = {"leastload", "lru", "plainrandom", "twobin", "weighted"};
+  bool known = false;
+  for (auto s : schemes) known = known || o.scheme == s;
+  if (!known)
+    throw UsageError("--scheme '" + o.scheme + "' is not one of leastload, lru, plainrandom, twobin, weighted");
+  return o;
+}
+
+} // namespace pxf::controller

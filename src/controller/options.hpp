@@ -1,0 +1,45 @@
+#pragma once
+// pxcontroller's command line, with ipcontroller's habits: `--opt=value` and `--opt value`,
+// traitlets-style `--Class.trait=value`, and the IPP_* environment variables.
+#include "conn/profile.hpp"
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace pxf::controller {
+
+struct Options {
+  conn::ProfileRequest profile;
+  std::string ip = "127.0.0.1";
+  std::string engine_ip;              // "" = same as ip
+  std::string location;               // "" = this host's name
+  int registration_port = 0;          // --port; 0 = random
+  std::vector<int> ports;             // --ports pool for the other sockets
+  bool reuse = false;                 // --reuse: keep key and ports from existing files
+  int ping_ms = 3000;                 // heartbeat period (--ping, HeartMonitor.period)
+  int max_heartbeat_misses = 10;      // HeartMonitor.max_heartmonitor_misses
+  double registration_timeout_s = 0;  // 0 = max(30, period/100) as stock
+  int log_level = 20;
+  std::string scheme = "leastload";   // TaskScheduler.scheme_name
+  int hwm = 1;                        // TaskScheduler.hwm, 0 = unlimited
+  std::string key;                    // "" = random (IPP_SESSION_KEY / Session.key override)
+  bool key_given = false;
+  std::string signature_scheme = "hmac-sha256";
+  int broadcast_leaves = 2;           // engine-side broadcast ports (2**depth, depth 1 = stock)
+  std::size_t max_message_bytes = 0;  // 0 = default limits
+  std::vector<std::string> warnings;  // options accepted but ignored, reported at start-up
+};
+
+// Thrown for a usage error; what() names the offending option.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Parses argv (without argv[0]) and the environment. Throws UsageError.
+// Returns std::nullopt when --help was asked for (help is printed to stdout).
+std::optional<Options> parse_options(const std::vector<std::string>& args);
+
+std::string usage();
+
+} // namespace pxf::controller

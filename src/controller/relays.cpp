@@ -1,0 +1,95 @@
+// Direct (mux) and control relays, and the iopub relay (protocol §3.2, §3.3, §3.5).
+#include "controller/controller.hpp"
+#include "controller/errors.hpp"
+#include "util/log.hpp"
+
+namespace pxf::controller {
+
+using wire::view;
+
+namespace {
+std::string reply_type_for(const std::string& request_type) {
+  constexpr std::string_view suffix = "_request";
+  if (request_type.ends_with(suffix))
+    return request_type.substr(0, request_type.size() - suffix.size()) + "_reply";
+  return request_type + "_reply";
+}
+} // namespace
+
+void Controller::reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
+                                const char* channel) {
+  ++counters_[std::string("rejected.") + channel];
+  Frames ids;
+  ids.push_back(std::move(client));
+  json md = {{"status", "error"}, {"dependencies_met", true}};
+  if (m.metadata.contains("is_broadcast")) {
+    md["is_broadcast"] = m.metadata["is_broadcast"];
+    md["is_coalescing"] = false;
+    md["original_msg_id"] = m.metadata.value("original_msg_id", "");
+  }
+  send(s, session_->build(std::move(ids), reply_type_for(m.msg_type()), content, m.header, md), channel);
+}
+
+// Client -> engine: [C, E, DELIM, ...] arrives; [E, C, DELIM, ...] leaves.
+void Controller::on_client_direct(Frames&& frames, bool control) {
+  const char* channel = control ? "control_in" : "mux_in";
+  Message m;
+  if (!decode(channel, std::move(frames), m, false)) return;
+  if (m.identities.size() < 2) {
+    ++counters_[std::string("drop.") + channel + ".no_target"];
+    PXF_LOG(warning, "relay") << channel << ": request " << m.msg_id() << " names no engine; dropped";
+    return;
+  }
+  Engine* e = engines_.by_uuid(view(m.identities[1]));
+  if (!e || !e->registered) {
+    std::string target(view(m.identities[1]));
+    PXF_LOG(info, "relay") << channel << ": " << m.msg_type() << " for unknown engine '" << target << "'";
+    zmq::message_t client = std::move(m.identities[0]);
+    reject_request(control ? control_in_ : mux_in_, std::move(client), m,
+                   error_content("EngineError", "No such engine: '" + target + "' is not registered"), channel);
+    return;
+  }
+  if (!control) {
+    e->queue.insert(m.msg_id());
+    history_.push_back(m.msg_id());
+  }
+  std::swap(m.identities[0], m.identities[1]);
+  send(control ? control_out_ : mux_out_, wire::Session::forward(std::move(m)), control ? "control_out" : "mux_out");
+}
+
+// Engine -> client: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
+void Controller::on_engine_direct(Frames&& frames, bool control) {
+  const char* channel = control ? "control_out" : "mux_out";
+  Message m;
+  if (!decode(channel, std::move(frames), m, false)) return;
+  if (m.identities.size() < 2) {
+    ++counters_[std::string("drop.") + channel + ".no_client"];
+    return;
+  }
+  if (!control) {
+    if (Engine* e = engines_.by_uuid(view(m.identities[0]))) {
+      std::string parent = m.parent_msg_id();
+      if (e->queue.erase(parent)) e->completed.push_back(std::move(parent));
+    }
+  }
+  std::swap(m.identities[0], m.identities[1]);
+  send(control ? control_in_ : mux_in_, wire::Session::forward(std::move(m)), control ? "control_in" : "mux_in");
+}
+
+// Engine output, forwarded verbatim to every client after its signature checks out.
+void Controller::on_iopub(Frames&& frames) {
+  Message m;
+  if (!decode("iopub", std::move(frames), m, false)) return;
+  // A shutdown_reply on iopub means that engine is leaving (protocol §4.6).
+  if (m.msg_type() == "shutdown_reply") {
+    if (Engine* e = engines_.by_uuid(m.session())) {
+      int id = e->id;
+      zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
+      unregister(id, "shutdown_reply on iopub");
+      return;
+    }
+  }
+  zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
+}
+
+} // namespace pxf::controller
