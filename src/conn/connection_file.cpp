@@ -281,6 +281,7 @@ ordered_json to_json(const EngineInfo& e) {
   j["hb_pong"] = e.hb_pong;
   j["broadcast"] = e.broadcast;
   put_common_tail(j, e);
+  if (e.pxf_fabric) j["pxf_fabric"] = *e.pxf_fabric;
   return j;
 }
 
@@ -326,6 +327,7 @@ EngineInfo engine_from_json(const json& j, const std::string& source) {
   if (b.empty()) fail(source, "key 'broadcast' is an empty list; engines need at least one port");
   for (std::size_t i = 0; i < b.size(); ++i)
     e.broadcast.push_back(f.port_value("broadcast[" + std::to_string(i) + "]", b[i]));
+  if (j.contains("pxf_fabric")) e.pxf_fabric = f.port("pxf_fabric");
   return e;
 }
 

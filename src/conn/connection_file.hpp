@@ -47,6 +47,9 @@ struct ClientInfo : Common {
 struct EngineInfo : Common {
   int registration = 0, control = 0, mux = 0, task = 0, iopub = 0, hb_ping = 0, hb_pong = 0;
   std::vector<int> broadcast;  // one port per leaf broadcast scheduler; engine uses [id % size]
+  // pxcontroller's fabric-link port for MPI engine jobs (docs/fabric-link.md); stock engines
+  // ignore the extra key, and files from a stock ipcontroller do not have it.
+  std::optional<int> pxf_fabric;
 
   friend bool operator==(const EngineInfo&, const EngineInfo&) = default;
 };

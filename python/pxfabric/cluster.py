@@ -1,0 +1,929 @@
+"""``pxcluster``: start, stop and list pxfabric clusters (a controller plus one MPI job of engines).
+
+A cluster is ``pxcontroller`` plus **one** ``mpirun -n N <engine>`` job, both started in the
+background in new sessions, with their output in ``<profile_dir>/log/``. What was started is
+recorded in a state file, ``<profile_dir>/security/pxcluster-<cluster_id or "default">.json``,
+so that ``pxcluster stop`` and ``pxcluster list`` work from any later shell. Processes are only
+ever found and signalled by PID (checked against their start time, so a reused PID is never
+touched), together with their descendants and the members of the sessions we created.
+
+Command line (``scripts/pxcluster`` or ``/usr/bin/python3 -m pxfabric``)::
+
+    pxcluster start -n 4 [--profile NAME | --profile-dir DIR] [--cluster-id ID]
+                         [--hostfile FILE] [--mpi-args "..."] [--engines pxengine|ipengine]
+                         [--timeout S]
+    pxcluster stop  [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--all]
+    pxcluster list  [--profile NAME | --profile-dir DIR] [--json]
+
+The same functions are usable from Python: :func:`start_cluster`, :func:`stop_cluster`,
+:func:`list_clusters`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import psutil
+
+PYTHON = "/usr/bin/python3"
+REPO = Path(__file__).resolve().parents[2]
+PYTHON_DIR = REPO / "python"
+DEFAULT_CONTROLLER = REPO / "build" / "bin" / "pxcontroller"
+DEFAULT_PXENGINE = REPO / "build" / "bin" / "pxengine"
+ENGINE_KINDS = ("pxengine", "ipengine")
+
+# Open MPI: allow root, and run more ranks than cores without busy-waiting (2-core machines).
+MPI_ENV_DEFAULTS = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+}
+
+DEFAULT_TIMEOUT = 120.0     # seconds for the whole start (controller + all engines)
+TERM_GRACE = 8.0            # seconds between SIGTERM and SIGKILL in stop
+QUERY_TIMEOUT = 2.0         # seconds for one hub query (list, readiness probes)
+STATE_VERSION = 1
+
+
+class ClusterError(RuntimeError):
+    """A cluster could not be started, stopped or found; the message says why and where."""
+
+
+def _say(msg: str, stream=None) -> None:
+    print(f"pxcluster: {msg}", file=stream or sys.stdout, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Locations
+# --------------------------------------------------------------------------------------------
+
+def ipython_dir() -> Path:
+    """``$IPYTHONDIR`` or ``~/.ipython``, as ``IPython.paths.get_ipython_dir`` resolves it
+    (without importing IPython, which costs seconds on a busy machine)."""
+    env = os.environ.get("IPYTHONDIR")
+    return Path(env or "~/.ipython").expanduser().resolve()
+
+
+def resolve_profile_dir(profile: Optional[str] = None, profile_dir: Optional[str] = None,
+                        create: bool = True) -> Path:
+    """``profile_dir`` if given, else ``$IPYTHONDIR/profile_<profile or default>``.
+
+    With ``create`` the directory and its ``security``/``log`` folders are made (0700 for
+    ``security``), the way IPython makes profile directories.
+    """
+    if profile_dir:
+        path = Path(profile_dir).expanduser().resolve()
+    else:
+        path = ipython_dir() / f"profile_{profile or 'default'}"
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "security").mkdir(mode=0o700, exist_ok=True)
+        (path / "log").mkdir(exist_ok=True)
+    return path
+
+
+def _tag(cluster_id: str) -> str:
+    return cluster_id or "default"
+
+
+def state_path(profile_dir: Path, cluster_id: str = "") -> Path:
+    return Path(profile_dir) / "security" / f"pxcluster-{_tag(cluster_id)}.json"
+
+
+def connection_files(profile_dir: Path, cluster_id: str = "") -> Dict[str, Path]:
+    prefix = f"ipcontroller-{cluster_id}" if cluster_id else "ipcontroller"
+    sec = Path(profile_dir) / "security"
+    return {kind: sec / f"{prefix}-{kind}.json" for kind in ("client", "engine")}
+
+
+def log_paths(profile_dir: Path, cluster_id: str = "") -> Dict[str, Path]:
+    log = Path(profile_dir) / "log"
+    return {
+        "controller": log / f"pxcontroller-{_tag(cluster_id)}.log",
+        "engines": log / f"pxengines-{_tag(cluster_id)}.log",
+    }
+
+
+def _registry_dir() -> Path:
+    """``$IPYTHONDIR/pxcluster/``: one small pointer file per started cluster (for ``list``)."""
+    return ipython_dir() / "pxcluster"
+
+
+def _registry_entry(state_file: Path) -> Path:
+    digest = hashlib.sha1(str(state_file).encode()).hexdigest()[:16]
+    return _registry_dir() / f"{digest}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Programs and command lines
+# --------------------------------------------------------------------------------------------
+
+def _executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def controller_program() -> List[str]:
+    """``$PXF_CONTROLLER`` (a command line) or ``<repo>/build/bin/pxcontroller``."""
+    env = os.environ.get("PXF_CONTROLLER")
+    argv = shlex.split(env) if env else [str(DEFAULT_CONTROLLER)]
+    exe = shutil.which(argv[0]) if argv else None
+    if not exe:
+        where = "$PXF_CONTROLLER" if env else "the build tree"
+        raise ClusterError(
+            f"controller program {argv[0] if argv else env!r} (from {where}) does not exist or "
+            "is not executable; build it with `bash scripts/build.sh` or point PXF_CONTROLLER "
+            "at a controller"
+        )
+    return argv
+
+
+def pxengine_program() -> List[str]:
+    """``$PXF_ENGINE`` (a command line) or ``<repo>/build/bin/pxengine``."""
+    env = os.environ.get("PXF_ENGINE")
+    argv = shlex.split(env) if env else [str(DEFAULT_PXENGINE)]
+    if not argv or not shutil.which(argv[0]):
+        where = f"$PXF_ENGINE={env!r}" if env else str(DEFAULT_PXENGINE)
+        raise ClusterError(
+            f"pxengine not found ({where} does not exist or is not executable). Build it with "
+            "`bash scripts/build.sh`, or use the stock MPI engines: --engines ipengine"
+        )
+    return argv
+
+
+def pxengine_available() -> bool:
+    try:
+        pxengine_program()
+    except ClusterError:
+        return False
+    return True
+
+
+def engine_program(kind: str, engine_cmd: Optional[str] = None) -> List[str]:
+    """The program each rank runs (without the profile arguments)."""
+    if engine_cmd:
+        return shlex.split(engine_cmd)
+    if kind == "pxengine":
+        return pxengine_program()
+    if kind == "ipengine":
+        return [PYTHON, "-m", "ipyparallel.engine", "--mpi"]
+    raise ClusterError(f"unknown engine kind {kind!r}; choose one of {', '.join(ENGINE_KINDS)}")
+
+
+def profile_args(profile_dir: Path, cluster_id: str) -> List[str]:
+    args = [f"--profile-dir={profile_dir}"]
+    if cluster_id:
+        args.append(f"--cluster-id={cluster_id}")
+    return args
+
+
+def mpirun_command(n: int, program: List[str], *, mpirun: Optional[str] = None,
+                   hostfile: Optional[str] = None, mpi_args: Sequence[str] = ()) -> List[str]:
+    argv = shlex.split(mpirun or os.environ.get("PXF_MPIRUN", "mpirun"))
+    if not argv or not shutil.which(argv[0]):
+        raise ClusterError(f"MPI launcher {argv[0] if argv else mpirun!r} not found "
+                           "(install openmpi-bin, or set PXF_MPIRUN / --mpirun)")
+    argv[0] = shutil.which(argv[0])
+    argv += ["-n", str(n)]
+    if hostfile:
+        argv += ["--hostfile", str(Path(hostfile).expanduser().resolve())]
+        # remote ranks (rsh/ssh launcher) get only what is exported explicitly
+        argv += ["-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED"]
+    argv += list(mpi_args)
+    return argv + program
+
+
+def process_env() -> Dict[str, str]:
+    """The environment of the controller and the engine job."""
+    env = dict(os.environ)
+    for k, v in MPI_ENV_DEFAULTS.items():
+        env.setdefault(k, v)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(PYTHON_DIR) not in paths:
+        env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR)] + paths)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+def _write_json_atomic(path: Path, data: Any, mode: int = 0o600) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+@contextlib.contextmanager
+def _profile_lock(profile_dir: Path):
+    """Serialise pxcluster's check-then-record steps on one profile (flock on ``security/``)."""
+    fd = os.open(str(Path(profile_dir) / "security"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def load_state(path: Path) -> Optional[dict]:
+    state = _read_json(path)
+    if state is None or "controller" not in state:
+        return None
+    return state
+
+
+def save_state(state: dict) -> None:
+    path = Path(state["state_file"])
+    _write_json_atomic(path, state)
+    with contextlib.suppress(OSError):
+        _write_json_atomic(_registry_entry(path), {"state_file": str(path)})
+
+
+def remove_state(path: Path) -> None:
+    _unlink(Path(path))
+    with contextlib.suppress(OSError):
+        _unlink(_registry_entry(Path(path)))
+
+
+# --------------------------------------------------------------------------------------------
+# Processes (by PID only)
+# --------------------------------------------------------------------------------------------
+
+def _proc_record(proc: psutil.Process) -> Dict[str, Any]:
+    try:
+        return {"pid": proc.pid, "create_time": proc.create_time()}
+    except psutil.Error:
+        return {"pid": proc.pid, "create_time": None}
+
+
+def _is_alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _process(record: Optional[dict]) -> Optional[psutil.Process]:
+    """The live process a state record names, or None (dead, zombie, or PID reused)."""
+    if not record or not record.get("pid"):
+        return None
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        created = record.get("create_time")
+        if created is not None and abs(proc.create_time() - float(created)) > 1.0:
+            return None  # the PID now belongs to someone else
+    except (psutil.Error, ValueError, TypeError):
+        return None
+    return proc if _is_alive(proc) else None
+
+
+def _tree(proc: Optional[psutil.Process]) -> List[psutil.Process]:
+    if proc is None:
+        return []
+    try:
+        return [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return [proc]
+
+
+def _session_members(leader_pid: int, since: float) -> List[psutil.Process]:
+    """Live processes in the session ``leader_pid`` created (and not re-parented away from).
+
+    A session id stays reserved while any member lives, so matching on it cannot hit a
+    stranger even after the leader died; ``since`` guards against anything older anyway.
+    """
+    out = []
+    for proc in psutil.process_iter(["create_time"]):
+        try:
+            if proc.info["create_time"] is None or proc.info["create_time"] < since - 1.0:
+                continue
+            if os.getsid(proc.pid) == leader_pid and _is_alive(proc):
+                out.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return out
+
+
+def _collect(state: dict, group: str) -> List[psutil.Process]:
+    """Every live process of ``group`` ("controller" or "engines") of a recorded cluster."""
+    root = state.get(group) or {}
+    since = float(state.get("start_time") or 0)
+    procs: Dict[int, psutil.Process] = {}
+    leader = _process(root)
+    for p in _tree(leader):
+        procs[p.pid] = p
+    for rec in root.get("descendants", []):
+        for p in _tree(_process(rec)):
+            procs.setdefault(p.pid, p)
+    if root.get("pid") and (leader is not None or not _pid_reused(root)):
+        for p in _session_members(int(root["pid"]), since):
+            for q in _tree(p):
+                procs.setdefault(q.pid, q)
+    return [p for p in procs.values() if _is_alive(p)]
+
+
+def _pid_reused(record: dict) -> bool:
+    try:
+        proc = psutil.Process(int(record["pid"]))
+        created = record.get("create_time")
+        return created is not None and abs(proc.create_time() - float(created)) > 1.0
+    except (psutil.Error, ValueError, TypeError, KeyError):
+        return False
+
+
+def terminate(procs: Iterable[psutil.Process], grace: float = TERM_GRACE,
+              first: Optional[psutil.Process] = None) -> List[int]:
+    """SIGTERM (``first`` alone, then the rest), wait, SIGKILL. Returns the PIDs SIGKILLed."""
+    targets = [p for p in procs if _is_alive(p)]
+    if not targets:
+        return []
+    if first is not None and first in targets:
+        with contextlib.suppress(psutil.Error):
+            first.send_signal(signal.SIGTERM)
+        # give mpirun a moment to forward the signal and take its ranks down itself
+        psutil.wait_procs(targets, timeout=grace / 2)
+        targets = [p for p in targets if _is_alive(p)]
+    for p in targets:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGTERM)
+    _, still = psutil.wait_procs(targets, timeout=grace)
+    still = [p for p in still if _is_alive(p)]
+    killed = []
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+            killed.append(p.pid)
+    psutil.wait_procs(still, timeout=5)
+    return killed
+
+
+# --------------------------------------------------------------------------------------------
+# Hub queries
+# --------------------------------------------------------------------------------------------
+
+def query_hub(client_file: Path, msg_type: str = "connection_request",
+              content: Optional[dict] = None, timeout: float = QUERY_TIMEOUT) -> Optional[dict]:
+    """One signed request to the controller's registration socket; the reply or None."""
+    info = _read_json(Path(client_file))
+    if not info or "registration" not in info:
+        return None
+    import zmq
+    from jupyter_client.session import Session
+
+    session = Session(key=info.get("key", "").encode(),
+                      signature_scheme=info.get("signature_scheme", "hmac-sha256"))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        interface = info["interface"]
+        if interface.endswith("://*") or interface.endswith("://0.0.0.0"):
+            interface = interface.rsplit("://", 1)[0] + "://127.0.0.1"
+        sock.connect(f"{interface}:{info['registration']}")
+        session.send(sock, msg_type, content or {})
+        if not sock.poll(int(timeout * 1000)):
+            return None
+        _, frames = session.feed_identities(sock.recv_multipart())
+        return session.deserialize(frames)
+    except Exception:
+        return None
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def registered_engines(client_file: Path, timeout: float = QUERY_TIMEOUT) -> Optional[Dict[int, str]]:
+    """``{engine id: uuid}`` of the engines registered, or None if the hub did not answer."""
+    reply = query_hub(client_file, "connection_request", {}, timeout)
+    if not reply or reply.get("content", {}).get("status") != "ok":
+        return None
+    engines = reply["content"].get("engines") or {}
+    return {int(k): v for k, v in engines.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# start
+# --------------------------------------------------------------------------------------------
+
+class _Interrupted(BaseException):
+    pass
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    """Turn SIGTERM/SIGHUP into an exception while starting, so cleanup still runs."""
+    def handler(signum, frame):
+        raise _Interrupted(f"interrupted by signal {signum}")
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError, OSError):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, h)
+
+
+def _log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()
+    except OSError as e:
+        return f"    (cannot read {path}: {e})"
+    if not text:
+        return "    (empty)"
+    return "\n".join("    " + line for line in text[-lines:])
+
+
+def _popen(argv: List[str], log: Path, env: Dict[str, str], cwd: Path):
+    import subprocess
+
+    with open(log, "wb") as out:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(cwd),
+                                start_new_session=True)
+
+
+def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optional[str] = None,
+                  cluster_id: str = "", engines: str = "pxengine",
+                  engine_cmd: Optional[str] = None, hostfile: Optional[str] = None,
+                  mpi_args: Sequence[str] = (), mpirun: Optional[str] = None,
+                  controller_args: Sequence[str] = (), engine_args: Sequence[str] = (),
+                  timeout: float = DEFAULT_TIMEOUT, quiet: bool = False) -> dict:
+    """Start a controller and one MPI job of ``n`` engines; return the state once all registered.
+
+    On any failure (including the timeout) everything started is stopped, the state and
+    connection files are removed, and :class:`ClusterError` says why and where the logs are.
+    """
+    if n < 1:
+        raise ClusterError(f"-n must be at least 1 (got {n})")
+    if engines not in ENGINE_KINDS:
+        raise ClusterError(f"--engines must be one of {', '.join(ENGINE_KINDS)} (got {engines!r})")
+    say = (lambda m: None) if quiet else _say
+    pdir = resolve_profile_dir(profile, profile_dir)
+    cluster_id = cluster_id or ""
+    spath = state_path(pdir, cluster_id)
+    cfiles = connection_files(pdir, cluster_id)
+    logs = log_paths(pdir, cluster_id)
+
+    # Everything that can be checked before starting anything.
+    ctl_argv = controller_program() + profile_args(pdir, cluster_id) + list(controller_args)
+    if hostfile and not any(a.startswith(("--ip", "--engine-ip")) for a in controller_args):
+        # Ranks on other hosts must reach the controller (every message is signed). Only the
+        # engine-facing sockets need it, but pxcontroller cannot yet bind --engine-ip=* next to
+        # --ip=127.0.0.1 (same registration port twice: "Address already in use").
+        ctl_argv.append("--ip=*")
+        say("hostfile given: the controller listens on all interfaces "
+            "(--controller-args='--ip=ADDR' to choose one)")
+    program = engine_program(engines, engine_cmd) + profile_args(pdir, cluster_id) + list(engine_args)
+    mpi_argv = mpirun_command(n, program, mpirun=mpirun, hostfile=hostfile, mpi_args=mpi_args)
+    if hostfile and not Path(hostfile).expanduser().is_file():
+        raise ClusterError(f"hostfile {hostfile} does not exist")
+    env = process_env()
+    env["IPP_PROFILE_DIR"] = str(pdir)
+    env["IPP_CLUSTER_ID"] = cluster_id
+
+    with _profile_lock(pdir):
+        old = load_state(spath)
+        if old is not None:
+            if (_process(old.get("controller")) or _process(old.get("engines"))
+                    or (old.get("status") == "starting" and _process(old.get("pxcluster")))):
+                raise ClusterError(
+                    f"a cluster is already running for {pdir} (cluster id "
+                    f"{cluster_id or '(none)'}; state {spath}); stop it first with "
+                    f"`pxcluster stop {_selector_args(old)}`"
+                )
+            say(f"removing the state of a dead cluster ({spath})")
+            _stop_from_state(old, quiet=True)
+        elif cfiles["client"].exists():
+            if registered_engines(cfiles["client"], timeout=1.5) is not None:
+                raise ClusterError(
+                    f"a controller not started by pxcluster is serving {cfiles['client']}; "
+                    "stop it or choose another --cluster-id"
+                )
+            say(f"removing stale connection files in {pdir / 'security'}")
+            for path in cfiles.values():
+                _unlink(path)
+        state = {
+            "version": STATE_VERSION,
+            "state_file": str(spath),
+            "profile_dir": str(pdir),
+            "profile": profile or (None if profile_dir else "default"),
+            "cluster_id": cluster_id,
+            "engine_kind": "custom" if engine_cmd else engines,
+            "n": n,
+            "hostfile": str(Path(hostfile).expanduser().resolve()) if hostfile else None,
+            "start_time": time.time(),
+            "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "status": "starting",
+            "pxcluster": _proc_record(psutil.Process()),
+            "controller": None,
+            "engines": None,
+            "connection_files": {k: str(v) for k, v in cfiles.items()},
+            "logs": {k: str(v) for k, v in logs.items()},
+        }
+        save_state(state)
+
+    ctl = mpi = None
+    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    try:
+        with _signals_interrupt():
+            # 1. the controller
+            ctl = _popen(ctl_argv, logs["controller"], env, pdir)
+            state["controller"] = dict(_proc_record(psutil.Process(ctl.pid)), argv=ctl_argv,
+                                       log=str(logs["controller"]))
+            save_state(state)
+            say(f"controller started (pid {ctl.pid}): {shlex.join(ctl_argv)}")
+            while True:
+                if ctl.poll() is not None:
+                    raise ClusterError(
+                        f"the controller exited with status {ctl.returncode} during start-up; "
+                        f"log {logs['controller']}:\n{_log_tail(logs['controller'])}")
+                if all(p.exists() for p in cfiles.values()) and \
+                        registered_engines(cfiles["client"], timeout=1.0) is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"the controller did not become ready within {timeout:.0f}s "
+                        f"(no answering connection files in {pdir / 'security'}); "
+                        f"log {logs['controller']}:\n{_log_tail(logs['controller'])}")
+                time.sleep(0.1)
+
+            # 2. the engine job
+            mpi = _popen(mpi_argv, logs["engines"], env, pdir)
+            state["engines"] = dict(_proc_record(psutil.Process(mpi.pid)), argv=mpi_argv,
+                                    log=str(logs["engines"]), descendants=[])
+            save_state(state)
+            say(f"engine job started (mpirun pid {mpi.pid}): {shlex.join(mpi_argv)}")
+
+            # 3. wait for every rank to register
+            have: Dict[int, str] = {}
+            last_report = time.monotonic()
+            while True:
+                got = registered_engines(cfiles["client"], timeout=QUERY_TIMEOUT)
+                if got is not None:
+                    have = got
+                if len(have) >= n:
+                    break
+                if mpi.poll() is not None:
+                    raise ClusterError(
+                        f"the engine job (mpirun pid {mpi.pid}) exited with status "
+                        f"{mpi.returncode} after {len(have)} of {n} engines registered; "
+                        f"logs in {pdir / 'log'}:\n--- {logs['engines']}:\n"
+                        f"{_log_tail(logs['engines'])}")
+                if ctl.poll() is not None:
+                    raise ClusterError(
+                        f"the controller exited with status {ctl.returncode} while engines "
+                        f"were registering; logs in {pdir / 'log'}:\n--- {logs['controller']}:\n"
+                        f"{_log_tail(logs['controller'])}")
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"timed out after {timeout:.0f}s: only {len(have)} of {n} engines "
+                        f"registered. Logs: {logs['engines']} (engines) and "
+                        f"{logs['controller']} (controller).\n--- {logs['engines']}:\n"
+                        f"{_log_tail(logs['engines'])}\n--- {logs['controller']}:\n"
+                        f"{_log_tail(logs['controller'], 10)}")
+                if time.monotonic() - last_report > 15:
+                    say(f"{len(have)} of {n} engines registered ...")
+                    last_report = time.monotonic()
+                time.sleep(0.25)
+
+            # 4. remember the ranks (and their helpers) by PID, for stop
+            state["engines"]["descendants"] = [
+                _proc_record(p) for p in _tree(psutil.Process(mpi.pid))[1:]]
+            state["controller"]["descendants"] = [
+                _proc_record(p) for p in _tree(psutil.Process(ctl.pid))[1:]]
+            state["status"] = "running"
+            state["ready_seconds"] = round(time.monotonic() - t0, 2)
+            save_state(state)
+            return state
+    except BaseException as e:
+        say(f"start failed; stopping what was started (logs kept in {pdir / 'log'})",
+            stream=sys.stderr)
+        _stop_from_state(state, quiet=True)
+        for p in (mpi, ctl):
+            if p is not None:
+                with contextlib.suppress(Exception):
+                    p.wait(timeout=1)
+        if isinstance(e, _Interrupted):
+            raise ClusterError(str(e)) from None
+        raise
+
+
+def _selector_args(state: dict) -> str:
+    parts = []
+    if state.get("profile"):
+        parts.append(f"--profile {shlex.quote(state['profile'])}")
+    else:
+        parts.append(f"--profile-dir {shlex.quote(state['profile_dir'])}")
+    if state.get("cluster_id"):
+        parts.append(f"--cluster-id {shlex.quote(state['cluster_id'])}")
+    return " ".join(parts)
+
+
+def connect_hint(state: dict) -> str:
+    kw = []
+    if state.get("profile"):
+        kw.append(f"profile={state['profile']!r}")
+    else:
+        kw.append(f"profile_dir={state['profile_dir']!r}")
+    if state.get("cluster_id"):
+        kw.append(f"cluster_id={state['cluster_id']!r}")
+    return ("    import ipyparallel as ipp\n"
+            f"    rc = ipp.Client({', '.join(kw)})")
+
+
+# --------------------------------------------------------------------------------------------
+# stop
+# --------------------------------------------------------------------------------------------
+
+def _stop_from_state(state: dict, quiet: bool = False, grace: float = TERM_GRACE) -> dict:
+    """Stop every process of a recorded cluster, then remove its files. Returns a summary."""
+    say = (lambda m: None) if quiet else _say
+    summary: Dict[str, Any] = {"killed": [], "left": []}
+    engine_procs = _collect(state, "engines")
+    mpirun = _process(state.get("engines"))
+    if engine_procs:
+        say(f"stopping the engine job: PIDs {sorted(p.pid for p in engine_procs)}")
+        summary["killed"] += terminate(engine_procs, grace, first=mpirun)
+    ctl_procs = _collect(state, "controller")
+    if ctl_procs:
+        say(f"stopping the controller: PIDs {sorted(p.pid for p in ctl_procs)}")
+        summary["killed"] += terminate(ctl_procs, grace, first=_process(state.get("controller")))
+    # anything that appeared meanwhile (e.g. a rank spawned late)
+    rest = _collect(state, "engines") + _collect(state, "controller")
+    if rest:
+        summary["killed"] += terminate(rest, grace)
+    summary["left"] = [p.pid for p in _collect(state, "engines") + _collect(state, "controller")]
+    if summary["killed"]:
+        say(f"had to SIGKILL PIDs {summary['killed']}")
+    removed = []
+    for path in (state.get("connection_files") or {}).values():
+        if _unlink(Path(path)):
+            removed.append(path)
+    summary["removed"] = removed
+    if not summary["left"]:
+        remove_state(Path(state["state_file"]))
+    return summary
+
+
+def stop_cluster(profile: Optional[str] = None, profile_dir: Optional[str] = None,
+                 cluster_id: str = "", quiet: bool = False) -> dict:
+    pdir = resolve_profile_dir(profile, profile_dir, create=False)
+    spath = state_path(pdir, cluster_id or "")
+    state = load_state(spath)
+    if state is None:
+        raise ClusterError(f"no pxcluster cluster recorded at {spath} "
+                           "(see `pxcluster list`)")
+    summary = _stop_from_state(state, quiet=quiet)
+    if summary["left"]:
+        raise ClusterError(f"processes {summary['left']} survived SIGKILL; state kept in {spath}")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# list
+# --------------------------------------------------------------------------------------------
+
+def _known_state_files(profile_dirs: Iterable[Path]) -> List[Path]:
+    found: Dict[str, Path] = {}
+    for pdir in profile_dirs:
+        for p in sorted((Path(pdir) / "security").glob("pxcluster-*.json")):
+            found[str(p)] = p
+    reg = _registry_dir()
+    if reg.is_dir():
+        for entry in sorted(reg.glob("*.json")):
+            data = _read_json(entry)
+            path = Path(data["state_file"]) if data and data.get("state_file") else None
+            if path is None or not path.exists():
+                _unlink(entry)  # points at a cluster that is gone
+                continue
+            found.setdefault(str(path), path)
+    for pdir in sorted(ipython_dir().glob("profile_*")):
+        for p in sorted((pdir / "security").glob("pxcluster-*.json")):
+            found.setdefault(str(p), p)
+    return list(found.values())
+
+
+def cluster_status(state: dict) -> dict:
+    ctl = _process(state.get("controller"))
+    mpi = _process(state.get("engines"))
+    starter = _process(state.get("pxcluster"))
+    registered = None
+    if ctl is not None:
+        client_file = Path((state.get("connection_files") or {}).get("client", ""))
+        got = registered_engines(client_file) if client_file.name else None
+        registered = len(got) if got is not None else None
+    n = state.get("n")
+    if state.get("status") == "starting" and starter is not None:
+        status = "starting"
+    elif ctl is not None and mpi is not None:
+        if registered is None:
+            status = "controller not answering"
+        elif registered >= (n or 0):
+            status = "running"
+        else:
+            status = f"degraded: {registered} of {n} engines registered"
+    elif ctl is not None:
+        status = ("engine job died (mpirun exited); the controller is still up: "
+                  "`pxcluster stop` cleans up")
+    elif mpi is not None:
+        status = "controller died; the engine job is still running: `pxcluster stop` cleans up"
+    else:
+        status = "dead (both exited): `pxcluster stop` removes the state"
+    return {
+        "profile_dir": state.get("profile_dir"),
+        "cluster_id": state.get("cluster_id") or "",
+        "engine_kind": state.get("engine_kind"),
+        "engines_expected": n,
+        "engines_registered": registered,
+        "controller_pid": (state.get("controller") or {}).get("pid"),
+        "controller_alive": ctl is not None,
+        "mpirun_pid": (state.get("engines") or {}).get("pid"),
+        "mpirun_alive": mpi is not None,
+        "started": state.get("start_time_iso"),
+        "status": status,
+        "state_file": state.get("state_file"),
+    }
+
+
+def list_clusters(profile_dirs: Iterable[Path] = ()) -> List[dict]:
+    out = []
+    for path in _known_state_files(profile_dirs):
+        state = load_state(path)
+        if state is not None:
+            out.append(cluster_status(state))
+    return out
+
+
+def format_list(rows: List[dict]) -> str:
+    if not rows:
+        return "no pxcluster clusters found"
+    def pid(p, alive):
+        return "-" if not p else f"{p} ({'alive' if alive else 'dead'})"
+    table = [("PROFILE DIR", "CLUSTER ID", "ENGINES", "KIND", "CONTROLLER", "MPIRUN", "STATUS")]
+    for r in rows:
+        reg = "?" if r["engines_registered"] is None else r["engines_registered"]
+        table.append((r["profile_dir"], r["cluster_id"] or "(none)",
+                      f"{reg}/{r['engines_expected']}", str(r["engine_kind"]),
+                      pid(r["controller_pid"], r["controller_alive"]),
+                      pid(r["mpirun_pid"], r["mpirun_alive"]), r["status"]))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    lines = []
+    for row in table:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1])
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+def _add_selector(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--profile", metavar="NAME",
+                   help="IPython profile: $IPYTHONDIR/profile_NAME (default: default)")
+    g.add_argument("--profile-dir", metavar="DIR", help="profile directory (overrides --profile)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pxcluster",
+        description="Start, stop and list pxfabric clusters: pxcontroller plus one MPI job "
+                    "of engines, driven with the stock ipyparallel client.")
+    sub = parser.add_subparsers(dest="command", metavar="{start,stop,list}")
+    sub.required = True
+
+    s = sub.add_parser("start", help="start a controller and one MPI job of N engines")
+    s.add_argument("-n", "--n", type=int, required=True, metavar="N", help="number of MPI ranks")
+    _add_selector(s)
+    s.add_argument("--cluster-id", default="", metavar="ID",
+                   help="cluster id: files ipcontroller-ID-{client,engine}.json")
+    s.add_argument("--engines", choices=ENGINE_KINDS, default="pxengine",
+                   help="pxengine (build/bin/pxengine, default) or ipengine (stock "
+                        "`python3 -m ipyparallel.engine --mpi` on every rank)")
+    s.add_argument("--engine-cmd", metavar="CMD", default=None,
+                   help="run CMD on every rank instead (profile arguments are appended)")
+    s.add_argument("--hostfile", metavar="FILE", help="mpirun --hostfile FILE")
+    s.add_argument("--mpi-args", default="", metavar="ARGS",
+                   help='extra mpirun arguments, e.g. "--bind-to none"')
+    s.add_argument("--mpirun", default=None, metavar="CMD",
+                   help="MPI launcher (default $PXF_MPIRUN or mpirun)")
+    s.add_argument("--controller-args", default="", metavar="ARGS",
+                   help='extra pxcontroller arguments, e.g. "--ping 1000 --log-level 10"')
+    s.add_argument("--engine-args", default="", metavar="ARGS",
+                   help="extra arguments for every rank's engine")
+    s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for all engines (default {DEFAULT_TIMEOUT:.0f})")
+
+    t = sub.add_parser("stop", help="stop a cluster started by pxcluster start")
+    _add_selector(t)
+    t.add_argument("--cluster-id", default="", metavar="ID")
+    t.add_argument("--all", action="store_true", help="stop every cluster `pxcluster list` shows")
+
+    ls = sub.add_parser("list", help="show clusters started by pxcluster")
+    _add_selector(ls)
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "start":
+            state = start_cluster(
+                args.n, profile=args.profile, profile_dir=args.profile_dir,
+                cluster_id=args.cluster_id, engines=args.engines, engine_cmd=args.engine_cmd,
+                hostfile=args.hostfile, mpi_args=shlex.split(args.mpi_args), mpirun=args.mpirun,
+                controller_args=shlex.split(args.controller_args),
+                engine_args=shlex.split(args.engine_args), timeout=args.timeout)
+            _say(f"{state['n']} engines ({state['engine_kind']}) registered in "
+                 f"{state['ready_seconds']:.1f}s; profile dir {state['profile_dir']}, "
+                 f"cluster id {state['cluster_id'] or '(none)'}")
+            _say(f"logs in {Path(state['profile_dir']) / 'log'}; state {state['state_file']}")
+            print("Connect with:\n" + connect_hint(state))
+            print(f"Stop with:\n    pxcluster stop {_selector_args(state)}", flush=True)
+            return 0
+        if args.command == "stop":
+            if args.all:
+                rows = list_clusters([resolve_profile_dir(args.profile, args.profile_dir,
+                                                          create=False)]
+                                     if (args.profile or args.profile_dir) else [])
+                if not rows:
+                    _say("no clusters to stop")
+                failed = 0
+                for r in rows:
+                    state = load_state(Path(r["state_file"]))
+                    if state is None:
+                        continue
+                    _say(f"stopping {r['profile_dir']} (cluster id {r['cluster_id'] or '(none)'})")
+                    if _stop_from_state(state)["left"]:
+                        failed += 1
+                return 1 if failed else 0
+            summary = stop_cluster(args.profile, args.profile_dir, args.cluster_id)
+            _say("stopped; no process left" + (
+                f"; removed {', '.join(summary['removed'])}" if summary["removed"] else ""))
+            return 0
+        if args.command == "list":
+            dirs = []
+            if args.profile or args.profile_dir:
+                dirs.append(resolve_profile_dir(args.profile, args.profile_dir, create=False))
+            rows = list_clusters(dirs)
+            if dirs:
+                rows = [r for r in rows if Path(r["profile_dir"]) == dirs[0]]
+            print(json.dumps(rows, indent=2) if args.json else format_list(rows))
+            return 0
+    except ClusterError as e:
+        _say(f"error: {e}", stream=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        _say("interrupted", stream=sys.stderr)
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
