@@ -1,12 +1,25 @@
 // The broadcast scheduler (protocol §3.6): one request fans out to every target with
 // msg_id "<original>_<uuid>"; replies are relayed one by one or coalesced into one.
+// Targets that are ranks of a fabric job get ONE message per job; the gateway fans it out
+// with an MPI broadcast and gathers coalescing replies with MPI (docs/fabric-link.md).
 #include "controller/controller.hpp"
 #include "controller/errors.hpp"
 #include "util/log.hpp"
 
+#include <map>
+
 namespace pxf::controller {
 
 using wire::view;
+
+namespace {
+Frames shared_buffers(Frames& bufs) {
+  Frames out;
+  out.reserve(bufs.size());
+  for (auto& b : bufs) out.push_back(wire::share(b));
+  return out;
+}
+} // namespace
 
 // Client submits: [C, DELIM, ...] with metadata.targets = [[uuid, id], ...].
 void Controller::on_broadcast_submit(Frames&& frames) {
@@ -22,18 +35,15 @@ void Controller::on_broadcast_submit(Frames&& frames) {
                    error_content("ValueError", "broadcast request without metadata.targets", ""), "bcast_in");
     return;
   }
-  std::vector<std::pair<std::string, int>> targets;
-  for (auto& t : *targets_it) {
-    if (!t.is_array() || t.size() != 2 || !t[0].is_string()) continue;
-    targets.emplace_back(t[0].get<std::string>(), t[1].is_number_integer() ? t[1].get<int>() : -1);
-  }
-  m.metadata["original_msg_id"] = orig;
-  zmq::message_t metadata = wire::frame(wire::dump_json(m.metadata));
   std::string client(view(m.identities.front()));
+  m.metadata["original_msg_id"] = orig;
 
   Broadcast b;
   b.client = client;
-  for (auto& [uuid, id] : targets) {
+  std::map<std::string, std::size_t> job_part;  // job uuid -> index in b.parts
+  for (auto& t : *targets_it) {
+    if (!t.is_array() || t.size() != 2 || !t[0].is_string()) continue;
+    std::string uuid = t[0].get<std::string>();
     Engine* e = engines_.by_uuid(uuid);
     if (!e || !e->registered) {
       // The stock scheduler would send into the void; answer for that engine instead.
@@ -48,29 +58,60 @@ void Controller::on_broadcast_submit(Frames&& frames) {
       }
       continue;
     }
-    json header = m.header;
-    header["msg_id"] = orig + "_" + uuid;
-    Frames ids;
-    ids.push_back(wire::frame(uuid));
-    ids.push_back(wire::frame(client));
-    Frames bufs;
-    bufs.reserve(m.buffers.size());
-    for (auto& buf : m.buffers) bufs.push_back(wire::share(buf));
-    send(bcast_out_,
-         session_->encode_frames(std::move(ids), wire::frame(wire::dump_json(header)), wire::share(m.parent_frame),
-                                 wire::share(metadata), wire::share(m.content_frame), std::move(bufs)),
-         "bcast_out");
-    b.targets.emplace_back(uuid, e->id);
+    if (e->job.empty()) {
+      BroadcastPart p;
+      p.targets.emplace_back(uuid, e->id);
+      b.parts.push_back(std::move(p));
+      continue;
+    }
+    auto [it, fresh] = job_part.emplace(e->job, b.parts.size());
+    if (fresh) {
+      BroadcastPart p;
+      p.job = e->job;
+      b.parts.push_back(std::move(p));
+    }
+    b.parts[it->second].targets.emplace_back(uuid, e->id);
+  }
+
+  zmq::message_t metadata = wire::frame(wire::dump_json(m.metadata));
+  for (auto& part : b.parts) {
+    if (part.job.empty()) {
+      const std::string& uuid = part.targets.front().first;
+      json header = m.header;
+      header["msg_id"] = orig + "_" + uuid;
+      Frames ids;
+      ids.push_back(wire::frame(uuid));
+      ids.push_back(wire::frame(client));
+      send(bcast_out_,
+           session_->encode_frames(std::move(ids), wire::frame(wire::dump_json(header)), wire::share(m.parent_frame),
+                                   wire::share(metadata), wire::share(m.content_frame), shared_buffers(m.buffers)),
+           "bcast_out");
+    } else {
+      // One message for all of this job's targets; the original header, this job's targets.
+      json md = m.metadata;
+      json ts = json::array();
+      for (auto& [uuid, id] : part.targets) ts.push_back({uuid, id});
+      md["targets"] = ts;
+      Frames ids;
+      ids.push_back(wire::frame(part.job));
+      ids.push_back(wire::frame("bcast"));
+      ids.push_back(wire::frame(client));
+      ++counters_["fabric.bcast_out"];
+      send(fabric_,
+           session_->encode_frames(std::move(ids), wire::share(m.header_frame), wire::share(m.parent_frame),
+                                   wire::frame(wire::dump_json(md)), wire::share(m.content_frame),
+                                   shared_buffers(m.buffers)),
+           "fabric");
+    }
   }
   ++counters_["broadcast.requests"];
-  if (coalescing && !b.targets.empty()) {
-    b.replies.resize(b.targets.size());
-    b.remaining = b.targets.size();
+  if (coalescing && !b.parts.empty()) {
+    b.remaining = b.parts.size();
     broadcasts_.emplace(orig, std::move(b));
   }
 }
 
-// Engine replies: [E, C, DELIM, ...].
+// An engine's reply: [E, C, DELIM, ...] (from a stock engine, or a rank through its gateway).
 void Controller::on_broadcast_reply(Frames&& frames) {
   Message m;
   if (!decode("bcast_out", std::move(frames), m, false)) return;
@@ -89,28 +130,67 @@ void Controller::on_broadcast_reply(Frames&& frames) {
   }
   Broadcast& b = it->second;
   std::string uuid(view(m.identities.front()));
-  for (std::size_t i = 0; i < b.targets.size(); ++i) {
-    if (b.targets[i].first != uuid || b.replies[i]) continue;
-    b.replies[i] = std::move(m);
+  for (std::size_t i = 0; i < b.parts.size(); ++i) {
+    auto& p = b.parts[i];
+    if (!p.job.empty() || p.done || p.targets.front().first != uuid) continue;
+    p.reply = std::move(m);
     b.last = i;
-    if (--b.remaining == 0) emit_coalesced(orig, b);
-    return;
+    return part_done(orig, b, i);
   }
   ++counters_["broadcast.unexpected_reply"];
+}
+
+// A job's coalesced reply for its ranks: [C, DELIM, ...] with metadata.broadcast_targets.
+void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
+  Message m;
+  if (!decode("fabric.bcast_coalesced", std::move(frames), m, false)) return;
+  if (m.identities.empty()) return;
+  std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
+  auto it = broadcasts_.find(orig);
+  if (it == broadcasts_.end()) {
+    ++counters_["broadcast.unexpected_reply"];
+    return;
+  }
+  Broadcast& b = it->second;
+  if (b.parts.size() == 1 && b.parts[0].job == job) {
+    // The whole broadcast was this job's: its message goes to the client as it is.
+    m.identities.resize(1);
+    send(bcast_in_, wire::Session::forward(std::move(m)), "bcast_in");
+    broadcasts_.erase(it);
+    return;
+  }
+  for (std::size_t i = 0; i < b.parts.size(); ++i) {
+    auto& p = b.parts[i];
+    if (p.job != job || p.done) continue;
+    p.reply = std::move(m);
+    b.last = i;
+    return part_done(orig, b, i);
+  }
+  ++counters_["broadcast.unexpected_reply"];
+}
+
+void Controller::part_done(const std::string& orig_id, Broadcast& b, std::size_t part) {
+  if (b.parts[part].done) return;
+  b.parts[part].done = true;
+  if (--b.remaining == 0) emit_coalesced(orig_id, b);
 }
 
 // One reply for all targets: header/parent/content of the last reply, its metadata plus
 // broadcast_targets, and every reply's buffers in target order.
 void Controller::emit_coalesced(const std::string& orig_id, Broadcast& b) {
   if (b.last) {
-    Message& last = *b.replies[*b.last];
+    Message& last = *b.parts[*b.last].reply;
     json md = last.metadata;
     json bt = json::array();
     Frames bufs;
-    for (std::size_t i = 0; i < b.targets.size(); ++i) {
-      if (!b.replies[i]) continue;
-      bt.push_back({b.targets[i].first, b.targets[i].second});
-      for (auto& buf : b.replies[i]->buffers) bufs.push_back(std::move(buf));
+    for (auto& p : b.parts) {
+      if (!p.reply) continue;
+      if (p.job.empty()) {
+        bt.push_back({p.targets.front().first, p.targets.front().second});
+      } else {
+        for (auto& t : wire::get_or<json>(p.reply->metadata, "broadcast_targets", json::array())) bt.push_back(t);
+      }
+      for (auto& buf : p.reply->buffers) bufs.push_back(std::move(buf));
     }
     md["broadcast_targets"] = bt;
     Frames ids;

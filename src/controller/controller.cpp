@@ -91,9 +91,13 @@ void Controller::start() {
     port_pool_.insert(port_pool_.begin(), opts_.registration_port);
   }
 
+  // The registration socket serves clients and engines: one wildcard bind covers both when
+  // either side listens everywhere; otherwise it binds on both addresses, as stock does.
+  auto wildcard = [](const std::string& ip) { return ip == "*" || ip == "0.0.0.0"; };
+  bool any = wildcard(opts_.ip) || wildcard(opts_.engine_ip);
   query_ = make_router(nullptr);
-  int reg = bind(query_, opts_.ip);
-  if (opts_.engine_ip != opts_.ip) query_.bind("tcp://" + opts_.engine_ip + ":" + std::to_string(reg));
+  int reg = bind(query_, any ? "*" : opts_.ip);
+  if (!any && opts_.engine_ip != opts_.ip) query_.bind("tcp://" + opts_.engine_ip + ":" + std::to_string(reg));
   mux_in_ = make_router("mux_in");
   int mux_c = bind(mux_in_, opts_.ip);
   mux_out_ = make_router("mux_out");
@@ -124,6 +128,8 @@ void Controller::start() {
   hb_pong_ = make_router(nullptr);
   hb_pong_.set(zmq::sockopt::router_mandatory, 0);
   int pong = bind(hb_pong_, opts_.engine_ip);
+  fabric_ = make_router(nullptr);
+  int fabric = bind(fabric_, opts_.engine_ip);
 
   auto common = [&](conn::Common& c, const std::string& ip) {
     c.interface = "tcp://" + ip;
@@ -149,6 +155,7 @@ void Controller::start() {
   engine_info_.hb_ping = ping;
   engine_info_.hb_pong = pong;
   engine_info_.broadcast = bc_e;
+  engine_info_.pxf_fabric = fabric;
 
   write_connection_files();
   for (auto& w : opts_.warnings) PXF_LOG(warning, kLog) << w;
@@ -189,11 +196,13 @@ int Controller::run() {
 }
 
 void Controller::poll_once(long timeout_ms) {
-  static const std::array<const char*, 11> names = {"query", "mux_in", "mux_out", "control_in", "control_out",
-                                                    "task_in", "task_out", "bcast_in", "bcast_out", "iopub", "hb"};
-  std::array<zmq::socket_t*, 11> socks = {&query_,   &mux_in_,  &mux_out_,  &control_in_, &control_out_, &task_in_,
-                                          &task_out_, &bcast_in_, &bcast_out_, &iopub_in_,  &hb_pong_};
-  std::array<zmq::pollitem_t, 11> items{};
+  static const std::array<const char*, 12> names = {"query",    "mux_in",   "mux_out",   "control_in",
+                                                    "control_out", "task_in", "task_out", "bcast_in",
+                                                    "bcast_out", "iopub",   "hb",       "fabric"};
+  std::array<zmq::socket_t*, 12> socks = {&query_,    &mux_in_,   &mux_out_,  &control_in_,
+                                          &control_out_, &task_in_, &task_out_, &bcast_in_,
+                                          &bcast_out_, &iopub_in_, &hb_pong_,  &fabric_};
+  std::array<zmq::pollitem_t, 12> items{};
   for (std::size_t i = 0; i < socks.size(); ++i) items[i] = {socks[i]->handle(), 0, ZMQ_POLLIN, 0};
   try {
     zmq::poll(items.data(), items.size(), std::chrono::milliseconds(timeout_ms));
@@ -229,6 +238,7 @@ void Controller::poll_once(long timeout_ms) {
           case 8: on_broadcast_reply(std::move(frames)); break;
           case 9: on_iopub(std::move(frames)); break;
           case 10: on_pong(std::move(frames)); break;
+          case 11: on_fabric(std::move(frames)); break;
         }
       } catch (const std::exception& e) {
         ++counters_["handler_error"];
@@ -313,7 +323,7 @@ void Controller::on_timers() {
 void Controller::beat() {
   std::vector<int> dead;
   for (auto& [id, e] : engines_.all()) {
-    if (!e.registered) continue;
+    if (!e.registered || !e.job.empty()) continue;  // jobs have one heartbeat on the fabric link
     if (e.answered) {
       e.missed_beats = 0;
     } else if (++e.missed_beats > opts_.max_heartbeat_misses) {
@@ -322,6 +332,12 @@ void Controller::beat() {
     e.answered = false;
   }
   for (int id : dead) unregister(id, "missed " + std::to_string(opts_.max_heartbeat_misses + 1) + " heartbeats");
+  std::int64_t now = mono_ms();
+  std::vector<std::string> silent;
+  for (auto& [uuid, job] : jobs_)
+    if (now - job.last_heard_ms > static_cast<std::int64_t>(opts_.max_heartbeat_misses + 1) * opts_.ping_ms)
+      silent.push_back(uuid);
+  for (auto& j : silent) drop_job(j, "fabric link silent for " + std::to_string(opts_.max_heartbeat_misses + 1) + " heartbeat periods");
   oldest_valid_beat_ = beat_seq_;  // a pong to the previous ping still counts (late by one)
   std::string payload = std::to_string(++beat_seq_);
   hb_ping_.send(zmq::buffer(payload), zmq::send_flags::dontwait);

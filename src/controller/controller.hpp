@@ -9,6 +9,7 @@
 #include "controller/engines.hpp"
 #include "controller/load_balancer.hpp"
 #include "controller/options.hpp"
+#include "controller/records.hpp"
 #include "wire/session.hpp"
 
 #include <atomic>
@@ -96,16 +97,40 @@ class Controller {
   void fail_task(zmq::message_t client, Message& req, const json& content, const std::string& engine_uuid);
 
   // --- broadcast
+  // A coalescing broadcast waits for one reply per part: a stock engine (one target) or a
+  // fabric job (all of its targets, gathered over MPI by the gateway).
+  struct BroadcastPart {
+    std::string job;                                   // "" for a stock engine
+    std::vector<std::pair<std::string, int>> targets;  // (uuid, id) in request order
+    std::optional<Message> reply;
+    bool done = false;                                 // replied, or its engine(s) died
+  };
   struct Broadcast {
     std::string client;
-    std::vector<std::pair<std::string, int>> targets;  // (uuid, id) in request order
-    std::vector<std::optional<Message>> replies;       // coalescing: per target
+    std::vector<BroadcastPart> parts;
     std::size_t remaining = 0;
-    std::optional<std::size_t> last;                   // index of the last reply received
+    std::optional<std::size_t> last;                   // part of the last reply received
   };
   void on_broadcast_submit(Frames&& frames);
   void on_broadcast_reply(Frames&& frames);
+  void on_coalesced_part(const std::string& job, Frames&& frames);
+  void part_done(const std::string& orig_id, Broadcast& b, std::size_t part);
   void emit_coalesced(const std::string& orig_id, Broadcast& b);
+
+  // --- fabric link (docs/fabric-link.md): MPI engine jobs behind one gateway each
+  struct Job {
+    std::string uuid;
+    std::vector<int> engine_ids;
+    std::int64_t last_heard_ms = 0;
+  };
+  void on_fabric(Frames&& frames);
+  void on_link(const std::string& job, Frames&& frames);
+  void on_job_register(const std::string& job, const Message& m);
+  void drop_job(const std::string& job, const std::string& why);
+  void send_link(const std::string& job, const char* type, const json& content, const json& parent);
+  // Sends [E, C, DELIM, ...] to engine E: on the stock socket of `channel`, or through its job's
+  // gateway on the fabric link.
+  void send_to_engine(const char* channel, const Engine& e, Frames&& frames);
 
   // --- iopub
   void on_iopub(Frames&& frames);
@@ -121,14 +146,18 @@ class Controller {
   zmq::socket_t query_, notifier_;
   zmq::socket_t mux_in_, mux_out_, control_in_, control_out_;
   zmq::socket_t task_in_, task_out_, bcast_in_, bcast_out_;
-  zmq::socket_t iopub_in_, iopub_out_, hb_ping_, hb_pong_;
+  zmq::socket_t iopub_in_, iopub_out_, hb_ping_, hb_pong_, fabric_;
 
   EngineTable engines_;
   LoadBalancer balancer_;
   std::deque<Task> waiting_;
   std::unordered_map<std::string, InFlight> in_flight_;
   std::unordered_map<std::string, Broadcast> broadcasts_;
-  std::deque<std::string> history_;  // msg_ids in submission order
+  TaskRecords records_;
+  std::unordered_map<std::string, Job> jobs_;
+  // uuid -> job of engines unregistered recently: their last replies (e.g. the control reply
+  // to a shutdown_request, which races the iopub shutdown_reply) are still delivered.
+  std::unordered_map<std::string, std::string> retired_;
 
   std::int64_t beat_seq_ = 0, oldest_valid_beat_ = 0, next_beat_ms_ = 0, fast_ping_until_ms_ = 0;
   std::int64_t next_fast_ping_ms_ = 0;

@@ -1,5 +1,7 @@
 #include "controller/engines.hpp"
 
+#include <algorithm>
+
 namespace pxf::controller {
 
 int EngineTable::allocate_id(int requested) {
@@ -15,6 +17,12 @@ Engine& EngineTable::add(int id, std::string uuid) {
   e.id = id;
   e.uuid = std::move(uuid);
   return e;
+}
+
+int EngineTable::max_used_id() const {
+  int m = -1;
+  for (int id : used_ids_) m = std::max(m, id);
+  return m;
 }
 
 void EngineTable::mark_registered(Engine& e) {

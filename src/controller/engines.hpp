@@ -19,12 +19,15 @@ struct Engine {
   std::unordered_set<std::string> queue;      // outstanding direct (mux) requests
   std::unordered_set<std::string> tasks;      // outstanding load-balanced tasks
   std::vector<std::string> completed;         // finished msg_ids, both queues
+  std::string job;                            // fabric job uuid (MPI engines); "" = stock engine
 };
 
 class EngineTable {
  public:
   // Picks an id: `requested` if it is free, else the next never-used id (ids are not reused).
   int allocate_id(int requested);
+  bool id_free(int id) const { return !used_ids_.count(id) && !engines_.count(id); }
+  int max_used_id() const;
   Engine& add(int id, std::string uuid);
   void mark_registered(Engine& e);
   void remove(int id);

@@ -4,6 +4,8 @@
 #include "util/clock.hpp"
 #include "util/log.hpp"
 
+#include <algorithm>
+
 namespace pxf::controller {
 
 using wire::view;
@@ -195,16 +197,37 @@ void Controller::on_queue_request(const zmq::message_t& ident, const Message& m)
   reply(ident, m, "queue_reply", out);
 }
 
-void Controller::on_result_request(const zmq::message_t&, const Message& m) {
-  // Task records with full results are the scheduling issue's; until then the hub reports
-  // which ids it knows as pending and says clearly that stored results are not kept.
-  auto ids = m.content.find("msg_ids");
-  if (ids == m.content.end() || !ids->is_array()) throw BadRequest("KeyError", "result_request needs 'msg_ids'");
-  throw BadRequest("NotImplementedError", "pxcontroller does not keep task results for result_request yet");
+void Controller::on_result_request(const zmq::message_t& ident, const Message& m) {
+  auto ids_it = m.content.find("msg_ids");
+  if (ids_it == m.content.end() || !ids_it->is_array()) throw BadRequest("KeyError", "result_request needs 'msg_ids'");
+  std::vector<std::string> ids;
+  for (auto& id : *ids_it) {
+    if (!id.is_string()) throw BadRequest("TypeError", "msg_ids must be strings, not " + id.dump());
+    ids.push_back(id.get<std::string>());
+  }
+  std::sort(ids.begin(), ids.end());
+  ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
+  bool status_only = wire::get_or<bool>(m.content, "status_only", false);
+  json out = {{"status", "ok"}, {"pending", json::array()}, {"completed", json::array()}};
+  Frames buffers;
+  for (auto& id : ids) {
+    TaskRecord* r = records_.find(id);
+    if (!r) throw BadRequest("KeyError", "'No such message: " + id + "'");
+    if (!r->completed) {
+      out["pending"].push_back(id);
+      continue;
+    }
+    out["completed"].push_back(id);
+    if (status_only) continue;
+    out[id] = TaskRecords::extract(*r);
+    // Buffers in sorted msg_id order: the client reads one object per ok apply_reply.
+    for (auto& b : r->result_buffers) buffers.push_back(wire::share(b));
+  }
+  reply(ident, m, "result_reply", out, std::move(buffers));
 }
 
 void Controller::on_history_request(const zmq::message_t& ident, const Message& m) {
-  reply(ident, m, "history_reply", {{"status", "ok"}, {"history", json(history_)}});
+  reply(ident, m, "history_reply", {{"status", "ok"}, {"history", records_.history()}});
 }
 
 void Controller::on_shutdown_request(const zmq::message_t& ident, const Message& m) {
@@ -238,6 +261,10 @@ void Controller::unregister(int id, const std::string& why) {
   balancer_.remove_engine(id);
   // Its load-balanced tasks fail now with EngineError (the client only fails direct work).
   std::vector<std::string> stranded(e->tasks.begin(), e->tasks.end());
+  if (!e->job.empty()) {
+    if (retired_.size() > 65536) retired_.clear();
+    retired_[uuid] = e->job;
+  }
   engines_.remove(id);
   if (was_registered) notify("unregistration_notification", {{"id", id}, {"uuid", uuid}});
   for (auto& msg_id : stranded) {
@@ -256,16 +283,16 @@ void Controller::unregister(int id, const std::string& why) {
                          f.header, md),
          "task_in");
   }
-  // Coalescing broadcasts stop waiting for it.
-  std::vector<std::string> done;
-  for (auto& [orig, b] : broadcasts_) {
-    for (std::size_t i = 0; i < b.targets.size(); ++i) {
-      if (b.targets[i].first == uuid && !b.replies[i]) {
-        if (--b.remaining == 0) done.push_back(orig);
-      }
-    }
-  }
-  for (auto& orig : done) emit_coalesced(orig, broadcasts_.at(orig));
+  // Coalescing broadcasts stop waiting for it (for a job, for the part that covers it).
+  std::vector<std::pair<std::string, std::size_t>> gone;
+  for (auto& [orig, b] : broadcasts_)
+    for (std::size_t i = 0; i < b.parts.size(); ++i)
+      if (!b.parts[i].done && b.parts[i].targets.size() &&
+          std::any_of(b.parts[i].targets.begin(), b.parts[i].targets.end(),
+                      [&](auto& t) { return t.first == uuid; }))
+        gone.emplace_back(orig, i);
+  for (auto& [orig, i] : gone)
+    if (auto it = broadcasts_.find(orig); it != broadcasts_.end()) part_done(orig, it->second, i);
   dispatch_waiting();
 }
 

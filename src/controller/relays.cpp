@@ -51,10 +51,10 @@ void Controller::on_client_direct(Frames&& frames, bool control) {
   }
   if (!control) {
     e->queue.insert(m.msg_id());
-    history_.push_back(m.msg_id());
+    records_.add(m.msg_id(), m.header, m.metadata, "mux").engine_uuid = e->uuid;
   }
   std::swap(m.identities[0], m.identities[1]);
-  send(control ? control_out_ : mux_out_, wire::Session::forward(std::move(m)), control ? "control_out" : "mux_out");
+  send_to_engine(control ? "control" : "mux", *e, wire::Session::forward(std::move(m)));
 }
 
 // Engine -> client: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
@@ -69,6 +69,7 @@ void Controller::on_engine_direct(Frames&& frames, bool control) {
   if (!control) {
     if (Engine* e = engines_.by_uuid(view(m.identities[0]))) {
       std::string parent = m.parent_msg_id();
+      records_.complete(parent, m);
       if (e->queue.erase(parent)) e->completed.push_back(std::move(parent));
     }
   }
@@ -87,6 +88,16 @@ void Controller::on_iopub(Frames&& frames) {
       zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
       unregister(id, "shutdown_reply on iopub");
       return;
+    }
+  }
+  // Output of a recorded task goes into its record, for result_request.
+  const std::string& type = m.msg_type();
+  if (type == "stream" || type == "execute_input" || type == "execute_result" || type == "error") {
+    std::string parent = m.parent_msg_id();
+    if (records_.find(parent)) {
+      auto v = view(m.content_frame);
+      json content = json::parse(v.begin(), v.end(), nullptr, false);
+      if (content.is_object()) records_.add_output(parent, type, content);
     }
   }
   zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));

@@ -68,7 +68,7 @@ void Controller::on_task_submit(Frames&& frames) {
   }
   if (auto it = md.find("timeout"); it != md.end() && it->is_number() && it->get<double>() > 0)
     t.deadline_ms = mono_ms() + static_cast<std::int64_t>(it->get<double>() * 1000);
-  history_.push_back(t.msg_id);
+  records_.add(t.msg_id, m.header, m.metadata, "task");
   m.identities.resize(1);
   t.msg = std::move(m);
   if (waiting_.empty() && try_dispatch(t)) return;
@@ -82,6 +82,7 @@ bool Controller::try_dispatch(Task& t) {
   if (!e) return false;
   balancer_.assigned(e->id);
   e->tasks.insert(t.msg_id);
+  if (TaskRecord* r = records_.find(t.msg_id)) r->engine_uuid = e->uuid;
   InFlight f;
   f.engine = e->id;
   f.client = std::string(view(t.msg.identities.front()));
@@ -91,7 +92,7 @@ bool Controller::try_dispatch(Task& t) {
   t.msg.identities = std::move(ids);
   f.header = std::move(t.msg.header);
   std::string msg_id = t.msg_id;
-  send(task_out_, wire::Session::forward(std::move(t.msg)), "task_out");
+  send_to_engine("task", *e, wire::Session::forward(std::move(t.msg)));
   in_flight_.emplace(std::move(msg_id), std::move(f));
   return true;
 }
@@ -129,6 +130,7 @@ void Controller::on_task_reply(Frames&& frames) {
       e->tasks.erase(msg_id);
       e->completed.push_back(msg_id);
     }
+    records_.complete(msg_id, m);
   } else {
     ++counters_["task.unexpected_reply"];
   }

@@ -1,0 +1,429 @@
+"""Shared pieces of the pxfabric benchmarks: clusters, CPU meters, statistics, time limits.
+
+A :class:`Cluster` is one controller (pxcontroller or the stock ipcontroller, same argv) in a
+private temporary profile directory plus N stock engines, with one ``ipyparallel.Client``.
+Every process is started here and stopped here by PID (SIGTERM, then SIGKILL), including
+descendants found with psutil (the stock controller's scheduler children, each stock
+engine's nanny). Nothing is ever signalled by name.
+
+Run with Debian's interpreter: /usr/bin/python3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import psutil
+
+PYTHON = "/usr/bin/python3"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PXCONTROLLER = REPO / "build" / "bin" / "pxcontroller"
+
+KINDS = ("px", "stock")
+LABEL = {"px": "pxcontroller", "stock": "ipcontroller"}
+
+
+# ----------------------------------------------------------------------------- time limits
+
+class HardTimeout(Exception):
+    pass
+
+
+_ALL_CLUSTERS: List["Cluster"] = []
+
+
+def install_time_limit(seconds: float) -> None:
+    """SIGALRM after ``seconds`` raises HardTimeout in the main thread (the caller's
+    ``finally`` then stops every cluster). A watchdog thread is the backstop if the main
+    thread is stuck where a signal cannot reach Python code: 60 s later it SIGKILLs every
+    process we started, by PID, and exits with status 3."""
+
+    def on_alarm(signum, frame):
+        raise HardTimeout(f"hard timeout of {seconds:.0f}s exceeded")
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    signal.signal(signal.SIGTERM, on_term)
+    signal.alarm(max(1, int(seconds)))
+
+    def watchdog():
+        for c in list(_ALL_CLUSTERS):
+            try:
+                c.kill_all()
+            except Exception:
+                pass
+        sys.stderr.write("bench: watchdog fired; killed our processes, exiting\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    t = threading.Timer(seconds + 60, watchdog)
+    t.daemon = True
+    t.start()
+
+
+def remaining_alarm() -> float:
+    """Seconds left before SIGALRM (peeks by re-arming)."""
+    left = signal.alarm(0)
+    signal.alarm(left)
+    return float(left) if left else 3600.0
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def median(xs: Iterable[float]) -> Optional[float]:
+    xs = list(xs)
+    return statistics.median(xs) if xs else None
+
+
+def summary(xs: Iterable[float]) -> dict:
+    s = sorted(xs)
+    if not s:
+        return {"n": 0}
+    med = statistics.median(s)
+    return {
+        "n": len(s),
+        "median": med,
+        "min": s[0],
+        "max": s[-1],
+        "p90": s[min(len(s) - 1, int(0.9 * len(s)))],
+        "spread_pct": 100.0 * (s[-1] - s[0]) / med if med else None,
+    }
+
+
+# ----------------------------------------------------------------------------- CPU accounting
+
+def machine_busy_seconds() -> float:
+    """Whole-machine CPU seconds spent not idle (all cores), since boot."""
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+
+
+def proc_cpu_split(procs: Iterable[psutil.Process]) -> tuple:
+    """(user, system) CPU seconds summed over ``procs`` (processes that are gone count 0)."""
+    user = system = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            user += t.user
+            system += t.system
+        except psutil.Error:
+            pass
+    return user, system
+
+
+def proc_cpu(procs: Iterable[psutil.Process]) -> float:
+    """Sum of user+system CPU seconds of ``procs``."""
+    return sum(proc_cpu_split(procs))
+
+
+class CpuSnapshot:
+    """CPU seconds of named process groups plus the whole machine, at one instant."""
+
+    def __init__(self, groups: Dict[str, List[psutil.Process]]):
+        self.t = time.perf_counter()
+        self.machine = machine_busy_seconds()
+        self.split = {name: proc_cpu_split(ps) for name, ps in groups.items()}
+        self.groups = {name: sum(us) for name, us in self.split.items()}
+
+    def delta(self, later: "CpuSnapshot") -> dict:
+        wall = later.t - self.t
+        out = {name: later.groups[name] - self.groups[name] for name in self.groups}
+        for name in self.groups:
+            out[name + "_user"] = later.split[name][0] - self.split[name][0]
+            out[name + "_system"] = later.split[name][1] - self.split[name][1]
+        out["machine"] = later.machine - self.machine
+        # whatever the machine did that none of our processes did: other users' load
+        out["foreign"] = max(0.0, out["machine"] - sum(later.groups[n] - self.groups[n] for n in self.groups))
+        out["wall"] = wall
+        return out
+
+
+def machine_load(interval: float = 1.0) -> dict:
+    return {
+        "ncpu": os.cpu_count(),
+        "cpu_busy_pct_1s": psutil.cpu_percent(interval=interval),  # of all cores
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ----------------------------------------------------------------------------- clusters
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as e:
+        return f"(no log {path}: {e})"
+
+
+def px_binary(cli_value: Optional[str]) -> str:
+    path = cli_value or os.environ.get("PXF_CONTROLLER") or str(DEFAULT_PXCONTROLLER)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise HarnessError(
+            f"pxcontroller binary {path} is missing or not executable; build it "
+            "(bash scripts/build.sh) or point PXF_CONTROLLER / --px-binary at one")
+    return path
+
+
+class Cluster:
+    """One controller of ``kind`` ('px' or 'stock') + ``n_engines`` stock engines + a Client."""
+
+    def __init__(self, kind: str, workdir: Path, n_engines: int, px_path: str,
+                 ping_ms: int = 250, px_prefix: str = "") -> None:
+        assert kind in KINDS
+        self.kind = kind
+        self.workdir = Path(workdir)
+        self.profile_dir = self.workdir / "profile"
+        self.security = self.profile_dir / "security"
+        self.n_engines = n_engines
+        self.ping_ms = ping_ms
+        if kind == "px":
+            self.program = shlex.split(px_prefix) + [px_path]
+        else:
+            self.program = [PYTHON, "-m", "ipyparallel.controller"]
+        self.env = dict(os.environ)
+        self.env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
+                        IPYTHONDIR=str(self.workdir / "ipython"))
+        self.popens: List[subprocess.Popen] = []
+        self.known: Dict[int, psutil.Process] = {}
+        self.group_of: Dict[int, str] = {}
+        self.controller: Optional[subprocess.Popen] = None
+        self.engines: List[subprocess.Popen] = []
+        self.controller_log = self.workdir / "controller.log"
+        self.client = None
+        self.timings: Dict[str, float] = {}
+        _ALL_CLUSTERS.append(self)
+
+    # ---- argv (identical for both kinds apart from the program)
+
+    def controller_argv(self) -> List[str]:
+        return self.program + [f"--profile-dir={self.profile_dir}", "--ip=127.0.0.1",
+                               f"--ping={self.ping_ms}"]
+
+    def engine_argv(self) -> List[str]:
+        return [PYTHON, "-m", "ipyparallel.engine", f"--profile-dir={self.profile_dir}"]
+
+    # ---- process bookkeeping
+
+    def _popen(self, argv: List[str], log: Path, group: str) -> subprocess.Popen:
+        with open(log, "ab") as out:
+            p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                 cwd=self.workdir, env=self.env, start_new_session=True)
+        self.popens.append(p)
+        try:
+            self.known[p.pid] = psutil.Process(p.pid)
+            self.group_of[p.pid] = group
+        except psutil.NoSuchProcess:
+            pass
+        return p
+
+    def refresh(self) -> None:
+        """Remember every current descendant of every process we know (same group)."""
+        for pid, proc in list(self.known.items()):
+            try:
+                kids = proc.children(recursive=True)
+            except psutil.Error:
+                continue
+            for k in kids:
+                if k.pid not in self.known:
+                    self.known[k.pid] = k
+                    self.group_of[k.pid] = self.group_of[pid]
+
+    def group(self, name: str) -> List[psutil.Process]:
+        return [p for pid, p in self.known.items() if self.group_of[pid] == name]
+
+    def controller_procs(self) -> List[psutil.Process]:
+        return self.group("controller")
+
+    def engine_procs(self) -> List[psutil.Process]:
+        return self.group("engine")
+
+    def all_procs(self) -> List[psutil.Process]:
+        return list(self.known.values())
+
+    # ---- start
+
+    def _fail(self, msg: str) -> None:
+        raise HarnessError(f"[{LABEL[self.kind]}] {msg}\n--- controller log tail:\n"
+                           f"{log_tail(self.controller_log)}")
+
+    def start_controller(self, deadline: float) -> None:
+        """Launch the controller and wait (until time.monotonic() > deadline) for both
+        connection files."""
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        self._t0 = time.perf_counter()
+        self.controller = self._popen(self.controller_argv(), self.controller_log, "controller")
+        client_json = self.security / "ipcontroller-client.json"
+        engine_json = self.security / "ipcontroller-engine.json"
+        while True:
+            if self.controller.poll() is not None:
+                self._fail(f"controller exited with {self.controller.returncode} during start-up")
+            try:
+                ok = ("registration" in json.loads(client_json.read_text())
+                      and "registration" in json.loads(engine_json.read_text()))
+            except (OSError, ValueError):
+                ok = False
+            if ok:
+                break
+            if time.monotonic() > deadline:
+                self._fail(f"no connection files in {self.security}")
+            time.sleep(0.05)
+        self.timings["connection_files_s"] = time.perf_counter() - self._t0
+
+    def start_engines(self) -> None:
+        for i in range(self.n_engines):
+            self.engines.append(self._popen(self.engine_argv(), self.workdir / f"engine-{i}.log", "engine"))
+
+    def connect(self, deadline: float) -> None:
+        """Client + wait until all engines registered; check engine pids; record descendants."""
+        import ipyparallel as ipp
+
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
+        self.client = ipp.Client(str(self.security / "ipcontroller-client.json"), timeout=left())
+        try:
+            self.client.wait_for_engines(self.n_engines, timeout=left(), interactive=False, widget=False)
+        except Exception as e:  # noqa: BLE001
+            dead = [p.pid for p in self.engines if p.poll() is not None]
+            self._fail(f"{len(self.client.ids)} of {self.n_engines} engines registered ({e!r}); "
+                       f"exited engines: {dead}")
+        self.timings["all_engines_registered_s"] = time.perf_counter() - self._t0
+        pids = self.client[:].apply_async(os.getpid).get_dict(timeout=left())
+        ours = {p.pid for p in self.engines}
+        strangers = {eid: pid for eid, pid in pids.items() if pid not in ours}
+        if strangers:
+            self._fail(f"engines {strangers} are not processes we started")
+        self.engine_pid = pids
+        time.sleep(0.2)  # let stock engines' nannies appear
+        self.refresh()
+
+    # ---- queries
+
+    def px_stats(self, timeout: float = 5.0) -> Optional[dict]:
+        """pxcontroller's own counters (pxf_stats_request on the registration socket)."""
+        import zmq
+        from jupyter_client.session import Session
+
+        info = json.loads((self.security / "ipcontroller-client.json").read_text())
+        session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        try:
+            sock.connect(f"{info['interface']}:{info['registration']}")
+            session.send(sock, "pxf_stats_request", {})
+            if not sock.poll(int(timeout * 1000)):
+                return None
+            _, frames = session.feed_identities(sock.recv_multipart())
+            return session.deserialize(frames)["content"]
+        finally:
+            sock.close()
+
+    def check_alive(self) -> None:
+        """Raise HarnessError (with the log tail) if the controller process has exited."""
+        if self.controller is not None and self.controller.poll() is not None:
+            rc = self.controller.returncode
+            how = f"signal {-rc}" if rc < 0 else f"status {rc}"
+            self._fail(f"controller exited ({how}) during the benchmark")
+
+    def controller_log_problems(self, limit: int = 20) -> dict:
+        """Lines of the controller log that look like warnings or errors."""
+        try:
+            lines = self.controller_log.read_text(errors="replace").splitlines()
+        except OSError:
+            return {"count": 0, "lines": []}
+        level = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Segmentation")
+        bad = [l for l in lines if level.search(l)]
+        return {"count": len(bad), "lines": bad[:limit], "log_lines": len(lines)}
+
+    # ---- stop
+
+    def close_client(self) -> Optional[str]:
+        err = None
+        if self.client is not None:
+            try:
+                self.client.close(linger=0)
+            except TypeError:
+                self.client.close()
+            except Exception as e:  # noqa: BLE001
+                err = repr(e)
+            self.client = None
+        return err
+
+    def stop(self, grace: float = 10.0) -> dict:
+        return stop_clusters([self], grace)[0]
+
+    def kill_all(self) -> None:
+        """Last resort (watchdog): SIGKILL everything we know of, by PID."""
+        self.refresh()
+        for p in self.known.values():
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
+    """Stop several clusters at once, by PID: close clients, SIGTERM every known process
+    (controller tree, engines, nannies), wait up to ``grace`` s, SIGKILL what is left."""
+    infos = []
+    targets_of = []
+    for c in clusters:
+        info: dict = {}
+        if c.controller is not None and c.controller.poll() is not None:
+            info["controller_had_exited"] = c.controller.returncode  # <0: killed by that signal
+        err = c.close_client()
+        if err:
+            info["client_close_error"] = err
+        c.refresh()
+        targets = [p for p in c.known.values() if _alive(p)]
+        for p in targets:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        info["terminated"] = len(targets)
+        infos.append(info)
+        targets_of.append(targets)
+    everything = [p for t in targets_of for p in t]
+    _, still = psutil.wait_procs(everything, timeout=grace)
+    for p in still:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.Error:
+            pass
+    psutil.wait_procs(still, timeout=5)
+    still_pids = {p.pid for p in still}
+    for c, info, targets in zip(clusters, infos, targets_of):
+        for p in c.popens:
+            try:
+                p.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                pass
+        info["needed_sigkill"] = [p.pid for p in targets if p.pid in still_pids]
+        info["left_alive"] = [p.pid for p in c.known.values() if _alive(p)]
+        if c in _ALL_CLUSTERS:
+            _ALL_CLUSTERS.remove(c)
+    return infos

@@ -1,0 +1,306 @@
+#include "mpi/fabric.hpp"
+
+#include "mpi/packet.hpp"
+#include "util/log.hpp"
+
+#include <poll.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdlib>
+
+namespace pxf::mpi {
+
+namespace {
+constexpr const char* kLog = "fabric";
+constexpr int kTagFrames = 1;
+constexpr std::uint64_t kBcastExit = 1;
+constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
+constexpr std::int64_t kSpinUs = 200;      // busy polling right after traffic
+constexpr std::int64_t kMaxSleepUs = 1000;  // idle cap: <=1 ms added latency when idle
+
+// $PXF_FABRIC_MAX_SLEEP_US overrides the idle cap (benchmarks, tuning).
+std::int64_t max_sleep_us() {
+  static const std::int64_t v = [] {
+    const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
+    long long n = s ? std::atoll(s) : 0;
+    return n > 0 ? static_cast<std::int64_t>(n) : kMaxSleepUs;
+  }();
+  return v;
+}
+
+std::int64_t now_us() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
+}
+
+} // namespace
+
+double mono_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<double>(ts.tv_sec) + static_cast<double>(ts.tv_nsec) * 1e-9;
+}
+
+Fabric::Fabric(MPI_Comm p2p, MPI_Comm coll, int rank, int size, gateway::Gateway* gw, LocalRank& local)
+    : p2p_(p2p), coll_(coll), rank_(rank), size_(size), gw_(gw), local_(local) {
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+}
+
+Fabric::~Fabric() {
+  join();
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+void Fabric::start() { thread_ = std::thread([this] { run(); }); }
+
+void Fabric::join() {
+  if (thread_.joinable()) thread_.join();
+}
+
+void Fabric::post(Frames&& frames) {
+  {
+    std::lock_guard lock(mu_);
+    outbox_.push_back(std::move(frames));
+  }
+  std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+}
+
+void Fabric::isend(int dest, const Frames& frames) {
+  auto data = std::make_shared<std::vector<char>>(pack_frames(frames));
+  if (data->size() > static_cast<std::size_t>(INT_MAX)) {
+    PXF_LOG(error, kLog) << "message of " << data->size() << " bytes exceeds the 2 GiB MPI message limit; dropped";
+    return;
+  }
+  Send s;
+  s.reqs.resize(1);
+  MPI_Isend(data->data(), static_cast<int>(data->size()), MPI_BYTE, dest, kTagFrames, p2p_, &s.reqs[0]);
+  s.data = std::move(data);
+  sends_.push_back(std::move(s));
+}
+
+void Fabric::ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags) {
+  Send s;
+  s.hdr.reset(new std::uint64_t[2]{len, flags});
+  s.reqs.emplace_back();
+  MPI_Ibcast(s.hdr.get(), 2, MPI_UINT64_T, 0, coll_, &s.reqs.back());
+  if (data) {
+    for (std::uint64_t off = 0; off < data->size(); off += kChunk) {
+      int n = static_cast<int>(std::min<std::uint64_t>(kChunk, data->size() - off));
+      s.reqs.emplace_back();
+      MPI_Ibcast(data->data() + off, n, MPI_BYTE, 0, coll_, &s.reqs.back());
+    }
+  }
+  s.data = std::move(data);
+  sends_.push_back(std::move(s));
+}
+
+void Fabric::to_rank(int rank, Frames&& frames) {
+  if (rank == rank_) {
+    local_.deliver(std::move(frames), mono_seconds());
+    return;
+  }
+  isend(rank, frames);
+}
+
+void Fabric::to_all(Frames&& frames) {
+  if (size_ > 1) {
+    auto data = std::make_shared<std::vector<char>>(pack_frames(frames));
+    auto len = data->size();
+    ibcast_root(std::move(data), len, 0);
+  }
+  local_.deliver(std::move(frames), mono_seconds());
+}
+
+void Fabric::end_job(int code, const std::string& reason) {
+  if (ending_.exchange(true)) return;
+  PXF_LOG(info, kLog) << "ending the job (exit code " << code << "): " << reason;
+  exit_code_ = code;
+  if (size_ > 1 && !exit_sent_) {
+    exit_sent_ = true;
+    ibcast_root(nullptr, static_cast<std::uint64_t>(code), kBcastExit);
+  }
+}
+
+bool Fabric::progress_sends() {
+  bool any = false;
+  for (auto it = sends_.begin(); it != sends_.end();) {
+    int done = 0;
+    MPI_Testall(static_cast<int>(it->reqs.size()), it->reqs.data(), &done, MPI_STATUSES_IGNORE);
+    if (done) {
+      it = sends_.erase(it);
+      any = true;
+    } else {
+      ++it;
+    }
+  }
+  return any;
+}
+
+bool Fabric::progress_recv() {
+  bool any = false;
+  for (int i = 0; i < 64; ++i) {
+    int flag = 0;
+    MPI_Message msg;
+    MPI_Status st;
+    MPI_Improbe(MPI_ANY_SOURCE, kTagFrames, p2p_, &flag, &msg, &st);
+    if (!flag) break;
+    int count = 0;
+    MPI_Get_count(&st, MPI_BYTE, &count);
+    std::vector<char> buf(static_cast<std::size_t>(count));
+    MPI_Mrecv(buf.data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+    any = true;
+    double received = mono_seconds();
+    Frames frames;
+    try {
+      frames = unpack_frames(buf.data(), buf.size());
+    } catch (const std::exception& e) {
+      PXF_LOG(error, kLog) << "bad packet from rank " << st.MPI_SOURCE << ": " << e.what();
+      continue;
+    }
+    if (rank_ == 0) {
+      gw_->from_rank(std::move(frames), *this);
+    } else if (!ending_) {
+      local_.deliver(std::move(frames), received);
+    }
+  }
+  return any;
+}
+
+void Fabric::post_bcast_header() {
+  in_hdr_[0] = in_hdr_[1] = 0;
+  MPI_Ibcast(in_hdr_, 2, MPI_UINT64_T, 0, coll_, &in_hdr_req_);
+}
+
+bool Fabric::progress_bcast_in() {
+  if (in_hdr_req_ != MPI_REQUEST_NULL) {
+    int done = 0;
+    MPI_Test(&in_hdr_req_, &done, MPI_STATUS_IGNORE);
+    if (!done) return false;
+    if (in_hdr_[1] & kBcastExit) {
+      exit_code_ = static_cast<int>(in_hdr_[0]);
+      ending_ = true;
+      return true;
+    }
+    in_data_.assign(in_hdr_[0], 0);
+    in_data_reqs_.clear();
+    for (std::uint64_t off = 0; off < in_data_.size(); off += kChunk) {
+      int n = static_cast<int>(std::min<std::uint64_t>(kChunk, in_data_.size() - off));
+      in_data_reqs_.emplace_back();
+      MPI_Ibcast(in_data_.data() + off, n, MPI_BYTE, 0, coll_, &in_data_reqs_.back());
+    }
+  }
+  int done = 1;
+  if (!in_data_reqs_.empty())
+    MPI_Testall(static_cast<int>(in_data_reqs_.size()), in_data_reqs_.data(), &done, MPI_STATUSES_IGNORE);
+  if (!done) return true;
+  in_data_reqs_.clear();
+  try {
+    auto frames = unpack_frames(in_data_.data(), in_data_.size());
+    local_.deliver(std::move(frames), mono_seconds());
+  } catch (const std::exception& e) {
+    PXF_LOG(error, kLog) << "bad broadcast packet: " << e.what();
+  }
+  std::vector<char>().swap(in_data_);
+  post_bcast_header();
+  return true;
+}
+
+void Fabric::wait(std::int64_t timeout_us) {
+  pollfd fds[2];
+  int n = 0;
+  fds[n++] = {wake_fd_, POLLIN, 0};
+  if (gw_) {
+    if (gw_->readable()) return;
+    fds[n++] = {gw_->fd(), POLLIN, 0};
+  }
+  timespec ts{static_cast<time_t>(timeout_us / 1000000), static_cast<long>(timeout_us % 1000000) * 1000};
+  ::ppoll(fds, static_cast<nfds_t>(n), &ts, nullptr);
+  if (fds[0].revents & POLLIN) {
+    std::uint64_t v;
+    [[maybe_unused]] auto r = ::read(wake_fd_, &v, sizeof v);
+  }
+}
+
+void Fabric::run() {
+  if (rank_ != 0 && size_ > 1) post_bcast_header();
+  std::int64_t last = now_us();
+  while (!ending_) {
+    bool busy = false;
+    std::deque<Frames> out;
+    {
+      std::lock_guard lock(mu_);
+      out.swap(outbox_);
+    }
+    for (auto& f : out) {
+      if (rank_ == 0) gw_->from_rank(std::move(f), *this);
+      else isend(0, f);
+    }
+    busy |= !out.empty();
+    busy |= progress_sends();
+    busy |= progress_recv();
+    if (rank_ != 0 && size_ > 1) busy |= progress_bcast_in();
+    if (rank_ == 0 && !ending_) {
+      busy |= gw_->poll_link(*this) > 0;
+      gw_->tick(*this);
+    }
+    if (ending_) break;
+    std::int64_t now = now_us();
+    if (busy) {
+      last = now;
+      continue;
+    }
+    std::int64_t idle = now - last;
+    if (idle < kSpinUs) sched_yield();
+    else wait(std::min(max_sleep_us(), idle / 8));
+  }
+  drain_and_quiesce();
+  if (gw_) gw_->close("job exit");
+  local_.job_ended(exit_code_);
+}
+
+// After the job ended: finish our own sends (rank 0 keeps receiving so they can complete), then
+// an Ibarrier while still receiving, so no rank enters MPI_Finalize with traffic in flight.
+void Fabric::drain_and_quiesce() {
+  auto flush_outbox = [&] {
+    std::deque<Frames> out;
+    {
+      std::lock_guard lock(mu_);
+      out.swap(outbox_);
+    }
+    for (auto& f : out) {
+      if (rank_ == 0) gw_->from_rank(std::move(f), *this);
+      else isend(0, f);  // e.g. the last iopub before the end; rank 0 still receives
+    }
+  };
+  flush_outbox();
+  while (!sends_.empty()) {
+    progress_sends();
+    progress_recv();
+    usleep(50);
+  }
+  MPI_Request barrier;
+  MPI_Ibarrier(coll_, &barrier);
+  for (;;) {
+    int done = 0;
+    MPI_Test(&barrier, &done, MPI_STATUS_IGNORE);
+    if (done) break;
+    progress_recv();
+    progress_sends();
+    usleep(100);
+  }
+  if (rank_ == 0) {
+    std::deque<Frames> out;
+    std::lock_guard lock(mu_);
+    out.swap(outbox_);
+    for (auto& f : out) gw_->from_rank(std::move(f), *this);
+  }
+}
+
+} // namespace pxf::mpi

@@ -1,0 +1,98 @@
+#pragma once
+// The fabric thread of one rank: moves messages between this rank and rank 0 over MPI (and, on
+// rank 0, between the ranks and the controller through the Gateway). Never touches Python.
+//
+// MPI use, all on private duplicates of MPI_COMM_WORLD:
+//   p2p comm,  tag kTagFrames: one packet (packet.hpp) = one link-format message, rank 0 <-> rank r
+//   coll comm, MPI_Ibcast from rank 0: header {u64 len, u64 flags} then the packet in <=1 GiB
+//              chunks (flags kBcastExit: job ends, len = exit code, no data)
+// Waiting: ppoll on an eventfd (outgoing work) and, on rank 0, the link socket's ZMQ_FD, with an
+// adaptive timeout: 0 for the first 200 us after traffic, then idle/8, capped at 1 ms.
+#include "gateway/gateway.hpp"
+#include "wire/frames.hpp"
+
+#include <mpi.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace pxf::mpi {
+
+using wire::Frames;
+
+// The rank's engine (PyHost): receives requests, learns when the job ends.
+class LocalRank {
+ public:
+  virtual ~LocalRank() = default;
+  // A link-format message for this rank ([channel, ...route, <IDS|MSG>, ...]); `received` is
+  // CLOCK_MONOTONIC seconds. Called on the fabric thread.
+  virtual void deliver(Frames&& frames, double received) = 0;
+  // The job is over (the fabric thread is stopping). Called on the fabric thread.
+  virtual void job_ended(int code) = 0;
+};
+
+class Fabric final : public gateway::Sink {
+ public:
+  Fabric(MPI_Comm p2p, MPI_Comm coll, int rank, int size, gateway::Gateway* gw, LocalRank& local);
+  ~Fabric() override;
+
+  // Queues a message from this rank for the gateway (replies, iopub, internal). Any thread.
+  void post(Frames&& frames);
+  void start();
+  void join();
+  int exit_code() const { return exit_code_.load(); }
+
+  // gateway::Sink (rank 0, fabric thread)
+  void to_rank(int rank, Frames&& frames) override;
+  void to_all(Frames&& frames) override;
+  void end_job(int code, const std::string& reason) override;
+
+ private:
+  struct Send {
+    std::shared_ptr<std::vector<char>> data;
+    std::unique_ptr<std::uint64_t[]> hdr;
+    std::vector<MPI_Request> reqs;
+  };
+
+  void run();
+  bool progress_sends();
+  bool progress_recv();
+  bool progress_bcast_in();
+  void post_bcast_header();
+  void isend(int dest, const Frames& frames);
+  void ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags);
+  void wait(std::int64_t timeout_us);
+  void drain_and_quiesce();
+
+  MPI_Comm p2p_, coll_;
+  int rank_, size_;
+  gateway::Gateway* gw_;
+  LocalRank& local_;
+  int wake_fd_ = -1;
+
+  std::mutex mu_;
+  std::deque<Frames> outbox_;
+
+  std::list<Send> sends_;
+  // non-root broadcast receive state
+  std::uint64_t in_hdr_[2] = {0, 0};
+  MPI_Request in_hdr_req_ = MPI_REQUEST_NULL;
+  std::vector<char> in_data_;
+  std::vector<MPI_Request> in_data_reqs_;
+
+  std::atomic<bool> ending_{false};
+  std::atomic<int> exit_code_{0};
+  bool exit_sent_ = false;
+  std::thread thread_;
+};
+
+double mono_seconds();
+
+} // namespace pxf::mpi

@@ -1,0 +1,30 @@
+#pragma once
+// pxengine's command line: the stock ipengine options that ipyparallel's launchers pass.
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace pxf::mpi {
+
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct EngineOptions {
+  std::optional<std::string> profile, profile_dir, cluster_id, ipython_dir, file;
+  int log_level = 20;
+  double timeout_s = 10.0;        // registration reply (IPEngine.timeout)
+  double wait_for_file_s = 10.0;  // connection file (IPEngine.wait_for_url_file)
+  int max_heartbeat_misses = 50;  // IPEngine.max_heartbeat_misses
+  bool capture_fds = true;
+  bool help = false;
+  std::vector<std::string> warnings;  // ignored traitlets options, reported once MPI is up
+};
+
+// Throws UsageError naming the offending argument.
+EngineOptions parse_options(int argc, char** argv);
+extern const char* const kUsage;
+
+} // namespace pxf::mpi

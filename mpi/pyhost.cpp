@@ -1,0 +1,438 @@
+#include "mpi/pyhost.hpp"
+
+#include "gateway/gateway.hpp"
+#include "util/log.hpp"
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+
+namespace pxf::mpi {
+
+using wire::frame;
+using wire::json;
+using wire::view;
+
+namespace {
+constexpr const char* kLog = "engine";
+
+// IOPub messages published by this thread while it handles a shutdown_request: sent after the
+// reply. The runtime publishes `shutdown_reply` on IOPub first, and a controller that
+// unregisters the engine on that message (as the stock hub does) would otherwise drop the
+// control reply that follows it on the link.
+thread_local std::vector<Frames>* t_deferred = nullptr;
+
+// Python half of the bridge: JSON in and out exactly as jupyter_client packs it, and the calls
+// into the runtime, so the C++ side only moves bytes.
+constexpr const char* kGlue = R"PY(
+import json, logging, os, sys
+
+def _json_default(obj):
+    from jupyter_client.jsonutil import json_default
+    return json_default(obj)
+
+def pack(obj):
+    try:
+        s = json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError):
+        from ipykernel.jsonutil import json_clean
+        s = json.dumps(json_clean(obj), default=_json_default, ensure_ascii=False)
+    return s.encode("utf8", "surrogateescape")
+
+def _loads(b):
+    if not b:
+        return {}
+    v = json.loads(b)
+    return v if isinstance(v, dict) else {}
+
+def run_shell(rt, header_b, md_b, content_b, blob, offsets, received):
+    header = json.loads(header_b)
+    md = _loads(md_b)
+    content = _loads(content_b)
+    mv = memoryview(blob)
+    bufs = [mv[a:b] for (a, b) in offsets]
+    r = rt.handle_shell(header.get("msg_type"), header, md, content, bufs, received)
+    down = bool(rt.shutdown_requested or rt.exit_requested)
+    if r is None:
+        return None, down
+    t, c, m, b = r
+    return (t, pack(c), pack(m), list(b)), down
+
+def run_control(rt, header_b, content_b):
+    header = json.loads(header_b)
+    content = _loads(content_b)
+    r = rt.handle_control(header.get("msg_type"), header, content)
+    down = bool(rt.shutdown_requested)
+    if r is None:
+        return None, down
+    t, c, m = r
+    return (t, pack(c), pack(m)), down
+
+def flush(rt):
+    if rt.output_pending:
+        rt.flush_output()
+
+def interrupt(rt):
+    return rt.interrupt()
+
+def setup_logging(fd, level):
+    stream = os.fdopen(os.dup(fd), "w", buffering=1)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s [pxengine %(process)d] %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+def make_runtime(engine_id, uuid, publish, profile_dir, capture_fds):
+    from pxfabric.engine import EngineRuntime
+    return EngineRuntime(engine_id, uuid, publish, profile_dir=profile_dir or None,
+                         capture_fds=capture_fds)
+)PY";
+
+py::object load_glue() {
+  py::module_ types = py::module_::import("types");
+  py::object mod = types.attr("ModuleType")("_pxf_glue");
+  py::exec(kGlue, mod.attr("__dict__"));
+  return mod;
+}
+
+std::string to_bytes(const py::handle& obj) {
+  if (PyBytes_Check(obj.ptr())) return obj.cast<std::string>();
+  if (PyUnicode_Check(obj.ptr())) return obj.cast<std::string>();
+  return py::bytes(obj.attr("tobytes")()).cast<std::string>();
+}
+
+// Copies Python buffer objects into frames (the caller may mutate them after we return).
+Frames copy_buffers(const py::handle& buffers) {
+  Frames out;
+  if (buffers.is_none()) return out;
+  for (auto item : buffers) {
+    Py_buffer view_;
+    if (PyObject_GetBuffer(item.ptr(), &view_, PyBUF_SIMPLE) == 0) {
+      out.emplace_back(view_.buf, static_cast<std::size_t>(view_.len));
+      PyBuffer_Release(&view_);
+    } else {
+      PyErr_Clear();  // non-contiguous: let Python make the bytes
+      py::object b = py::module_::import("builtins").attr("memoryview")(item).attr("tobytes")();
+      std::string s = b.cast<std::string>();
+      out.emplace_back(s.data(), s.size());
+    }
+  }
+  return out;
+}
+} // namespace
+
+void import_engine_modules() {
+  py::module_ sys = py::module_::import("sys");
+  py::list path = sys.attr("path");
+  std::vector<std::string> dirs;
+  if (const char* env = std::getenv("PXF_PYTHONPATH"); env && *env) {
+    std::string s(env);
+    std::size_t start = 0;
+    for (;;) {
+      auto pos = s.find(':', start);
+      dirs.push_back(s.substr(start, pos - start));
+      if (pos == std::string::npos) break;
+      start = pos + 1;
+    }
+  } else {
+#ifdef PXF_PYTHON_SOURCE_DIR
+    dirs.push_back(PXF_PYTHON_SOURCE_DIR);
+#endif
+#ifdef PXF_PYTHON_INSTALL_DIR
+    dirs.push_back(PXF_PYTHON_INSTALL_DIR);
+#endif
+  }
+  int at = 0;
+  for (const auto& d : dirs) {
+    std::error_code ec;
+    if (d.empty() || !std::filesystem::is_directory(d, ec)) continue;
+    path.insert(at++, py::str(d));
+  }
+  sys.attr("argv") = py::make_tuple(py::str("pxengine"));
+  sys.attr("argv") = py::list(sys.attr("argv"));
+  py::module_::import("ipyparallel.client.client");  // as stock engines: no date parsing in jupyter_client
+  py::module_::import("pxfabric.engine");
+}
+
+PyHost::PyHost(HostConfig cfg, wire::SessionOptions session)
+    : cfg_(std::move(cfg)), session_([&] {
+        session.session_id = cfg_.uuid;
+        return session;
+      }()) {}
+
+PyHost::~PyHost() {
+  stop_control_ = true;
+  control_cv_.notify_all();
+  if (control_thread_.joinable()) control_thread_.join();
+}
+
+void PyHost::create_runtime() {
+  glue_ = load_glue();
+  glue_.attr("setup_logging")(cfg_.log_fd, cfg_.log_level);
+  py::cpp_function pub([this](py::object t, py::object c, py::object p, py::object m, py::object b, py::object tp) {
+    publish(std::move(t), std::move(c), std::move(p), std::move(m), std::move(b), std::move(tp));
+  });
+  rt_ = glue_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds);
+  control_thread_ = std::thread([this] { control_loop(); });
+}
+
+void PyHost::publish(py::object msg_type, py::object content, py::object parent, py::object metadata,
+                     py::object buffers, py::object topic) {
+  py::object pack = glue_.attr("pack");
+  std::string c = pack(content).cast<std::string>();
+  std::string p = pack(parent.is_none() ? py::dict() : parent).cast<std::string>();
+  std::string m = pack(metadata.is_none() ? py::dict() : metadata).cast<std::string>();
+  std::string type = py::str(msg_type).cast<std::string>();
+  std::string tp = topic.is_none() ? std::string("engine." + std::to_string(cfg_.engine_id) + ".iopub")
+                                   : to_bytes(topic);
+  Frames bufs = copy_buffers(buffers);
+  Frames route;
+  route.push_back(frame("iopub"));
+  route.push_back(frame(tp));
+  auto frames = session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header(type))),
+                                       frame(p), frame(m), frame(c), std::move(bufs));
+  if (t_deferred) t_deferred->push_back(std::move(frames));
+  else fabric_->post(std::move(frames));
+}
+
+void PyHost::send_reply(Frames route, const std::string& parent, const std::string& msg_type, py::bytes content,
+                        py::bytes metadata, Frames buffers) {
+  auto frames = session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header(msg_type))),
+                                       frame(parent), frame(metadata.cast<std::string>()),
+                                       frame(content.cast<std::string>()), std::move(buffers));
+  fabric_->post(std::move(frames));
+}
+
+void PyHost::push_work(Work&& w, bool front) {
+  {
+    std::lock_guard lock(mu_);
+    if (front) work_.push_front(std::move(w));
+    else work_.push_back(std::move(w));
+  }
+  cv_.notify_one();
+}
+
+void PyHost::push_control(Work&& w) {
+  {
+    std::lock_guard lock(mu_);
+    control_.push_back(std::move(w));
+  }
+  control_cv_.notify_one();
+}
+
+void PyHost::deliver(Frames&& frames, double received) {
+  if (frames.size() < 2) return;
+  std::string ch(view(frames[0]));
+  auto d = session_.decode(std::move(frames), {.parse_content = false, .check_replay = true});
+  if (!d) {
+    PXF_LOG(warning, kLog) << "dropped a " << ch << " message: " << d.detail;
+    return;
+  }
+  auto& m = *d.msg;
+  if (down_ || job_over_) {
+    PXF_LOG(info, kLog) << "engine " << cfg_.engine_id << " is shut down; dropped " << m.msg_type() << " "
+                        << m.msg_id();
+    return;
+  }
+  Work w;
+  w.received = received;
+  w.metadata = std::string(view(m.metadata_frame));
+  w.content = std::move(m.content_frame);
+  w.buffers = std::move(m.buffers);
+  if (ch == "bcast") {
+    bool targeted = false;
+    auto targets = m.metadata.find("targets");
+    if (targets != m.metadata.end() && targets->is_array()) {
+      for (const auto& t : *targets) {
+        const json& u = (t.is_array() && !t.empty()) ? t[0] : t;
+        if (u.is_string() && u.get_ref<const std::string&>() == cfg_.uuid) targeted = true;
+      }
+    }
+    if (!targeted) return;
+    std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
+    if (orig.empty()) orig = m.msg_id();
+    json h = m.header;
+    h["msg_id"] = orig + "_" + cfg_.uuid;
+    w.parent = wire::dump_json(h);
+    if (wire::get_or<bool>(m.metadata, "is_coalescing", false)) {
+      w.route.push_back(frame(gateway::kPartChannel));
+      w.route.push_back(frame(gateway::bcast_key(m.header, m.metadata)));
+      w.route.push_back(frame(cfg_.uuid));
+    } else {
+      w.route.push_back(frame("bcast"));
+      w.route.push_back(frame(cfg_.uuid));
+      for (std::size_t i = 1; i < m.identities.size(); ++i) w.route.push_back(std::move(m.identities[i]));
+    }
+    w.kind = Work::shell;
+    push_work(std::move(w), false);
+    return;
+  }
+  w.parent = std::string(view(m.header_frame));
+  w.route = std::move(m.identities);
+  w.msg_type = m.msg_type();
+  if (ch == "control") {
+    w.kind = Work::control;
+    if (m.msg_type() == "clear_request") push_work(std::move(w), true);  // touches the namespace
+    else push_control(std::move(w));
+  } else {
+    w.kind = Work::shell;
+    push_work(std::move(w), false);
+  }
+}
+
+void PyHost::job_ended(int code) {
+  PXF_LOG(debug, kLog) << "job ended (code " << code << ")";
+  job_over_ = true;
+  {
+    std::lock_guard lock(mu_);  // no lost wake-up between a predicate check and the wait
+  }
+  cv_.notify_all();
+  control_cv_.notify_all();
+}
+
+void PyHost::rank_down(const char* why) {
+  if (down_.exchange(true)) return;
+  PXF_LOG(info, kLog) << "engine " << cfg_.engine_id << " (rank " << cfg_.rank << ") stops: " << why;
+  Frames f;
+  f.push_back(frame(gateway::kRankDownChannel));
+  f.push_back(frame(std::to_string(cfg_.rank)));
+  fabric_->post(std::move(f));
+}
+
+void PyHost::run_shell(Work& w) {
+  std::size_t total = 0;
+  for (auto& b : w.buffers) total += b.size();
+  py::object blob = py::reinterpret_steal<py::object>(PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(total)));
+  if (!blob) throw py::error_already_set();
+  char* dst = PyByteArray_AsString(blob.ptr());
+  py::list offsets;
+  std::size_t off = 0;
+  for (auto& b : w.buffers) {
+    if (b.size()) std::memcpy(dst + off, b.data(), b.size());
+    offsets.append(py::make_tuple(off, off + b.size()));
+    off += b.size();
+  }
+  w.buffers.clear();
+  py::tuple res = glue_.attr("run_shell")(rt_, py::bytes(w.parent), py::bytes(w.metadata),
+                                          py::bytes(static_cast<const char*>(w.content.data()), w.content.size()),
+                                          blob, offsets, w.received);
+  py::object reply = res[0];
+  if (!reply.is_none()) {
+    py::tuple r = reply;
+    send_reply(std::move(w.route), w.parent, r[0].cast<std::string>(), r[1], r[2], copy_buffers(r[3]));
+  }
+  if (res[1].cast<bool>()) rank_down("exit requested");
+}
+
+void PyHost::run_control(Work& w) {
+  std::vector<Frames> deferred;
+  if (w.msg_type == "shutdown_request") t_deferred = &deferred;
+  py::tuple res;
+  try {
+    res = glue_.attr("run_control")(rt_, py::bytes(w.parent),
+                                    py::bytes(static_cast<const char*>(w.content.data()), w.content.size()));
+  } catch (...) {
+    t_deferred = nullptr;
+    for (auto& f : deferred) fabric_->post(std::move(f));
+    throw;
+  }
+  t_deferred = nullptr;
+  py::object reply = res[0];
+  if (!reply.is_none()) {
+    py::tuple r = reply;
+    send_reply(std::move(w.route), w.parent, r[0].cast<std::string>(), r[1], r[2], {});
+  }
+  for (auto& f : deferred) fabric_->post(std::move(f));
+  if (res[1].cast<bool>()) {
+    rank_down("shutdown_request");
+    glue_.attr("interrupt")(rt_);  // the stock engine process would exit mid-cell
+    Work exit;
+    exit.kind = Work::exit;
+    push_work(std::move(exit), true);
+  }
+}
+
+void PyHost::run() {
+  for (;;) {
+    Work w;
+    {
+      py::gil_scoped_release nogil;
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return job_over_.load() || !work_.empty(); });
+      if (job_over_) break;
+      w = std::move(work_.front());
+      work_.pop_front();
+    }
+    if (w.kind == Work::exit) continue;
+    if (down_) continue;
+    try {
+      if (w.kind == Work::shell) run_shell(w);
+      else run_control(w);
+    } catch (const py::error_already_set& e) {
+      PXF_LOG(error, kLog) << "request failed inside the engine bridge: " << e.what();
+    } catch (const std::exception& e) {
+      PXF_LOG(error, kLog) << "request failed: " << e.what();
+    }
+  }
+}
+
+void PyHost::control_loop() {
+  using clock = std::chrono::steady_clock;
+  auto next_flush = clock::now() + std::chrono::milliseconds(200);
+  bool interrupted = false;
+  for (;;) {
+    Work w;
+    bool have = false;
+    {
+      std::unique_lock lock(mu_);
+      control_cv_.wait_until(lock, next_flush, [&] {
+        return stop_control_.load() || !control_.empty() || (job_over_.load() && !interrupted);
+      });
+      if (stop_control_) return;
+      if (!control_.empty()) {
+        w = std::move(control_.front());
+        control_.pop_front();
+        have = true;
+      }
+    }
+    py::gil_scoped_acquire gil;
+    try {
+      if (have) run_control(w);
+      if (job_over_ && !interrupted) {
+        interrupted = true;
+        glue_.attr("interrupt")(rt_);
+      }
+      if (clock::now() >= next_flush) {
+        glue_.attr("flush")(rt_);
+        next_flush = clock::now() + std::chrono::milliseconds(200);
+      }
+    } catch (const py::error_already_set& e) {
+      PXF_LOG(error, kLog) << "control thread: " << e.what();
+    }
+  }
+}
+
+void PyHost::close() {
+  stop_control_ = true;
+  {
+    std::lock_guard lock(mu_);
+  }
+  control_cv_.notify_all();
+  if (control_thread_.joinable()) {
+    py::gil_scoped_release nogil;
+    control_thread_.join();
+  }
+  try {
+    if (rt_) rt_.attr("close")();
+  } catch (const py::error_already_set& e) {
+    PXF_LOG(warning, kLog) << "closing the runtime: " << e.what();
+  }
+  rt_ = py::object();
+  glue_ = py::object();
+}
+
+} // namespace pxf::mpi

@@ -1,0 +1,273 @@
+"""pxengine under mpirun against pxcontroller, driven by the stock ipyparallel.Client.
+
+Needs build/bin/{pxcontroller,pxengine} (or $PXF_BUILD_DIR/bin) and Open MPI.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from ipyparallel import interactive
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import engine_job  # noqa: E402
+
+N = 4
+
+
+# Functions shipped to engines must not refer to this module (engines cannot import it).
+@interactive
+def mpi_rank():
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.rank
+
+
+@interactive
+def double(x):
+    return x * 2
+
+
+@interactive
+def square(x):
+    return x * x
+
+
+@interactive
+def is_writeable(a):
+    return a.flags.writeable
+
+
+@interactive
+def total(a):
+    return float(a.sum())
+
+
+@interactive
+def divide_by_zero():
+    return 1 / 0
+
+
+@interactive
+def const(v):
+    return v
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    j = engine_job.EngineJob(tmp_path_factory.mktemp("pxengine"), N)
+    try:
+        j.start()
+    except engine_job.JobError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield j
+    j.stop()
+
+
+@pytest.fixture
+def rc(job):
+    c = job.client()
+    yield c
+    job.close_client(c)
+
+
+@pytest.mark.timeout(60)
+def test_ids_are_ranks(rc):
+    assert rc.ids == list(range(N))
+    ranks = rc[:].apply_sync(mpi_rank)
+    assert ranks == list(range(N))
+
+
+@pytest.mark.timeout(90)
+def test_px_execute_mpi_collectives(rc):
+    dv = rc[:]
+    dv.block = True
+    dv.execute(
+        "from mpi4py import MPI\n"
+        "import numpy as np\n"
+        "comm = MPI.COMM_WORLD\n"
+        "s = comm.allreduce(comm.rank)\n"
+        "b = comm.bcast('hello' if comm.rank == 0 else None, root=0)\n"
+        "comm.Barrier()\n"
+        "a = np.full(8, comm.rank, dtype='d'); out = np.empty_like(a)\n"
+        "comm.Allreduce(a, out, op=MPI.SUM)\n"
+        "total = float(out[0])\n"
+        "thread_level = MPI.Query_thread()\n"
+    )
+    assert dv["s"] == [sum(range(N))] * N
+    assert dv["b"] == ["hello"] * N
+    assert dv["total"] == [float(sum(range(N)))] * N
+    assert dv["thread_level"] == [3] * N  # MPI_THREAD_MULTIPLE
+    ar = dv.execute("print('rank', comm.rank)", silent=False, block=False)
+    ar.get(timeout=30)
+    ar.wait_for_output(timeout=10)
+    assert [o.strip() for o in ar.stdout] == [f"rank {r}" for r in range(N)]
+
+
+@pytest.mark.timeout(90)
+def test_apply_push_pull_scatter_gather_numpy(rc):
+    import numpy as np
+    dv = rc[:]
+    dv.block = True
+    assert dv.apply(double, 21) == [42] * N
+    dv.push({"v": np.arange(10.0)})
+    pulled = dv.pull("v")
+    for p in pulled:
+        np.testing.assert_array_equal(p, np.arange(10.0))
+    arr = np.arange(100, dtype="i8")
+    dv.scatter("part", arr)
+    back = dv.gather("part")
+    np.testing.assert_array_equal(back, arr)
+    # request buffers are writable on the engine, as on stock engines
+    assert dv.apply(is_writeable, np.ones(1000)) == [True] * N
+    big = np.random.rand(500_000)
+    sums = dv.apply(total, big)
+    assert all(abs(s - float(big.sum())) < 1e-6 for s in sums)
+
+
+@pytest.mark.timeout(90)
+def test_load_balanced_map(rc):
+    lv = rc.load_balanced_view()
+    assert lv.map_sync(square, range(32)) == [x * x for x in range(32)]
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("coalescing", [False, True])
+def test_broadcast_view(rc, coalescing):
+    bv = rc.broadcast_view(is_coalescing=coalescing)
+    ar = bv.apply_async(mpi_rank)
+    assert sorted(ar.get(timeout=30)) == list(range(N))
+    bv.execute("bv_x = 5", block=True)
+    assert rc[:].pull("bv_x", block=True) == [5] * N
+
+
+@pytest.mark.timeout(60)
+def test_remote_errors(rc):
+    import ipyparallel as ipp
+    dv = rc[:]
+    with pytest.raises(ipp.error.CompositeError) as info:
+        dv.apply_sync(divide_by_zero)
+    assert len(info.value.elist) == N
+    assert all(e[0] == "ZeroDivisionError" for e in info.value.elist)
+    with pytest.raises(ipp.error.CompositeError):
+        dv.execute("raise ValueError('boom')", block=True)
+    assert dv.apply_sync(const, "still fine") == ["still fine"] * N
+
+
+@pytest.mark.timeout(90)
+def test_interrupt_all_ranks(rc):
+    import ipyparallel as ipp
+    dv = rc[:]
+    ar = dv.execute("import time\nwhile True:\n    time.sleep(0.01)\n", block=False)
+    time.sleep(2.0)
+    assert not ar.ready()
+    rc.send_signal(signal.SIGINT, targets=rc.ids, block=True)
+    with pytest.raises(ipp.error.CompositeError) as info:
+        ar.get(timeout=30)
+    assert all(e[0] == "KeyboardInterrupt" for e in info.value.elist)
+    assert dv.apply_sync(const, 7) == [7] * N
+
+
+@pytest.mark.timeout(120)
+def test_shutdown_leaves_no_process(tmp_path):
+    j = engine_job.EngineJob(tmp_path, 2)
+    try:
+        try:
+            j.start()
+        except engine_job.JobError as e:
+            pytest.fail(str(e), pytrace=False)
+        rc = j.client()
+        rc.shutdown(targets="all", block=True)
+        code = j.wait_job(timeout=60)
+        assert code == 0, j.logs()
+        j.tracker.refresh()
+        assert j.engine_processes() == []
+    finally:
+        killed = j.stop()
+    assert not killed
+
+
+@pytest.mark.timeout(60)
+def test_singleton_without_mpirun(tmp_path):
+    j = engine_job.EngineJob(tmp_path, 1)
+    try:
+        j.start_controller()
+        env = dict(j.env)
+        j.job = j._popen([str(engine_job.PXENGINE), f"--profile-dir={j.profile_dir}"],
+                         j.engine_log, "engine", env=env)
+        rc = j.client()
+        rc.wait_for_engines(1, timeout=40)
+        assert rc.ids == [0]
+        assert rc[0].apply_sync(double, 21) == 42
+        rc.shutdown(targets=0, block=True)
+        assert j.wait_job(timeout=30) == 0, j.logs()
+    finally:
+        j.stop()
+
+
+@pytest.mark.timeout(60)
+def test_stock_connection_file_is_refused(tmp_path):
+    import json
+    import subprocess
+    sec = tmp_path / "profile" / "security"
+    sec.mkdir(parents=True)
+    (sec / "ipcontroller-engine.json").write_text(json.dumps({
+        "registration": 5001, "control": 5002, "mux": 5003, "task": 5004, "iopub": 5005,
+        "hb_ping": 5006, "hb_pong": 5007, "broadcast": [5008], "key": "k", "location": "",
+        "ssh": "", "interface": "tcp://127.0.0.1", "signature_scheme": "hmac-sha256",
+        "pack": "json", "unpack": "json"}))
+    env = dict(os.environ, **engine_job.MPI_ENV)
+    p = subprocess.run([str(engine_job.PXENGINE), f"--profile-dir={tmp_path / 'profile'}"],
+                       capture_output=True, text=True, timeout=50, env=env)
+    assert p.returncode != 0
+    assert "not a pxcontroller" in p.stderr
+
+
+@pytest.mark.timeout(30)
+def test_unknown_option_is_a_usage_error():
+    import subprocess
+    p = subprocess.run([str(engine_job.PXENGINE), "--frobnicate"], capture_output=True, text=True,
+                       timeout=20)
+    assert p.returncode == 2
+    assert "--frobnicate" in p.stderr
+
+
+@pytest.mark.timeout(90)
+def test_wrong_key_is_reported(tmp_path):
+    import json
+    import subprocess
+    j = engine_job.EngineJob(tmp_path, 1)
+    try:
+        j.start_controller()
+        info = json.loads((j.profile_dir / "security" / "ipcontroller-engine.json").read_text())
+        info["key"] = "not-the-key"
+        bad = tmp_path / "bad-engine.json"
+        bad.write_text(json.dumps(info))
+        p = subprocess.run([str(engine_job.PXENGINE), f"--file={bad}", "--IPEngine.timeout=3"],
+                           capture_output=True, text=True, timeout=60, env=j.env)
+        assert p.returncode != 0
+        assert "key" in p.stderr and "registration" in p.stderr, p.stderr
+    finally:
+        j.stop()
+
+
+@pytest.mark.timeout(90)
+def test_connection_info_from_environment(tmp_path):
+    j = engine_job.EngineJob(tmp_path, 2)
+    try:
+        j.start_controller()
+        env = dict(j.env)
+        env["IPP_CONNECTION_INFO"] = (j.profile_dir / "security" / "ipcontroller-engine.json").read_text()
+        argv = [engine_job.mpirun(), "-n", "2", str(engine_job.PXENGINE), "--profile-dir=/nonexistent"]
+        j.job = j._popen(argv, j.engine_log, "engine", env=env)
+        rc = j.client()
+        rc.wait_for_engines(2, timeout=60)
+        assert rc[:].apply_sync(double, 2) == [4, 4]
+        rc.shutdown(targets="all", block=True)
+        assert j.wait_job(timeout=60) == 0, j.logs()
+    finally:
+        j.stop()
