@@ -1,0 +1,165 @@
+"""Destructive tests, each with its own cluster: engine death, shutdown, SIGTERM, late engines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import zmq
+from ipyparallel import RemoteError, interactive
+from jupyter_client.session import Session
+
+from cluster import wait_until
+
+pytestmark = pytest.mark.timeout(150)
+
+
+@interactive
+def getpid():
+    import os
+
+    return os.getpid()
+
+
+@interactive
+def pid_of(_):
+    import os
+
+    return os.getpid()
+
+
+@interactive
+def wait_for_gate(path, limit):
+    """Mark that we started, then block until ``path`` exists (at most ``limit`` seconds)."""
+    import os
+    import time
+
+    open(path + ".started", "w").close()
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return "gate timeout"
+        time.sleep(0.02)
+    return "released"
+
+
+class NotificationListener:
+    """A raw SUB on the controller's notification port, decoding with the cluster key."""
+
+    def __init__(self, cluster):
+        info = cluster.client_info()
+        self.session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.linger = 0
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sock.connect(f"{info['interface']}:{info['notification']}")
+
+    def settle(self):
+        """Give the subscription time to reach the controller (PUB drops until it has)."""
+        time.sleep(1.0)
+
+    def wait_for(self, msg_type, timeout):
+        deadline = time.monotonic() + timeout
+        seen = []
+        while self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            _, frames = self.session.feed_identities(self.sock.recv_multipart())
+            msg = self.session.deserialize(frames)
+            seen.append(msg["header"]["msg_type"])
+            if msg["header"]["msg_type"] == msg_type:
+                return msg
+        raise AssertionError(f"no {msg_type} within {timeout}s (saw {seen})")
+
+    def close(self):
+        self.sock.close()
+        self.ctx.term()
+
+
+def test_sigterm_removes_connection_files(make_cluster):
+    cluster = make_cluster(0)
+    assert cluster.client_file.exists() and cluster.engine_file.exists()
+    procs = cluster.controller_processes()
+    cluster.controller.send_signal(signal.SIGTERM)
+    cluster.controller.wait(timeout=20)
+    assert not cluster.client_file.exists()
+    assert not cluster.engine_file.exists()
+    wait_until(lambda: not cluster.alive(procs), 20, 0.1, "all controller processes to exit")
+
+
+def test_shutdown_hub_stops_everything(make_cluster):
+    cluster = make_cluster(2)
+    rc = cluster.client()
+    listener = NotificationListener(cluster)
+    try:
+        engine_procs = cluster.engine_processes()
+        controller_procs = cluster.controller_processes()
+        assert len(cluster.alive(engine_procs)) >= 2
+        listener.settle()
+        rc.shutdown(hub=True)
+        note = listener.wait_for("shutdown_notification", 15)
+        assert note["content"]["status"] == "ok"
+        assert cluster.controller.wait(timeout=30) == 0
+        assert not cluster.client_file.exists() and not cluster.engine_file.exists()
+        wait_until(lambda: not cluster.alive(controller_procs), 20, 0.1,
+                   "all controller processes to exit")
+        wait_until(lambda: not cluster.alive(engine_procs), 30, 0.1,
+                   "all engine processes to exit")
+    finally:
+        listener.close()
+
+
+def test_killed_engine(make_cluster, tmp_path):
+    cluster = make_cluster(3)
+    rc = cluster.client()
+    listener = NotificationListener(cluster)
+    try:
+        listener.settle()
+        victim = 1
+        victim_uuid = rc._engines[victim]
+        gate = str(tmp_path / "gate")
+        direct = rc[victim].apply_async(wait_for_gate, gate, 120)
+        wait_until(lambda: os.path.exists(gate + ".started"), 30, what="the task to start")
+        # A load-balanced task queued behind it on the same engine: only the controller can
+        # fail it (the client does that itself for direct requests only).
+        balanced = rc.load_balanced_view(targets=[victim]).apply_async(getpid)
+        wait_until(lambda: rc.queue_status()[victim]["tasks"] == 1, 15, 0.1,
+                   "the load-balanced task to be assigned to the engine")
+
+        cluster.engine_process(victim).send_signal(signal.SIGKILL)
+
+        note = listener.wait_for("unregistration_notification", 45)
+        assert note["content"]["id"] == victim
+        assert note["content"]["uuid"] == victim_uuid
+        wait_until(lambda: victim not in rc.ids, 30, 0.1, "the client to drop the engine")
+        assert sorted(rc.ids) == [0, 2]
+
+        with pytest.raises(RemoteError) as excinfo:
+            direct.get(timeout=30)
+        assert excinfo.value.ename == "EngineError"
+        with pytest.raises(RemoteError) as excinfo:
+            balanced.get(timeout=45)
+        assert excinfo.value.ename == "EngineError"
+        assert "died" in excinfo.value.evalue
+
+        # The survivors keep working, through every scheduler.
+        survivors = {i: cluster.engine_pids[i] for i in (0, 2)}
+        assert rc[:].apply_async(getpid).get_dict(timeout=30) == survivors
+        lview = rc.load_balanced_view()
+        assert set(lview.map_sync(pid_of, range(8))) <= set(survivors.values())
+        bview = rc.broadcast_view()
+        ar = bview.apply_async(getpid)
+        assert dict(zip(ar.get(timeout=30), ar.engine_id)) == {p: i for i, p in survivors.items()}
+
+        fresh = cluster.client()
+        assert sorted(fresh.ids) == [0, 2]
+
+        # A new engine gets a new id (ids of dead engines are not handed out again).
+        cluster.start_engines(1)
+        wait_until(lambda: len(rc.ids) == 3, 30, 0.1, "the client to see the new engine")
+        new_id = (set(rc.ids) - {0, 2}).pop()
+        assert new_id not in (0, 1, 2)
+        assert rc[new_id].apply_sync(getpid) == cluster.engine_pids[new_id]
+    finally:
+        listener.close()
