@@ -24,7 +24,7 @@ Frames shared_buffers(Frames& bufs) {
 // Client submits: [C, DELIM, ...] with metadata.targets = [[uuid, id], ...].
 void Controller::on_broadcast_submit(Frames&& frames) {
   Message m;
-  if (!decode("bcast_in", std::move(frames), m, false)) return;
+  if (!decode("bcast_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   const std::string orig = m.msg_id();
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
@@ -114,7 +114,7 @@ void Controller::on_broadcast_submit(Frames&& frames) {
 // An engine's reply: [E, C, DELIM, ...] (from a stock engine, or a rank through its gateway).
 void Controller::on_broadcast_reply(Frames&& frames) {
   Message m;
-  if (!decode("bcast_out", std::move(frames), m, false)) return;
+  if (!decode("bcast_out", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.size() < 2) return;
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
   if (!coalescing) {
@@ -143,7 +143,7 @@ void Controller::on_broadcast_reply(Frames&& frames) {
 // A job's coalesced reply for its ranks: [C, DELIM, ...] with metadata.broadcast_targets.
 void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
   Message m;
-  if (!decode("fabric.bcast_coalesced", std::move(frames), m, false)) return;
+  if (!decode("fabric.bcast_coalesced", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
   auto it = broadcasts_.find(orig);

@@ -248,10 +248,8 @@ void Controller::poll_once(long timeout_ms) {
   }
 }
 
-bool Controller::decode(const char* channel, Frames&& frames, Message& out, bool parse_content) {
-  wire::DecodeOptions o;
-  o.parse_content = parse_content;
-  auto d = session_->decode(std::move(frames), o);
+bool Controller::decode(const char* channel, Frames&& frames, Message& out, wire::DecodeOptions opts) {
+  auto d = session_->decode(std::move(frames), opts);
   if (!d) {
     auto& n = counters_[std::string("drop.") + channel + "." + wire::to_string(d.reason)];
     ++n;

@@ -48,7 +48,8 @@ class Controller {
   // --- event loop
   void poll_once(long timeout_ms);
   void on_timers();
-  bool decode(const char* channel, Frames&& frames, Message& out, bool parse_content);
+  // Decodes and verifies; a refused message is logged (rate-limited) and counted.
+  bool decode(const char* channel, Frames&& frames, Message& out, wire::DecodeOptions opts);
   void send(zmq::socket_t& s, Frames&& frames, const char* channel);
 
   // --- hub (registration socket)

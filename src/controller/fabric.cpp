@@ -73,7 +73,7 @@ void Controller::on_fabric(Frames&& frames) {
 
 void Controller::on_link(const std::string& job, Frames&& frames) {
   Message m;
-  if (!decode("fabric.link", std::move(frames), m, true)) return;
+  if (!decode("fabric.link", std::move(frames), m, {})) return;
   const std::string& type = m.msg_type();
   if (type == "pxf_register_request") return on_job_register(job, m);
   auto it = jobs_.find(job);

@@ -26,6 +26,7 @@ TaskRecord* TaskRecords::find(const std::string& msg_id) {
 void TaskRecords::complete(const std::string& msg_id, const wire::Message& reply) {
   TaskRecord* r = find(msg_id);
   if (!r) return;
+  if (!r->completed) finished_.push_back(msg_id);
   r->completed = true;
   r->result_header = std::string(view(reply.header_frame));
   r->result_metadata = std::string(view(reply.metadata_frame));
@@ -57,20 +58,29 @@ void TaskRecords::add_output(const std::string& parent_id, const std::string& ms
 }
 
 void TaskRecords::cull() {
-  // The oldest finished records go first, a tenth of the limit at a time (as DictDB does).
+  // The oldest finished records go, a tenth of the limit at a time (as DictDB does), so the
+  // cost per completed task stays constant however many tasks are in flight.
   std::size_t target = std::max<std::size_t>(1, record_limit_ / 10);
   std::size_t dropped = 0;
-  for (auto it = order_.begin(); it != order_.end() && (dropped < target || bytes_ > size_limit_);) {
-    auto rec = records_.find(*it);
-    if (rec != records_.end() && rec->second.completed) {
-      bytes_ -= rec->second.bytes;
-      records_.erase(rec);
-      it = order_.erase(it);
-      ++dropped;
-    } else {
-      ++it;
-    }
+  while (!finished_.empty() && (dropped < target || bytes_ > size_limit_)) {
+    auto rec = records_.find(finished_.front());
+    finished_.pop_front();
+    if (rec == records_.end()) continue;
+    bytes_ -= rec->second.bytes;
+    records_.erase(rec);
+    ++dropped;
   }
+  // Forget culled ids in the submission order once they are most of it.
+  if (order_.size() > 2 * records_.size() + 64)
+    std::erase_if(order_, [&](const std::string& id) { return !records_.count(id); });
+}
+
+std::vector<std::string> TaskRecords::history() const {
+  std::vector<std::string> out;
+  out.reserve(records_.size());
+  for (auto& id : order_)
+    if (records_.count(id)) out.push_back(id);
+  return out;
 }
 
 json TaskRecords::extract(const TaskRecord& r) {

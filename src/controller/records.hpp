@@ -42,7 +42,7 @@ class TaskRecords {
   void add_output(const std::string& parent_id, const std::string& msg_type, const json& content);
 
   // msg_ids of every record, in submission order.
-  std::vector<std::string> history() const { return {order_.begin(), order_.end()}; }
+  std::vector<std::string> history() const;
   std::size_t size() const { return records_.size(); }
   // result_request's per-message entry: header, metadata, result_*, received, io.
   static json extract(const TaskRecord& r);
@@ -52,7 +52,8 @@ class TaskRecords {
 
   std::size_t record_limit_, size_limit_, bytes_ = 0;
   std::unordered_map<std::string, TaskRecord> records_;
-  std::deque<std::string> order_;
+  std::deque<std::string> order_;     // submission order; ids of culled records are skipped
+  std::deque<std::string> finished_;  // completion order: culling takes from the front
 };
 
 } // namespace pxf::controller

@@ -34,7 +34,7 @@ void Controller::reject_request(zmq::socket_t& s, zmq::message_t client, Message
 void Controller::on_client_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_in" : "mux_in";
   Message m;
-  if (!decode(channel, std::move(frames), m, false)) return;
+  if (!decode(channel, std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_target"];
     PXF_LOG(warning, "relay") << channel << ": request " << m.msg_id() << " names no engine; dropped";
@@ -61,7 +61,7 @@ void Controller::on_client_direct(Frames&& frames, bool control) {
 void Controller::on_engine_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_out" : "mux_out";
   Message m;
-  if (!decode(channel, std::move(frames), m, false)) return;
+  if (!decode(channel, std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false})) return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_client"];
     return;
@@ -80,7 +80,7 @@ void Controller::on_engine_direct(Frames&& frames, bool control) {
 // Engine output, forwarded verbatim to every client after its signature checks out.
 void Controller::on_iopub(Frames&& frames) {
   Message m;
-  if (!decode("iopub", std::move(frames), m, false)) return;
+  if (!decode("iopub", std::move(frames), m, {.parse_parent = false, .parse_metadata = false, .parse_content = false})) return;
   // A shutdown_reply on iopub means that engine is leaving (protocol §4.6).
   if (m.msg_type() == "shutdown_reply") {
     if (Engine* e = engines_.by_uuid(m.session())) {
@@ -93,7 +93,9 @@ void Controller::on_iopub(Frames&& frames) {
   // Output of a recorded task goes into its record, for result_request.
   const std::string& type = m.msg_type();
   if (type == "stream" || type == "execute_input" || type == "execute_result" || type == "error") {
-    std::string parent = m.parent_msg_id();
+    auto pv = view(m.parent_frame);
+    json parent_header = json::parse(pv.begin(), pv.end(), nullptr, false);
+    std::string parent = wire::get_or<std::string>(parent_header, "msg_id", "");
     if (records_.find(parent)) {
       auto v = view(m.content_frame);
       json content = json::parse(v.begin(), v.end(), nullptr, false);

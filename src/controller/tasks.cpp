@@ -37,7 +37,7 @@ void Controller::fail_task(zmq::message_t client, Message& req, const json& cont
 // Client submits: [C, DELIM, ...]
 void Controller::on_task_submit(Frames&& frames) {
   Message m;
-  if (!decode("task_in", std::move(frames), m, false)) return;
+  if (!decode("task_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   Task t;
   t.msg_id = m.msg_id();
@@ -118,7 +118,7 @@ void Controller::dispatch_waiting() {
 // Engine replies: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
 void Controller::on_task_reply(Frames&& frames) {
   Message m;
-  if (!decode("task_out", std::move(frames), m, false)) return;
+  if (!decode("task_out", std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false})) return;
   if (m.identities.size() < 2) return;
   std::string msg_id = m.parent_msg_id();
   auto it = in_flight_.find(msg_id);

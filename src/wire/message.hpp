@@ -21,9 +21,9 @@ struct Message {
   Frames buffers;
 
   json header;    // always an object with string msg_id and msg_type
-  json parent;    // object ({} when there is no parent)
-  json metadata;  // object
-  json content;   // object; null when decoded with parse_content = false
+  json parent;    // object ({} when there is no parent); null when not parsed
+  json metadata;  // object; null when not parsed
+  json content;   // object; null when not parsed (DecodeOptions)
 
   // at(): a hand-built Message without these throws instead of hitting const operator[]'s UB.
   const std::string& msg_id() const { return header.at("msg_id").get_ref<const std::string&>(); }

@@ -4,11 +4,11 @@ namespace pxf::wire {
 
 bool ReplayGuard::accept(std::string_view signature) {
   if (capacity_ == 0) return true;
-  auto [it, inserted] = set_.emplace(signature);
-  if (!inserted) return false;
-  order_.push_back(*it);
+  if (seen(signature)) return false;
+  auto it = set_.emplace(signature).first;
+  order_.push_back(&*it);
   if (order_.size() > capacity_) {
-    set_.erase(order_.front());
+    set_.erase(set_.find(*order_.front()));  // by iterator: the key must not alias the erased node
     order_.pop_front();
   }
   return true;

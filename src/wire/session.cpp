@@ -122,8 +122,8 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
   Drop why = Drop::none;
   const std::size_t depth = limits_.max_json_depth;
   std::string err = parse_object(h, "header", depth, msg.header, why);
-  if (err.empty()) err = parse_object(p, "parent_header", depth, msg.parent, why);
-  if (err.empty()) err = parse_object(m, "metadata", depth, msg.metadata, why);
+  if (err.empty() && opts.parse_parent) err = parse_object(p, "parent_header", depth, msg.parent, why);
+  if (err.empty() && opts.parse_metadata) err = parse_object(m, "metadata", depth, msg.metadata, why);
   if (err.empty() && opts.parse_content) err = parse_object(c, "content", depth, msg.content, why);
   if (!err.empty()) return fail(why, err);
   auto id = msg.header.find("msg_id");

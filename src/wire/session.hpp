@@ -26,7 +26,11 @@ struct SessionOptions {
 };
 
 struct DecodeOptions {
-  bool parse_content = true;  // relays may skip parsing content (it is still signed and checked)
+  // Relays parse only the JSON frames they read; the others are still signed and checked,
+  // and stay null in the Message.
+  bool parse_parent = true;
+  bool parse_metadata = true;
+  bool parse_content = true;
   bool check_replay = true;
 };
 
