@@ -18,5 +18,9 @@ if [ -x scripts/fuzz.sh ]; then
   bash scripts/fuzz.sh "${PXF_FUZZ_SECONDS:-30}"
 fi
 
+# Two runs: each folder has its own conftest fixtures and helper modules.
+echo "== engine runtime tests (pytest, /usr/bin/python3)"
+/usr/bin/python3 -m pytest -p no:cacheprovider -q -rfEs tests/python
+
 echo "== integration tests (pytest, /usr/bin/python3)"
-/usr/bin/python3 -m pytest -p no:cacheprovider -q -rfEs tests/python tests/integration
+/usr/bin/python3 -m pytest -p no:cacheprovider -q -rfEs tests/integration
