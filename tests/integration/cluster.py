@@ -212,7 +212,57 @@ class ProcessTracker:
                 pass
 
 
-class Cluster:
+class ClientsMixin:
+    """Stock clients of a cluster, closed by ``stop()`` at the latest.
+
+    Needs ``self.profile_dir`` and ``self._clients`` (a list)."""
+
+    client_timeout = 20.0
+
+    def client(self, timeout: "float | None" = None):
+        """A new ``ipyparallel.Client`` for this cluster."""
+        import ipyparallel as ipp
+
+        rc = ipp.Client(profile_dir=str(self.profile_dir), timeout=timeout or self.client_timeout)
+        self._clients.append(rc)
+        return rc
+
+    def close_client(self, rc) -> None:
+        try:
+            rc.close(linger=0)
+        except TypeError:
+            rc.close()
+        except Exception:
+            pass
+        if rc in self._clients:
+            self._clients.remove(rc)
+
+
+def _interactive(f):
+    from ipyparallel import interactive
+
+    return interactive(f)
+
+
+@_interactive
+def wait_for_gate(path, limit):
+    """Engine-side: mark that we started, then block until ``path`` exists (at most ``limit`` s).
+
+    Shipped with ``apply``; ``interactive`` makes the engine's namespace its globals."""
+    import os
+    import time
+
+    open(path + ".started", "w").close()
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return "gate timeout"
+        time.sleep(0.02)
+    return "released"
+
+
+
+class Cluster(ClientsMixin):
     """One controller of a given kind in a private profile dir, plus N stock engines."""
 
     def __init__(self, kind: str, workdir: Path, n_engines: int = 4) -> None:
@@ -372,25 +422,7 @@ class Cluster:
             raise
         return self
 
-    # ---- clients
-
-    def client(self, timeout: float = 20.0):
-        """A new ``ipyparallel.Client`` for this cluster; closed by :meth:`stop` at the latest."""
-        import ipyparallel as ipp
-
-        rc = ipp.Client(profile_dir=str(self.profile_dir), timeout=timeout)
-        self._clients.append(rc)
-        return rc
-
-    def close_client(self, rc) -> None:
-        try:
-            rc.close(linger=0)
-        except TypeError:
-            rc.close()
-        except Exception:
-            pass
-        if rc in self._clients:
-            self._clients.remove(rc)
+    # ---- clients: see ClientsMixin
 
     # ---- processes
 

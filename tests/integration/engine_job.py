@@ -18,7 +18,7 @@ from typing import List, Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import ProcessTracker, log_tail, wait_until  # noqa: E402
+from cluster import ClientsMixin, ProcessTracker, log_tail, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("PXF_BUILD_DIR", REPO / "build"))
@@ -44,7 +44,7 @@ def mpirun() -> str:
     return path
 
 
-class EngineJob:
+class EngineJob(ClientsMixin):
     """One pxcontroller in a private profile dir and one MPI job of pxengine ranks."""
 
     def __init__(self, workdir: Path, n: int = 4) -> None:
@@ -122,22 +122,6 @@ class EngineJob:
             self.stop()
             raise
         return self
-
-    def client(self, timeout: float = 30.0):
-        import ipyparallel as ipp
-        rc = ipp.Client(profile_dir=str(self.profile_dir), timeout=timeout)
-        self._clients.append(rc)
-        return rc
-
-    def close_client(self, rc) -> None:
-        try:
-            rc.close(linger=0)
-        except TypeError:
-            rc.close()
-        except Exception:
-            pass
-        if rc in self._clients:
-            self._clients.remove(rc)
 
     def engine_processes(self) -> List[psutil.Process]:
         return self.tracker.alive(self.tracker.group("engine"))

@@ -10,7 +10,7 @@ import pytest
 from ipyparallel import CompositeError, RemoteError, interactive
 from ipyparallel.error import TaskAborted
 
-from cluster import wait_until
+from cluster import wait_for_gate, wait_until
 
 ENGINES = 4
 
@@ -36,21 +36,6 @@ def boom_on(pids, msg):
 @interactive
 def answer():
     return 42
-
-
-@interactive
-def wait_for_gate(path, limit):
-    """Mark that we started, then block until ``path`` exists (at most ``limit`` seconds)."""
-    import os
-    import time
-
-    open(path + ".started", "w").close()
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return "gate timeout"
-        time.sleep(0.02)
-    return "released"
 
 
 def test_remote_error_direct(rc):

@@ -11,7 +11,7 @@ import zmq
 from ipyparallel import RemoteError, interactive
 from jupyter_client.session import Session
 
-from cluster import wait_until
+from cluster import wait_for_gate, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -28,21 +28,6 @@ def pid_of(_):
     import os
 
     return os.getpid()
-
-
-@interactive
-def wait_for_gate(path, limit):
-    """Mark that we started, then block until ``path`` exists (at most ``limit`` seconds)."""
-    import os
-    import time
-
-    open(path + ".started", "w").close()
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return "gate timeout"
-        time.sleep(0.02)
-    return "released"
 
 
 class NotificationListener:

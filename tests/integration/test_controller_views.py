@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from ipyparallel import RemoteError, interactive
 
-from cluster import wait_until
+from cluster import wait_for_gate, wait_until
 
 ENGINES = 4
 
@@ -63,21 +63,6 @@ def chatty(tag):
     print("hello", tag)
     print("warn", tag, file=sys.stderr)
     return tag
-
-
-@interactive
-def wait_for_gate(path, limit):
-    """Mark that we started, then block until ``path`` exists (at most ``limit`` seconds)."""
-    import os
-    import time
-
-    open(path + ".started", "w").close()
-    deadline = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return "gate timeout"
-        time.sleep(0.02)
-    return "released"
 
 
 def test_all_engines_registered(rc, cluster):
