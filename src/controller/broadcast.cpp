@@ -123,12 +123,9 @@ void Controller::on_broadcast_reply(Frames&& frames) {
     return;
   }
   std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
-  auto it = broadcasts_.find(orig);
-  if (it == broadcasts_.end()) {
-    ++counters_["broadcast.unexpected_reply"];
-    return;
-  }
-  Broadcast& b = it->second;
+  Broadcast* found = find_broadcast(orig);
+  if (!found) return;
+  Broadcast& b = *found;
   std::string uuid(view(m.identities.front()));
   for (std::size_t i = 0; i < b.parts.size(); ++i) {
     auto& p = b.parts[i];
@@ -146,17 +143,14 @@ void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
   if (!decode("fabric.bcast_coalesced", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
-  auto it = broadcasts_.find(orig);
-  if (it == broadcasts_.end()) {
-    ++counters_["broadcast.unexpected_reply"];
-    return;
-  }
-  Broadcast& b = it->second;
+  Broadcast* found = find_broadcast(orig);
+  if (!found) return;
+  Broadcast& b = *found;
   if (b.parts.size() == 1 && b.parts[0].job == job) {
     // The whole broadcast was this job's: its message goes to the client as it is.
     m.identities.resize(1);
     send(bcast_in_, wire::Session::forward(std::move(m)), "bcast_in");
-    broadcasts_.erase(it);
+    broadcasts_.erase(orig);
     return;
   }
   for (std::size_t i = 0; i < b.parts.size(); ++i) {
@@ -167,6 +161,13 @@ void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
     return part_done(orig, b, i);
   }
   ++counters_["broadcast.unexpected_reply"];
+}
+
+Controller::Broadcast* Controller::find_broadcast(const std::string& orig_id) {
+  auto it = broadcasts_.find(orig_id);
+  if (it != broadcasts_.end()) return &it->second;
+  ++counters_["broadcast.unexpected_reply"];
+  return nullptr;
 }
 
 void Controller::part_done(const std::string& orig_id, Broadcast& b, std::size_t part) {

@@ -184,8 +184,9 @@ int Controller::run() {
     std::int64_t next = next_beat_ms_;
     if (next_fast_ping_ms_) next = std::min(next, next_fast_ping_ms_);
     if (shutdown_at_ms_) next = std::min(next, shutdown_at_ms_);
-    for (auto& t : waiting_)
-      if (t.deadline_ms) next = std::min(next, t.deadline_ms);
+    if (timed_waiting_)
+      for (auto& t : waiting_)
+        if (t.deadline_ms) next = std::min(next, t.deadline_ms);
     poll_once(std::clamp<std::int64_t>(next - now, 0, 1000));
     on_timers();
     if (shutdown_at_ms_ && mono_ms() >= shutdown_at_ms_) break;
@@ -195,14 +196,16 @@ int Controller::run() {
   return 0;
 }
 
+const std::array<const char*, Controller::kSources> Controller::kSourceNames = {
+    "query", "mux_in", "mux_out", "control_in", "control_out", "task_in",
+    "task_out", "bcast_in", "bcast_out", "iopub", "hb", "fabric"};
+
 void Controller::poll_once(long timeout_ms) {
-  static const std::array<const char*, 12> names = {"query",    "mux_in",   "mux_out",   "control_in",
-                                                    "control_out", "task_in", "task_out", "bcast_in",
-                                                    "bcast_out", "iopub",   "hb",       "fabric"};
-  std::array<zmq::socket_t*, 12> socks = {&query_,    &mux_in_,   &mux_out_,  &control_in_,
+  const auto& names = kSourceNames;
+  std::array<zmq::socket_t*, kSources> socks = {&query_,    &mux_in_,   &mux_out_,  &control_in_,
                                           &control_out_, &task_in_, &task_out_, &bcast_in_,
                                           &bcast_out_, &iopub_in_, &hb_pong_,  &fabric_};
-  std::array<zmq::pollitem_t, 12> items{};
+  std::array<zmq::pollitem_t, kSources> items{};
   for (std::size_t i = 0; i < socks.size(); ++i) items[i] = {socks[i]->handle(), 0, ZMQ_POLLIN, 0};
   try {
     zmq::poll(items.data(), items.size(), std::chrono::milliseconds(timeout_ms));
@@ -222,7 +225,7 @@ void Controller::poll_once(long timeout_ms) {
         throw;
       }
       if (!got) break;
-      ++counters_[std::string("in.") + names[i]];
+      ++received_[i];
       // Each handler is an edge: whatever it throws becomes a logged, counted error, and the
       // loop goes on serving the next message.
       try {
@@ -248,9 +251,14 @@ void Controller::poll_once(long timeout_ms) {
   }
 }
 
-bool Controller::decode(const char* channel, Frames&& frames, Message& out, wire::DecodeOptions opts) {
+bool Controller::decode(const char* channel, Frames&& frames, Message& out, wire::DecodeOptions opts,
+                        wire::Decoded* refused) {
   auto d = session_->decode(std::move(frames), opts);
   if (!d) {
+    if (refused) {
+      refused->reason = d.reason;
+      refused->detail = d.detail;
+    }
     auto& n = counters_[std::string("drop.") + channel + "." + wire::to_string(d.reason)];
     ++n;
     if (n <= 10 || n % 1000 == 0)
@@ -281,35 +289,31 @@ void Controller::on_timers() {
     next_beat_ms_ = now + opts_.ping_ms;
   }
   // Pending registrations: purge stalled ones; ping fast so new engines register quickly.
-  bool pending = false;
-  std::vector<int> stalled;
-  for (auto& [id, e] : engines_.all()) {
-    if (e.registered) continue;
-    if (now >= e.pending_deadline_ms)
-      stalled.push_back(id);
-    else
-      pending = true;
-  }
-  for (int id : stalled) {
-    PXF_LOG(warning, kLog) << "registration of engine " << id << " stalled (no heartbeat); dropped";
-    engines_.remove(id);
-  }
-  if (pending) {
-    if (now >= next_fast_ping_ms_) {
+  if (engines_.pending_count() == 0) {
+    next_fast_ping_ms_ = 0;
+  } else {
+    std::vector<int> stalled;
+    for (auto& [id, e] : engines_.all())
+      if (!e.registered && now >= e.pending_deadline_ms) stalled.push_back(id);
+    for (int id : stalled) {
+      PXF_LOG(warning, kLog) << "registration of engine " << id << " stalled (no heartbeat); dropped";
+      engines_.remove(id);
+    }
+    if (engines_.pending_count() == 0) {
+      next_fast_ping_ms_ = 0;
+    } else if (now >= next_fast_ping_ms_) {
       std::string payload = std::to_string(++beat_seq_);
       hb_ping_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
       next_fast_ping_ms_ = now + 25;
     }
-  } else {
-    next_fast_ping_ms_ = 0;
   }
   // Load-balanced task timeouts apply only while a task waits for an engine (stock semantics).
-  for (auto it = waiting_.begin(); it != waiting_.end();) {
+  for (auto it = waiting_.begin(); timed_waiting_ && it != waiting_.end();) {
     if (it->deadline_ms && now >= it->deadline_ms) {
-      Task t = std::move(*it);
-      it = waiting_.erase(it);
-      zmq::message_t client = std::move(t.msg.identities.front());
-      fail_task(std::move(client), t.msg, error_content("TaskTimeout", "", "ipyparallel.error"), "");
+      zmq::message_t client = std::move(it->msg.identities.front());
+      json header = std::move(it->msg.header);
+      it = erase_waiting(it);
+      fail_task(std::move(client), header, error_content("TaskTimeout", "", "ipyparallel.error"), "");
     } else {
       ++it;
     }

@@ -12,6 +12,7 @@
 #include "controller/records.hpp"
 #include "wire/session.hpp"
 
+#include <array>
 #include <atomic>
 #include <deque>
 #include <memory>
@@ -49,7 +50,9 @@ class Controller {
   void poll_once(long timeout_ms);
   void on_timers();
   // Decodes and verifies; a refused message is logged (rate-limited) and counted.
-  bool decode(const char* channel, Frames&& frames, Message& out, wire::DecodeOptions opts);
+  // `refused` (optional) receives the reason and detail of a refusal.
+  bool decode(const char* channel, Frames&& frames, Message& out, wire::DecodeOptions opts,
+              wire::Decoded* refused = nullptr);
   void send(zmq::socket_t& s, Frames&& frames, const char* channel);
 
   // --- hub (registration socket)
@@ -95,7 +98,12 @@ class Controller {
   void on_task_reply(Frames&& frames);
   bool try_dispatch(Task& t);
   void dispatch_waiting();
-  void fail_task(zmq::message_t client, Message& req, const json& content, const std::string& engine_uuid);
+  // Answers a task in the engine's place; `request_header` becomes the reply's parent.
+  void fail_task(zmq::message_t client, const json& request_header, const json& content,
+                 const std::string& engine_uuid);
+  // The waiting queue, with a count of its timed tasks so idle loops need not scan it.
+  void push_waiting(Task&& t);
+  std::deque<Task>::iterator erase_waiting(std::deque<Task>::iterator it);
 
   // --- broadcast
   // A coalescing broadcast waits for one reply per part: a stock engine (one target) or a
@@ -116,6 +124,7 @@ class Controller {
   void on_broadcast_reply(Frames&& frames);
   void on_coalesced_part(const std::string& job, Frames&& frames);
   void part_done(const std::string& orig_id, Broadcast& b, std::size_t part);
+  Broadcast* find_broadcast(const std::string& orig_id);  // counts an unexpected reply if none
   void emit_coalesced(const std::string& orig_id, Broadcast& b);
 
   // --- fabric link (docs/fabric-link.md): MPI engine jobs behind one gateway each
@@ -152,6 +161,7 @@ class Controller {
   EngineTable engines_;
   LoadBalancer balancer_;
   std::deque<Task> waiting_;
+  std::size_t timed_waiting_ = 0;  // waiting tasks with a timeout
   std::unordered_map<std::string, InFlight> in_flight_;
   std::unordered_map<std::string, Broadcast> broadcasts_;
   TaskRecords records_;
@@ -165,7 +175,10 @@ class Controller {
   std::int64_t shutdown_at_ms_ = 0;
   std::atomic<bool> stop_requested_{false};
   bool files_written_ = false;
-  std::unordered_map<std::string, std::uint64_t> counters_;  // messages per channel, drops by kind
+  std::unordered_map<std::string, std::uint64_t> counters_;  // drops, errors, fabric traffic by kind
+  static constexpr std::size_t kSources = 12;                   // sockets poll_once reads
+  static const std::array<const char*, kSources> kSourceNames;
+  std::array<std::uint64_t, kSources> received_{};              // messages read per socket
 };
 
 } // namespace pxf::controller

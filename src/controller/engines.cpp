@@ -14,6 +14,7 @@ Engine& EngineTable::add(int id, std::string uuid) {
   used_ids_.insert(id);
   by_uuid_[uuid] = id;
   Engine& e = engines_[id];
+  ++pending_;
   e.id = id;
   e.uuid = std::move(uuid);
   return e;
@@ -26,6 +27,7 @@ int EngineTable::max_used_id() const {
 }
 
 void EngineTable::mark_registered(Engine& e) {
+  if (!e.registered) --pending_;
   e.registered = true;
   history_.push_back(e.id);
 }
@@ -33,6 +35,7 @@ void EngineTable::mark_registered(Engine& e) {
 void EngineTable::remove(int id) {
   auto it = engines_.find(id);
   if (it == engines_.end()) return;
+  if (!it->second.registered) --pending_;
   by_uuid_.erase(it->second.uuid);
   engines_.erase(it);
 }

@@ -38,6 +38,7 @@ class EngineTable {
 
   std::map<int, Engine>& all() { return engines_; }
   std::size_t registered_count() const;
+  std::size_t pending_count() const { return pending_; }
   // Ids ever registered (stock keeps dead ids visible to queue_status).
   const std::vector<int>& history() const { return history_; }
 
@@ -47,6 +48,7 @@ class EngineTable {
   std::unordered_set<int> used_ids_;
   std::vector<int> history_;
   int next_id_ = 0;
+  std::size_t pending_ = 0;  // added, not yet registered
 };
 
 } // namespace pxf::controller

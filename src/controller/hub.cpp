@@ -71,26 +71,22 @@ void Controller::notify(const char* type, const json& content, const json& paren
 void Controller::on_query(Frames&& frames) {
   if (frames.empty()) return;
   zmq::message_t ident = wire::clone(frames.front());
-  wire::DecodeOptions o;
-  auto d = session_->decode(std::move(frames), o);
-  if (!d) {
-    auto& n = counters_[std::string("drop.query.") + wire::to_string(d.reason)];
-    ++n;
-    if (n <= 10 || n % 1000 == 0)
-      PXF_LOG(warning, kLog) << "dropped a query (" << wire::to_string(d.reason) << ", #" << n << "): " << d.detail;
+  Message m;
+  wire::Decoded refused;
+  if (!decode("query", std::move(frames), m, {}, &refused)) {
+    auto why = refused.reason;
     // A signed but malformed request deserves an answer, as the stock hub gives; an
     // unauthenticated one does not.
-    bool authenticated = d.reason == wire::Drop::invalid_json || d.reason == wire::Drop::not_an_object ||
-                         d.reason == wire::Drop::missing_field;
-    if (authenticated) {
+    if (why == wire::Drop::invalid_json || why == wire::Drop::not_an_object || why == wire::Drop::missing_field) {
       Frames ids;
       ids.push_back(std::move(ident));
-      send(query_, session_->build(std::move(ids), "hub_error", error_content("ValueError", d.detail, "")),
+      send(query_,
+           session_->build(std::move(ids), "hub_error",
+                           error_content("ValueError", refused.detail, "")),
            "query");
     }
     return;
   }
-  Message& m = *d.msg;
   const std::string& type = m.msg_type();
   PXF_LOG(debug, kLog) << "client " << view(ident).size() << "B-id requested " << type;
   try {
@@ -243,10 +239,12 @@ void Controller::on_stats_request(const zmq::message_t& ident, const Message& m)
     auto d = static_cast<wire::Drop>(i);
     drops[wire::to_string(d)] = session_->drops().get(d);
   }
+  json counters = counters_;
+  for (std::size_t i = 0; i < kSources; ++i) counters[std::string("in.") + kSourceNames[i]] = received_[i];
   reply(ident, m, "pxf_stats_reply",
         {{"status", "ok"},
          {"drops", drops},
-         {"counters", counters_},
+         {"counters", counters},
          {"engines", engines_.registered_count()},
          {"waiting", waiting_.size()},
          {"in_flight", in_flight_.size()}});
@@ -272,16 +270,8 @@ void Controller::unregister(int id, const std::string& why) {
     if (it == in_flight_.end()) continue;
     InFlight f = std::move(it->second);
     in_flight_.erase(it);
-    Frames ids;
-    ids.push_back(wire::frame(f.client));
-    ids.push_back(wire::frame(uuid));
-    json md = {{"status", "error"}, {"engine", uuid}, {"date", iso_now()}};
-    send(task_in_,
-         session_->build(std::move(ids), "apply_reply",
-                         error_content("EngineError",
-                                       "Engine '" + uuid + "' died while running task '" + msg_id + "'"),
-                         f.header, md),
-         "task_in");
+    fail_task(wire::frame(f.client), f.header,
+              error_content("EngineError", "Engine '" + uuid + "' died while running task '" + msg_id + "'"), uuid);
   }
   // Coalescing broadcasts stop waiting for it (for a job, for the part that covers it).
   std::vector<std::pair<std::string, std::size_t>> gone;

@@ -23,7 +23,7 @@ TaskRecord* TaskRecords::find(const std::string& msg_id) {
   return it == records_.end() ? nullptr : &it->second;
 }
 
-void TaskRecords::complete(const std::string& msg_id, const wire::Message& reply) {
+void TaskRecords::complete(const std::string& msg_id, wire::Message& reply) {
   TaskRecord* r = find(msg_id);
   if (!r) return;
   if (!r->completed) finished_.push_back(msg_id);
@@ -35,7 +35,7 @@ void TaskRecords::complete(const std::string& msg_id, const wire::Message& reply
   if (r->engine_uuid.empty()) r->engine_uuid = wire::get_or<std::string>(reply.metadata, "engine", "");
   r->result_buffers.clear();
   for (auto& b : reply.buffers) {
-    r->result_buffers.push_back(wire::share(const_cast<zmq::message_t&>(b)));
+    r->result_buffers.push_back(wire::share(b));
     r->bytes += b.size();
     bytes_ += b.size();
   }

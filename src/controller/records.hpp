@@ -37,7 +37,7 @@ class TaskRecords {
   TaskRecord& add(const std::string& msg_id, const json& header, const json& metadata, const char* queue);
   TaskRecord* find(const std::string& msg_id);
   // Stores the reply (buffers shared, not copied) and culls if over a limit.
-  void complete(const std::string& msg_id, const wire::Message& reply);
+  void complete(const std::string& msg_id, wire::Message& reply);
   // Folds an iopub message into its parent's record.
   void add_output(const std::string& parent_id, const std::string& msg_type, const json& content);
 

@@ -22,7 +22,8 @@ bool has_dependencies(const json& dep) {
 }
 } // namespace
 
-void Controller::fail_task(zmq::message_t client, Message& req, const json& content, const std::string& engine_uuid) {
+void Controller::fail_task(zmq::message_t client, const json& request_header, const json& content,
+                           const std::string& engine_uuid) {
   ++counters_["task.failed_by_scheduler"];
   Frames ids;
   ids.push_back(std::move(client));
@@ -31,7 +32,7 @@ void Controller::fail_task(zmq::message_t client, Message& req, const json& cont
     ids.push_back(wire::frame(engine_uuid));
     md = {{"status", "error"}, {"engine", engine_uuid}, {"date", iso_now()}};
   }
-  send(task_in_, session_->build(std::move(ids), "apply_reply", content, req.header, md), "task_in");
+  send(task_in_, session_->build(std::move(ids), "apply_reply", content, request_header, md), "task_in");
 }
 
 // Client submits: [C, DELIM, ...]
@@ -50,7 +51,7 @@ void Controller::on_task_submit(Frames&& frames) {
   if (!unsupported.empty()) {
     zmq::message_t client = std::move(m.identities.front());
     PXF_LOG(info, kLog) << "task " << t.msg_id << " asks for " << unsupported << ": refused";
-    fail_task(std::move(client), m,
+    fail_task(std::move(client), m.header,
               error_content("NotImplementedError", "pxcontroller does not support " + unsupported + " yet", ""), "");
     return;
   }
@@ -62,7 +63,7 @@ void Controller::on_task_submit(Frames&& frames) {
     }
     if (t.targets.empty()) {
       zmq::message_t client = std::move(m.identities.front());
-      fail_task(std::move(client), m, error_content("ImpossibleDependency", "", "ipyparallel.error"), "");
+      fail_task(std::move(client), m.header, error_content("ImpossibleDependency", "", "ipyparallel.error"), "");
       return;
     }
   }
@@ -72,7 +73,7 @@ void Controller::on_task_submit(Frames&& frames) {
   m.identities.resize(1);
   t.msg = std::move(m);
   if (waiting_.empty() && try_dispatch(t)) return;
-  waiting_.push_back(std::move(t));
+  push_waiting(std::move(t));
 }
 
 bool Controller::try_dispatch(Task& t) {
@@ -97,19 +98,29 @@ bool Controller::try_dispatch(Task& t) {
   return true;
 }
 
+void Controller::push_waiting(Task&& t) {
+  if (t.deadline_ms) ++timed_waiting_;
+  waiting_.push_back(std::move(t));
+}
+
+std::deque<Controller::Task>::iterator Controller::erase_waiting(std::deque<Task>::iterator it) {
+  if (it->deadline_ms) --timed_waiting_;
+  return waiting_.erase(it);
+}
+
 void Controller::dispatch_waiting() {
   for (auto it = waiting_.begin(); it != waiting_.end() && balancer_.any_capacity();) {
     // A task whose allowed engines have all gone can never run.
     std::erase_if(it->targets, [&](int id) { return !balancer_.has_engine(id); });
     if (it->targeted && it->targets.empty()) {
-      Task t = std::move(*it);
-      it = waiting_.erase(it);
-      zmq::message_t client = std::move(t.msg.identities.front());
-      fail_task(std::move(client), t.msg, error_content("ImpossibleDependency", "", "ipyparallel.error"), "");
+      zmq::message_t client = std::move(it->msg.identities.front());
+      json header = std::move(it->msg.header);
+      it = erase_waiting(it);
+      fail_task(std::move(client), header, error_content("ImpossibleDependency", "", "ipyparallel.error"), "");
       continue;
     }
     if (try_dispatch(*it))
-      it = waiting_.erase(it);
+      it = erase_waiting(it);
     else
       ++it;
   }

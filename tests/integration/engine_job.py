@@ -135,3 +135,18 @@ class EngineJob(ClientsMixin):
         killed = self.tracker.stop(self.tracker.group("engine"))
         killed += self.tracker.stop()
         return killed
+
+
+def module_job(tmp_path_factory, name: str, n: int):
+    """Body of a module-scoped fixture: one started EngineJob, stopped afterwards.
+
+    Use as ``yield from engine_job.module_job(tmp_path_factory, "name", N)``."""
+    import pytest
+
+    j = EngineJob(tmp_path_factory.mktemp(name), n)
+    try:
+        j.start()
+    except JobError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield j
+    j.stop()

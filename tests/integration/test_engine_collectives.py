@@ -29,13 +29,7 @@ def rank():
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    j = engine_job.EngineJob(tmp_path_factory.mktemp("collectives"), N)
-    try:
-        j.start()
-    except engine_job.JobError as e:
-        pytest.fail(str(e), pytrace=False)
-    yield j
-    j.stop()
+    yield from engine_job.module_job(tmp_path_factory, "collectives", N)
 
 
 @pytest.fixture

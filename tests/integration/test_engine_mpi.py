@@ -59,13 +59,7 @@ def const(v):
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    j = engine_job.EngineJob(tmp_path_factory.mktemp("pxengine"), N)
-    try:
-        j.start()
-    except engine_job.JobError as e:
-        pytest.fail(str(e), pytrace=False)
-    yield j
-    j.stop()
+    yield from engine_job.module_job(tmp_path_factory, "pxengine", N)
 
 
 @pytest.fixture
