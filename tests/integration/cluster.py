@@ -1,7 +1,8 @@
-"""Start and stop a controller plus stock engines for the integration tests.
+"""Start and stop a controller plus engines for the integration tests.
 
 The same harness drives the stock ``ipcontroller`` and ``pxcontroller``: both get the same
 argv, the same private profile directory, and are judged only by what a client can observe.
+Engines are stock ``ipengine`` processes or MPI jobs of ``pxengine`` ranks (pxcontroller only).
 Every process is started here and stopped here by PID (its descendants too, found with
 psutil), never by name.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,9 +24,21 @@ PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[2]
 # $PXF_PXCONTROLLER may point at another build (e.g. a sanitizer build).
 PXCONTROLLER = Path(os.environ.get("PXF_PXCONTROLLER") or REPO / "build" / "bin" / "pxcontroller")
+# $PXF_PXENGINE likewise for the engine binary.
+PXENGINE = Path(os.environ.get("PXF_PXENGINE") or REPO / "build" / "bin" / "pxengine")
 
 CONTROLLER_KINDS = ("pxfabric", "stock")
 DEFAULT_CONTROLLERS = "pxfabric,stock"
+ENGINE_KINDS = ("ipengine", "mpi")
+DEFAULT_ENGINES = "ipengine,mpi"
+
+# Open MPI as root, more ranks than cores, idle ranks yielding the CPU.
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+}
 
 # Bounds for every wait (the CI machine has 2 cores and is often busy compiling).
 CONTROLLER_START_TIMEOUT = 30.0
@@ -49,6 +63,30 @@ def selected_controllers(env: Optional[str] = None) -> List[str]:
             f"PXF_CONTROLLERS={raw!r}: expected a comma list of {', '.join(CONTROLLER_KINDS)}"
         )
     return list(dict.fromkeys(kinds))
+
+
+def selected_setups(controllers: Optional[str] = None,
+                    engines: Optional[str] = None) -> List[tuple]:
+    """(controller kind, engine kind) pairs chosen by ``$PXF_CONTROLLERS`` and ``$PXF_ENGINES``.
+
+    MPI pxengines need pxcontroller's fabric link, so ("stock", "mpi") is never chosen."""
+    raw = os.environ.get("PXF_ENGINES", DEFAULT_ENGINES) if engines is None else engines
+    kinds = [k.strip() for k in raw.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ENGINE_KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"PXF_ENGINES={raw!r}: expected a comma list of {', '.join(ENGINE_KINDS)}")
+    pairs = [(c, e) for c in selected_controllers(controllers) for e in dict.fromkeys(kinds)
+             if not (c == "stock" and e == "mpi")]
+    if not pairs:
+        raise ValueError("PXF_ENGINES=mpi needs PXF_CONTROLLERS to include pxfabric")
+    return pairs
+
+
+def mpirun() -> str:
+    path = shutil.which("mpirun")
+    if not path:
+        raise HarnessError("mpirun not found on PATH (install openmpi-bin: bash scripts/setup.sh)")
+    return path
 
 
 def controller_command(kind: str) -> List[str]:
@@ -78,6 +116,14 @@ def controller_args(profile_dir: Path) -> List[str]:
 
 def engine_command(profile_dir: Path) -> List[str]:
     return [PYTHON, "-m", "ipyparallel.engine", f"--profile-dir={profile_dir}", "--log-level=10"]
+
+
+def mpi_engine_command(profile_dir: Path, ranks: int) -> List[str]:
+    if not (PXENGINE.is_file() and os.access(PXENGINE, os.X_OK)):
+        raise HarnessError(f"{PXENGINE} does not exist or is not executable: build it "
+                           "(bash scripts/build.sh) or run with PXF_ENGINES=ipengine")
+    return [mpirun(), "-n", str(ranks), str(PXENGINE), f"--profile-dir={profile_dir}",
+            "--log-level=10"]
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05,
@@ -263,10 +309,22 @@ def wait_for_gate(path, limit):
 
 
 class Cluster(ClientsMixin):
-    """One controller of a given kind in a private profile dir, plus N stock engines."""
+    """One controller of a given kind in a private profile dir, plus N engines.
 
-    def __init__(self, kind: str, workdir: Path, n_engines: int = 4) -> None:
+    ``engine_kind`` "ipengine": N stock engine processes. "mpi": MPI jobs of pxengine ranks,
+    of the sizes in ``jobs`` (default one job of N ranks); the engines of one job live and
+    die together (``job_of``)."""
+
+    def __init__(self, kind: str, workdir: Path, n_engines: int = 4,
+                 engine_kind: str = "ipengine", jobs: Optional[Iterable[int]] = None) -> None:
+        if engine_kind not in ENGINE_KINDS:
+            raise ValueError(f"unknown engine kind {engine_kind!r}")
         self.kind = kind
+        self.engine_kind = engine_kind
+        self.jobs = list(jobs) if jobs is not None else [n_engines]
+        if engine_kind == "mpi" and n_engines and sum(self.jobs) != n_engines:
+            raise ValueError(f"job sizes {self.jobs} do not add up to {n_engines} engines")
+        self.job_ids: List[List[int]] = []  # engine ids of each MPI job, in start order
         self.workdir = Path(workdir)
         self.profile_dir = self.workdir / "profile"
         self.security_dir = self.profile_dir / "security"
@@ -279,6 +337,8 @@ class Cluster(ClientsMixin):
         self.engine_pids: Dict[int, int] = {}  # engine id -> engine process pid
         self._clients: list = []
         self.env = dict(os.environ)
+        if engine_kind == "mpi":
+            self.env.update(MPI_ENV)
         self.env.update(
             PYTHONUNBUFFERED="1",
             PYTHONDONTWRITEBYTECODE="1",
@@ -374,15 +434,33 @@ class Cluster(ClientsMixin):
 
     def start_engines(self, n: Optional[int] = None,
                       timeout: float = ENGINE_START_TIMEOUT) -> None:
-        n = self.n_engines if n is None else n
+        """Start ``n`` more engines (default: the cluster's) and wait until all registered.
+
+        With MPI engines and no ``n``, one job per entry of ``jobs``, each registered before
+        the next starts (so engine ids follow the job order); with ``n``, one job of n ranks."""
+        if self.engine_kind == "mpi":
+            for size in (self.jobs if n is None else [n]):
+                self._start_batch(size, timeout, mpi=True)
+        else:
+            self._start_batch(self.n_engines if n is None else n, timeout, mpi=False)
+        # The stock engine starts a nanny child, mpirun its ranks: record them now.
+        self.tracker.refresh()
+
+    def _start_batch(self, n: int, timeout: float, mpi: bool) -> None:
         rc = self.client()
-        want = len(rc.ids) + n
+        before = set(rc.ids)
+        want = len(before) + n
         first = len(self.engines)
-        for i in range(first, first + n):
-            log = self.workdir / f"engine-{i}.log"
+        if mpi:
+            log = self.workdir / f"job-{len(self.job_ids)}.log"
             self.engine_logs.append(log)
-            self.engines.append(self._popen(engine_command(self.profile_dir), log, "engine"))
-            time.sleep(0.1)
+            self.engines.append(self._popen(mpi_engine_command(self.profile_dir, n), log, "engine"))
+        else:
+            for i in range(first, first + n):
+                log = self.workdir / f"engine-{i}.log"
+                self.engine_logs.append(log)
+                self.engines.append(self._popen(engine_command(self.profile_dir), log, "engine"))
+                time.sleep(0.1)
         new = self.engines[first:]
         try:
             deadline = time.monotonic() + timeout
@@ -394,11 +472,11 @@ class Cluster(ClientsMixin):
                     self._fail(f"only {len(rc.ids)} of {want} engines registered "
                                f"after {timeout:.0f}s")
                 time.sleep(0.1)
+            if mpi:
+                self.job_ids.append(sorted(set(rc.ids) - before))
             self._map_engine_pids(rc)
         finally:
             self.close_client(rc)
-        # The stock engine starts a nanny child: record it now, it outlives a killed engine.
-        self.tracker.refresh()
 
     def _map_engine_pids(self, rc) -> None:
         try:
@@ -406,7 +484,7 @@ class Cluster(ClientsMixin):
         except Exception as e:
             self._fail(f"{len(rc.ids)} engines registered, but a direct apply of os.getpid "
                        f"to all of them failed: {e!r}")
-        ours = {p.pid for p in self.engines}
+        ours = {p.pid for p in self.engine_processes()}
         for eid, pid in pids.items():
             if pid not in ours:
                 self._fail(f"engine {eid} reports pid {pid}, which we did not start")
@@ -429,6 +507,13 @@ class Cluster(ClientsMixin):
     def engine_process(self, engine_id: int) -> psutil.Process:
         """The process of engine ``engine_id`` (not its nanny)."""
         return self.tracker.process(self.engine_pids[engine_id])
+
+    def job_of(self, engine_id: int) -> List[int]:
+        """The engine ids that share a fate with ``engine_id``: its MPI job, or just itself."""
+        for ids in self.job_ids:
+            if engine_id in ids:
+                return list(ids)
+        return [engine_id]
 
     def engine_subtree(self, engine_id: int) -> List[psutil.Process]:
         """Engine ``engine_id`` and the descendants recorded for it (the stock nanny)."""

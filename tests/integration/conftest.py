@@ -3,14 +3,18 @@
 Everything here is opt-in: a test gets a cluster only by asking for one of these fixtures, so
 other test files in this folder are unaffected.
 
-* ``controller_kind`` -- parametrised over ``$PXF_CONTROLLERS`` (comma list of ``pxfabric``,
-  ``stock``; default both). Selecting ``pxfabric`` without ``build/bin/pxcontroller`` makes
-  every test that uses it fail with a message saying so; ``$PXF_PXCONTROLLER`` points at
-  another binary.
-* ``cluster`` -- module-scoped controller + N stock engines (``ENGINES = N`` at module level,
-  default 4).
+* ``setup_kind`` -- parametrised over (controller, engines) pairs: ``$PXF_CONTROLLERS`` (comma
+  list of ``pxfabric``, ``stock``; default both) times ``$PXF_ENGINES`` (``ipengine``, ``mpi``;
+  default both), without (stock, mpi): MPI pxengines need pxcontroller. Test ids are
+  ``pxfabric-ipengine``, ``stock-ipengine``, ``pxfabric-mpi``. ``controller_kind`` and
+  ``engine_kind`` are its halves. Selecting ``pxfabric`` without ``build/bin/pxcontroller``
+  makes every test that uses it fail with a message saying so; ``$PXF_PXCONTROLLER`` and
+  ``$PXF_PXENGINE`` point at other binaries.
+* ``cluster`` -- module-scoped controller + N engines (``ENGINES = N`` at module level,
+  default 4): N stock engines, or one MPI job of N pxengine ranks.
 * ``rc`` -- a fresh ``ipyparallel.Client`` of ``cluster`` per test.
-* ``make_cluster`` -- function-scoped factory for destructive tests (kill, shutdown).
+* ``make_cluster`` -- function-scoped factory for destructive tests (kill, shutdown):
+  ``make_cluster(n, jobs=(sizes...))``; ``jobs`` splits MPI engines into several jobs.
 """
 
 from __future__ import annotations
@@ -55,16 +59,18 @@ def pytest_unconfigure(config):
     _stop_live_clusters()
 
 
-def _controller_params():
+def _setup_params():
     try:
-        return [pytest.param(k, id=k) for k in harness.selected_controllers()]
+        return [pytest.param(pair, id=f"{pair[0]}-{pair[1]}")
+                for pair in harness.selected_setups()]
     except ValueError as e:
         # Reported by every test that needs a controller, without breaking collection.
-        return [pytest.param(f"invalid: {e}", id="invalid-PXF_CONTROLLERS")]
+        return [pytest.param(("invalid", str(e)), id="invalid-PXF_CONTROLLERS-or-PXF_ENGINES")]
 
 
-def _start(kind: str, workdir: Path, n_engines: int) -> harness.Cluster:
-    c = harness.Cluster(kind, workdir, n_engines)
+def _start(setup: tuple, workdir: Path, n_engines: int, jobs=None) -> harness.Cluster:
+    kind, engine_kind = setup
+    c = harness.Cluster(kind, workdir, n_engines, engine_kind=engine_kind, jobs=jobs)
     _LIVE.add(c)
     problem = None
     try:
@@ -87,28 +93,42 @@ def _stop(c: harness.Cluster) -> None:
         _LIVE.discard(c)
 
 
-@pytest.fixture(scope="session", params=_controller_params())
-def controller_kind(request) -> str:
-    """The controller under test: "stock" or "pxfabric"."""
-    kind = request.param
-    if kind.startswith("invalid"):
-        pytest.fail(kind, pytrace=False)
+@pytest.fixture(scope="session", params=_setup_params())
+def setup_kind(request) -> tuple:
+    """(controller, engines) under test: ("pxfabric"|"stock", "ipengine"|"mpi")."""
+    kind, engine_kind = request.param
+    if kind == "invalid":
+        pytest.fail(engine_kind, pytrace=False)
     problem = None
     try:
         harness.controller_command(kind)
+        if engine_kind == "mpi":
+            harness.mpi_engine_command(Path("."), 1)
     except harness.HarnessError as e:
         problem = str(e)
     if problem:
         pytest.fail(problem, pytrace=False)
-    return kind
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def controller_kind(setup_kind) -> str:
+    """The controller under test: "stock" or "pxfabric"."""
+    return setup_kind[0]
+
+
+@pytest.fixture(scope="session")
+def engine_kind(setup_kind) -> str:
+    """The engines under test: "ipengine" (stock) or "mpi" (pxengine ranks)."""
+    return setup_kind[1]
 
 
 @pytest.fixture(scope="module")
-def cluster(controller_kind, request, tmp_path_factory) -> harness.Cluster:
-    """A controller plus ``ENGINES`` (module attribute, default 4) stock engines, per module."""
+def cluster(setup_kind, request, tmp_path_factory) -> harness.Cluster:
+    """A controller plus ``ENGINES`` (module attribute, default 4) engines, per module."""
     n = getattr(request.module, "ENGINES", 4)
-    workdir = tmp_path_factory.mktemp(f"{controller_kind}-{request.module.__name__}")
-    c = _start(controller_kind, workdir, n)
+    workdir = tmp_path_factory.mktemp(f"{'-'.join(setup_kind)}-{request.module.__name__}")
+    c = _start(setup_kind, workdir, n)
     yield c
     _stop(c)
 
@@ -122,12 +142,15 @@ def rc(cluster):
 
 
 @pytest.fixture
-def make_cluster(controller_kind, tmp_path):
-    """Factory for function-scoped clusters: ``make_cluster(n_engines)``; all stopped afterwards."""
+def make_cluster(setup_kind, tmp_path):
+    """Factory for function-scoped clusters: ``make_cluster(n_engines, jobs=None)``; all
+    stopped afterwards. ``jobs`` (MPI engines only) gives the sizes of the MPI jobs."""
     made = []
 
-    def make(n_engines: int = 2) -> harness.Cluster:
-        c = _start(controller_kind, tmp_path / f"cluster{len(made)}", n_engines)
+    def make(n_engines: int = 2, jobs=None) -> harness.Cluster:
+        if setup_kind[1] != "mpi":
+            jobs = None
+        c = _start(setup_kind, tmp_path / f"cluster{len(made)}", n_engines, jobs)
         made.append(c)
         return c
 

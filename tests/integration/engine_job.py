@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -18,30 +17,23 @@ from typing import List, Optional
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster import ClientsMixin, ProcessTracker, log_tail, wait_until  # noqa: E402
+from cluster import MPI_ENV, ClientsMixin, HarnessError, ProcessTracker, log_tail, wait_until  # noqa: E402
+import cluster as _harness  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD = Path(os.environ.get("PXF_BUILD_DIR", REPO / "build"))
 PXCONTROLLER = BUILD / "bin" / "pxcontroller"
 PXENGINE = BUILD / "bin" / "pxengine"
 
-MPI_ENV = {
-    "OMPI_ALLOW_RUN_AS_ROOT": "1",
-    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-    "OMPI_MCA_rmaps_base_oversubscribe": "1",
-    "OMPI_MCA_mpi_yield_when_idle": "1",
-}
-
-
 class JobError(RuntimeError):
     pass
 
 
 def mpirun() -> str:
-    path = shutil.which("mpirun")
-    if not path:
-        raise JobError("mpirun not found")
-    return path
+    try:
+        return _harness.mpirun()
+    except HarnessError as e:
+        raise JobError(str(e)) from None
 
 
 class EngineJob(ClientsMixin):
