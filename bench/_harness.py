@@ -1,10 +1,13 @@
 """Shared pieces of the pxfabric benchmarks: clusters, CPU meters, statistics, time limits.
 
 A :class:`Cluster` is one controller (pxcontroller or the stock ipcontroller, same argv) in a
-private temporary profile directory plus N stock engines, with one ``ipyparallel.Client``.
-Every process is started here and stopped here by PID (SIGTERM, then SIGKILL), including
-descendants found with psutil (the stock controller's scheduler children, each stock
-engine's nanny). Nothing is ever signalled by name.
+private temporary profile directory plus N engines, with one ``ipyparallel.Client``. The
+engines are N stock ``ipyparallel.engine`` processes (``engine_mode="ipengine"``, the
+controller benchmark) or ONE MPI job ``mpiexec -n N <engine program>`` (``engine_mode="mpi"``,
+the engine benchmark: ``pxengine`` ranks, or stock engines with ``--mpi`` as ipcluster's MPI
+launcher starts them). Every process is started here and stopped here by PID (SIGTERM, then
+SIGKILL), including descendants found with psutil (the stock controller's scheduler children,
+each stock engine's nanny, mpiexec's ranks). Nothing is ever signalled by name.
 
 Run with Debian's interpreter: /usr/bin/python3.
 """
@@ -15,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -29,6 +33,18 @@ import psutil
 PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PXCONTROLLER = REPO / "build" / "bin" / "pxcontroller"
+DEFAULT_PXENGINE = REPO / "build" / "bin" / "pxengine"
+
+# Open MPI as root, more ranks than cores (the machine has 2), idle ranks yielding the CPU.
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
+}
+# What every rank of a stock MPI engine job runs: ipcluster's MPIEngineSetLauncher command
+# (engine_cmd + ['--mpi']); the engine then asks for engine id = MPI rank.
+STOCK_MPI_ENGINE = [PYTHON, "-m", "ipyparallel.engine", "--mpi"]
 
 KINDS = ("px", "stock")
 LABEL = {"px": "pxcontroller", "stock": "ipcontroller"}
@@ -181,13 +197,42 @@ def px_binary(cli_value: Optional[str]) -> str:
     return path
 
 
+def pxengine_binary(cli_value: Optional[str]) -> str:
+    path = cli_value or os.environ.get("PXF_PXENGINE") or str(DEFAULT_PXENGINE)
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise HarnessError(
+            f"pxengine binary {path} is missing or not executable; build it "
+            "(bash scripts/build.sh) or point PXF_PXENGINE / --pxengine at one")
+    return path
+
+
+def mpiexec() -> str:
+    path = shutil.which("mpiexec")
+    if not path:
+        raise HarnessError("mpiexec not found on PATH (install openmpi-bin: bash scripts/setup.sh)")
+    return path
+
+
 class Cluster:
-    """One controller of ``kind`` ('px' or 'stock') + ``n_engines`` stock engines + a Client."""
+    """One controller of ``kind`` ('px' or 'stock') + ``n_engines`` engines + a Client.
+
+    ``engine_mode`` "ipengine": that many stock engine processes. "mpi": one MPI job,
+    ``mpiexec -n N <engine_program> --profile-dir=... <engine_args>`` with the Open MPI
+    variables of MPI_ENV; for a px controller the job starts only once the engine connection
+    file carries "pxf_fabric" (as tests/integration/engine_job.py does)."""
 
     def __init__(self, kind: str, workdir: Path, n_engines: int, px_path: str,
-                 ping_ms: int = 250, px_prefix: str = "") -> None:
+                 ping_ms: int = 250, px_prefix: str = "", engine_mode: str = "ipengine",
+                 engine_program: Optional[List[str]] = None,
+                 engine_args: Iterable[str] = ()) -> None:
         assert kind in KINDS
+        assert engine_mode in ("ipengine", "mpi")
         self.kind = kind
+        self.engine_mode = engine_mode
+        self.engine_program = list(engine_program or [])
+        self.engine_args = list(engine_args)
+        if engine_mode == "mpi" and not self.engine_program:
+            raise ValueError("engine_mode='mpi' needs engine_program")
         self.workdir = Path(workdir)
         self.profile_dir = self.workdir / "profile"
         self.security = self.profile_dir / "security"
@@ -198,6 +243,8 @@ class Cluster:
         else:
             self.program = [PYTHON, "-m", "ipyparallel.controller"]
         self.env = dict(os.environ)
+        if engine_mode == "mpi":
+            self.env.update(MPI_ENV)
         self.env.update(PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
                         IPYTHONDIR=str(self.workdir / "ipython"))
         self.popens: List[subprocess.Popen] = []
@@ -217,6 +264,9 @@ class Cluster:
                                f"--ping={self.ping_ms}"]
 
     def engine_argv(self) -> List[str]:
+        if self.engine_mode == "mpi":
+            return ([mpiexec(), "-n", str(self.n_engines)] + self.engine_program
+                    + [f"--profile-dir={self.profile_dir}"] + self.engine_args)
         return [PYTHON, "-m", "ipyparallel.engine", f"--profile-dir={self.profile_dir}"]
 
     # ---- process bookkeeping
@@ -254,6 +304,17 @@ class Cluster:
     def engine_procs(self) -> List[psutil.Process]:
         return self.group("engine")
 
+    def rank_tree(self, pid: int) -> List[psutil.Process]:
+        """The engine process ``pid`` (one MPI rank) and its known descendants (stock: the
+        nanny)."""
+        root = self.known.get(pid)
+        if root is None:
+            return []
+        try:
+            kids = {k.pid for k in root.children(recursive=True)}
+        except psutil.Error:
+            kids = set()
+        return [root] + [p for q, p in self.known.items() if q in kids]
     def all_procs(self) -> List[psutil.Process]:
         return list(self.known.values())
 
@@ -271,12 +332,15 @@ class Cluster:
         self.controller = self._popen(self.controller_argv(), self.controller_log, "controller")
         client_json = self.security / "ipcontroller-client.json"
         engine_json = self.security / "ipcontroller-engine.json"
+        # MPI pxengines need the fabric link's address, which pxcontroller adds to its engine file
+        fabric = self.kind == "px" and self.engine_mode == "mpi"
         while True:
             if self.controller.poll() is not None:
                 self._fail(f"controller exited with {self.controller.returncode} during start-up")
             try:
+                einfo = json.loads(engine_json.read_text())
                 ok = ("registration" in json.loads(client_json.read_text())
-                      and "registration" in json.loads(engine_json.read_text()))
+                      and "registration" in einfo and (not fabric or "pxf_fabric" in einfo))
             except (OSError, ValueError):
                 ok = False
             if ok:
@@ -287,30 +351,50 @@ class Cluster:
         self.timings["connection_files_s"] = time.perf_counter() - self._t0
 
     def start_engines(self) -> None:
-        for i in range(self.n_engines):
-            self.engines.append(self._popen(self.engine_argv(), self.workdir / f"engine-{i}.log", "engine"))
+        if self.engine_mode == "mpi":
+            self.engines.append(self._popen(self.engine_argv(), self.workdir / "engines.log", "engine"))
+        else:
+            for i in range(self.n_engines):
+                self.engines.append(self._popen(self.engine_argv(), self.workdir / f"engine-{i}.log",
+                                                "engine"))
+        self.timings["engines_launched_s"] = time.perf_counter() - self._t0
 
-    def connect(self, deadline: float) -> None:
-        """Client + wait until all engines registered; check engine pids; record descendants."""
+    def connect(self, deadline: float, poll: float = 0.02) -> None:
+        """Client + wait until all engines registered (polled every ``poll`` s), then one
+        apply to all of them (``ready_s``); check engine pids; record descendants.
+
+        Timings in ``self.timings``, seconds since the controller was launched."""
         import ipyparallel as ipp
 
         left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731
         self.client = ipp.Client(str(self.security / "ipcontroller-client.json"), timeout=left())
-        try:
-            self.client.wait_for_engines(self.n_engines, timeout=left(), interactive=False, widget=False)
-        except Exception as e:  # noqa: BLE001
+        self.timings["client_connected_s"] = time.perf_counter() - self._t0
+        while len(self.client.ids) < self.n_engines:
             dead = [p.pid for p in self.engines if p.poll() is not None]
-            self._fail(f"{len(self.client.ids)} of {self.n_engines} engines registered ({e!r}); "
-                       f"exited engines: {dead}")
+            if dead or time.monotonic() > deadline:
+                why = f"exited engine processes: {dead}" if dead else "deadline passed"
+                self._fail(f"{len(self.client.ids)} of {self.n_engines} engines registered ({why})"
+                           + self._engine_log_tail())
+            time.sleep(poll)
         self.timings["all_engines_registered_s"] = time.perf_counter() - self._t0
-        pids = self.client[:].apply_async(os.getpid).get_dict(timeout=left())
-        ours = {p.pid for p in self.engines}
+        try:
+            pids = self.client[:].apply_async(os.getpid).get_dict(timeout=left())
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"{self.n_engines} engines registered but a direct apply to all failed: "
+                       f"{e!r}" + self._engine_log_tail())
+        self.timings["ready_s"] = time.perf_counter() - self._t0
+        self.refresh()  # MPI ranks are mpiexec's children
+        ours = {p.pid for p in self.engine_procs()}
         strangers = {eid: pid for eid, pid in pids.items() if pid not in ours}
         if strangers:
             self._fail(f"engines {strangers} are not processes we started")
         self.engine_pid = pids
         time.sleep(0.2)  # let stock engines' nannies appear
         self.refresh()
+
+    def _engine_log_tail(self, lines: int = 20) -> str:
+        logs = sorted(self.workdir.glob("engine*.log"))[:2]
+        return "".join(f"\n--- {p.name} tail:\n{log_tail(p, lines)}" for p in logs)
 
     # ---- queries
 
@@ -387,9 +471,24 @@ def _alive(p: psutil.Process) -> bool:
 
 def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
     """Stop several clusters at once, by PID: close clients, SIGTERM every known process
-    (controller tree, engines, nannies), wait up to ``grace`` s, SIGKILL what is left."""
+    (controller tree, engines, nannies), wait up to ``grace`` s, SIGKILL what is left.
+
+    MPI engine jobs first get SIGTERM on mpiexec alone (it forwards the signal and takes its
+    ranks down), up to ``grace / 2`` s, before the round above."""
     infos = []
     targets_of = []
+    for c in clusters:
+        c.refresh()
+    launchers = [p for c in clusters if c.engine_mode == "mpi" for p in c.engines
+                 if p.poll() is None]
+    if launchers:
+        ranks = [p for c in clusters if c.engine_mode == "mpi" for p in c.engine_procs() if _alive(p)]
+        for p in launchers:
+            try:
+                p.send_signal(signal.SIGTERM)
+            except OSError:
+                pass
+        psutil.wait_procs(ranks, timeout=grace / 2)
     for c in clusters:
         info: dict = {}
         if c.controller is not None and c.controller.poll() is not None:

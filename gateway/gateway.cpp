@@ -182,6 +182,8 @@ void Gateway::on_link_control(Frames&& frames, Sink& sink) {
     PXF_LOG(info, kLog) << "controller asked the job to shut down" << (reason.empty() ? "" : ": " + reason);
     ended_ = true;
     sink.end_job(0, "pxf_shutdown " + reason);
+  } else if (type == "pxf_probe") {
+    // The controller checks that we are still connected; nothing to answer.
   } else if (type == "pxf_register_reply") {
     PXF_LOG(debug, kLog) << "ignoring a late pxf_register_reply";
   } else {
@@ -250,11 +252,37 @@ void Gateway::on_part(Frames&& frames) {
     PXF_LOG(warning, kLog) << "dropped a coalescing reply for unknown broadcast " << key;
     return;
   }
+  Pending& p = it->second;
+  if (std::find(p.targets.begin(), p.targets.end(), uuid) == p.targets.end()) {
+    PXF_LOG(debug, kLog) << "coalesced broadcast " << key << ": dropped a part of " << uuid << " (not awaited)";
+    return;
+  }
   frames.erase(frames.begin(), frames.begin() + 3);
-  it->second.parts[uuid] = std::move(frames);
-  if (it->second.parts.size() >= it->second.targets.size()) {
-    finish_coalesced(key, it->second);
+  p.parts[uuid] = std::move(frames);
+  if (p.parts.size() >= p.targets.size()) {
+    if (!p.abandoned) finish_coalesced(key, p);
     coalescing_.erase(it);
+  }
+}
+
+void Gateway::forget_rank(const std::string& uuid) {
+  for (auto it = coalescing_.begin(); it != coalescing_.end();) {
+    Pending& p = it->second;
+    auto t = std::find(p.targets.begin(), p.targets.end(), uuid);
+    if (t == p.targets.end() || p.parts.count(uuid)) {
+      ++it;
+      continue;
+    }
+    p.target_pairs.erase(p.target_pairs.begin() + (t - p.targets.begin()));
+    p.targets.erase(t);
+    if (!p.abandoned)
+      PXF_LOG(info, kLog) << "coalesced broadcast " << it->first << " abandoned: engine " << uuid
+                          << " went down before replying";
+    p.abandoned = true;
+    if (p.parts.size() >= p.targets.size())
+      it = coalescing_.erase(it);
+    else
+      ++it;
   }
 }
 
@@ -306,6 +334,7 @@ void Gateway::unregister(const std::vector<int>& ranks, const std::string& reaso
     if (r < 0 || static_cast<std::size_t>(r) >= registered_.size() || !registered_[r]) continue;
     registered_[r] = false;
     ids.push_back(ids_[r]);
+    forget_rank(uuids_[static_cast<std::size_t>(r)]);
   }
   if (ids.empty()) return;
   send_link("pxf_unregister", {{"ids", ids}, {"reason", reason}});

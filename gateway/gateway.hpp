@@ -92,6 +92,9 @@ class Gateway {
     std::vector<json> target_pairs;    // [uuid, id] as given
     std::unordered_map<std::string, Frames> parts;
     std::int64_t started_ms = 0;
+    // A target rank went down before replying: the controller has failed this broadcast
+    // already (the client sees EngineError), so the other parts are collected and dropped.
+    bool abandoned = false;
   };
 
   void send(Frames&& frames);
@@ -100,6 +103,8 @@ class Gateway {
   void on_bcast(Frames&& frames, Sink& sink);
   void on_part(Frames&& frames);
   void finish_coalesced(const std::string& key, Pending& p);
+  // A rank went down: pending coalescing broadcasts stop waiting for its part.
+  void forget_rank(const std::string& uuid);
 
   GatewayOptions opts_;
   wire::Session session_;

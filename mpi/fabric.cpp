@@ -5,11 +5,13 @@
 
 #include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/eventfd.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 
@@ -31,6 +33,18 @@ std::int64_t max_sleep_us() {
     return n > 0 ? static_cast<std::int64_t>(n) : kMaxSleepUs;
   }();
   return v;
+}
+
+// Set by the termination handler (async-signal-safe: an atomic store and a write()).
+std::atomic<int> g_term_signal{0};  // lock-free, so async-signal-safe
+int g_term_wake_fd = -1;
+
+extern "C" void on_termination_signal(int sig) {
+  g_term_signal = sig;
+  if (g_term_wake_fd >= 0) {
+    std::uint64_t one = 1;
+    [[maybe_unused]] auto n = ::write(g_term_wake_fd, &one, sizeof one);
+  }
 }
 
 std::int64_t now_us() {
@@ -58,6 +72,16 @@ Fabric::~Fabric() {
 }
 
 void Fabric::start() { thread_ = std::thread([this] { run(); }); }
+
+void Fabric::watch_termination() {
+  g_term_wake_fd = wake_fd_;
+  struct sigaction sa {};
+  sa.sa_handler = on_termination_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGHUP, &sa, nullptr);
+}
 
 void Fabric::join() {
   if (thread_.joinable()) thread_.join();
@@ -247,6 +271,16 @@ void Fabric::run() {
     busy |= progress_recv();
     if (rank_ != 0 && size_ > 1) busy |= progress_bcast_in();
     if (rank_ == 0 && !ending_) {
+      if (int sig = g_term_signal.load()) {
+        // No MPI from here on: the other ranks may be dead already.
+        PXF_LOG(warning, kLog) << "terminated by signal " << sig << ": unregistering every engine of the job";
+        gw_->close("terminated by signal " + std::to_string(sig));
+        terminated_by_ = sig;
+        exit_code_ = 128 + sig;
+        ending_ = true;
+        local_.job_ended(exit_code_);
+        return;
+      }
       busy |= gw_->poll_link(*this) > 0;
       gw_->tick(*this);
     }

@@ -48,6 +48,12 @@ class Fabric final : public gateway::Sink {
   void start();
   void join();
   int exit_code() const { return exit_code_.load(); }
+  // The signal that ended the job on this rank (0 if none): see watch_termination().
+  int terminated_by() const { return terminated_by_.load(); }
+  // Rank 0: SIGTERM/SIGHUP make the fabric thread unregister every engine of the job at once
+  // and end it without MPI traffic (mpirun, Slurm or a user is tearing the job down; other
+  // ranks may already be gone). Call once, after start-up.
+  void watch_termination();
 
   // gateway::Sink (rank 0, fabric thread)
   void to_rank(int rank, Frames&& frames) override;
@@ -89,6 +95,7 @@ class Fabric final : public gateway::Sink {
 
   std::atomic<bool> ending_{false};
   std::atomic<int> exit_code_{0};
+  std::atomic<int> terminated_by_{0};
   bool exit_sent_ = false;
   std::thread thread_;
 };

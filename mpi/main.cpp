@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -250,6 +251,7 @@ int main(int argc, char** argv) {
   mpi::PyHost host(hc, sopts);
   mpi::Fabric fabric(p2p, coll, rank, size, gw.get(), host);
   host.attach(&fabric);
+  if (rank == 0) fabric.watch_termination();
   fabric.start();
   try {
     host.create_runtime();
@@ -268,7 +270,14 @@ int main(int argc, char** argv) {
   host.close();
   int code = fabric.exit_code();
   gw.reset();
-  if (ctx) ctx->close();
+  if (ctx) ctx->close();  // delivers what the gateway sent last (linger 2 s)
+  if (int sig = fabric.terminated_by()) {
+    // Torn down from outside: no MPI_Finalize (other ranks may be gone); die of the signal.
+    std::fflush(nullptr);
+    ::signal(sig, SIG_DFL);
+    ::raise(sig);
+    _exit(128 + sig);
+  }
   MPI_Comm_free(&p2p);
   MPI_Comm_free(&coll);
   PXF_LOG(debug, kLog) << "exiting with " << code;

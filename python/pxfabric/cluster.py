@@ -748,6 +748,30 @@ def _known_state_files(profile_dirs: Iterable[Path]) -> List[Path]:
     return list(found.values())
 
 
+_DEATH_MARKERS = ("exited on signal", "mpirun noticed", "MPI_ABORT", "non-zero status",
+                  "lost the controller", "Traceback", "Error")
+
+
+def engine_job_death(state: dict) -> "str | None":
+    """Why the engine job ended, from the last telling line of its log (Open MPI says which
+    rank died and how), or None."""
+    log = (state.get("logs") or {}).get("engines")
+    if not log:
+        return None
+    try:
+        with open(log, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for marker in _DEATH_MARKERS:
+        for line in reversed(lines):
+            if marker in line:
+                return " ".join(line.split())[:200]
+    return None
+
+
 def cluster_status(state: dict) -> dict:
     ctl = _process(state.get("controller"))
     mpi = _process(state.get("engines"))
@@ -768,8 +792,9 @@ def cluster_status(state: dict) -> dict:
         else:
             status = f"degraded: {registered} of {n} engines registered"
     elif ctl is not None:
-        status = ("engine job died (mpirun exited); the controller is still up: "
-                  "`pxcluster stop` cleans up")
+        why = engine_job_death(state)
+        status = ("engine job died (mpirun exited" + (f": {why}" if why else "") + "); "
+                  "the controller is still up: `pxcluster stop` cleans up")
     elif mpi is not None:
         status = "controller died; the engine job is still running: `pxcluster stop` cleans up"
     else:

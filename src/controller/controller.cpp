@@ -11,6 +11,7 @@
 #include <array>
 #include <charconv>
 #include <climits>
+#include <cstring>
 
 namespace pxf::controller {
 
@@ -130,6 +131,11 @@ void Controller::start() {
   int pong = bind(hb_pong_, opts_.engine_ip);
   fabric_ = make_router(nullptr);
   int fabric = bind(fabric_, opts_.engine_ip);
+  const std::string monitor_ep = "inproc://pxf-fabric-monitor";
+  if (zmq_socket_monitor(fabric_.handle(), monitor_ep.c_str(), ZMQ_EVENT_DISCONNECTED) != 0)
+    throw zmq::error_t();
+  fabric_monitor_ = zmq::socket_t(ctx_, zmq::socket_type::pair);
+  fabric_monitor_.connect(monitor_ep);
 
   auto common = [&](conn::Common& c, const std::string& ip) {
     c.interface = "tcp://" + ip;
@@ -184,6 +190,7 @@ int Controller::run() {
     std::int64_t next = next_beat_ms_;
     if (next_fast_ping_ms_) next = std::min(next, next_fast_ping_ms_);
     if (shutdown_at_ms_) next = std::min(next, shutdown_at_ms_);
+    if (fabric_probe_at_ms_) next = std::min(next, fabric_probe_at_ms_);
     if (timed_waiting_)
       for (auto& t : waiting_)
         if (t.deadline_ms) next = std::min(next, t.deadline_ms);
@@ -192,6 +199,9 @@ int Controller::run() {
     if (shutdown_at_ms_ && mono_ms() >= shutdown_at_ms_) break;
   }
   PXF_LOG(info, kLog) << "stopping; dropped messages: " << session_->drops().summary();
+  // MPI jobs end with the controller (stock engines would wait out their heartbeat misses);
+  // delivered within the sockets' 1 s linger.
+  for (auto& [job, j] : jobs_) send_link(job, "pxf_shutdown", {{"reason", "the controller is exiting"}}, json::object());
   remove_connection_files();
   return 0;
 }
@@ -205,14 +215,16 @@ void Controller::poll_once(long timeout_ms) {
   std::array<zmq::socket_t*, kSources> socks = {&query_,    &mux_in_,   &mux_out_,  &control_in_,
                                           &control_out_, &task_in_, &task_out_, &bcast_in_,
                                           &bcast_out_, &iopub_in_, &hb_pong_,  &fabric_};
-  std::array<zmq::pollitem_t, kSources> items{};
+  std::array<zmq::pollitem_t, kSources + 1> items{};
   for (std::size_t i = 0; i < socks.size(); ++i) items[i] = {socks[i]->handle(), 0, ZMQ_POLLIN, 0};
+  items[kSources] = {fabric_monitor_.handle(), 0, ZMQ_POLLIN, 0};
   try {
     zmq::poll(items.data(), items.size(), std::chrono::milliseconds(timeout_ms));
   } catch (const zmq::error_t& e) {
     if (e.num() == EINTR) return;
     throw;
   }
+  if (items[kSources].revents & ZMQ_POLLIN) on_fabric_monitor();
   for (std::size_t i = 0; i < socks.size(); ++i) {
     if (!(items[i].revents & ZMQ_POLLIN)) continue;
     for (std::size_t n = 0; n < kBatch; ++n) {
@@ -307,6 +319,10 @@ void Controller::on_timers() {
       next_fast_ping_ms_ = now + 25;
     }
   }
+  if (fabric_probe_at_ms_ && now >= fabric_probe_at_ms_) {
+    fabric_probe_at_ms_ = 0;
+    probe_jobs();
+  }
   // Load-balanced task timeouts apply only while a task waits for an engine (stock semantics).
   for (auto it = waiting_.begin(); timed_waiting_ && it != waiting_.end();) {
     if (it->deadline_ms && now >= it->deadline_ms) {
@@ -318,6 +334,41 @@ void Controller::on_timers() {
       ++it;
     }
   }
+}
+
+// ------------------------------------------------------------------ fabric liveness
+
+// A connection to the fabric ROUTER closed. Which job it was is not in the event, and a live
+// gateway reconnects on its own (ZeroMQ retries every 100 ms): so after one ping period every
+// job is probed, and a job the ROUTER cannot route to any more is lost.
+void Controller::on_fabric_monitor() {
+  for (;;) {
+    Frames ev;
+    auto got = zmq::recv_multipart(fabric_monitor_, std::back_inserter(ev), zmq::recv_flags::dontwait);
+    if (!got) break;
+    if (ev.empty() || ev[0].size() < 6) continue;
+    std::uint16_t event = 0;
+    std::memcpy(&event, ev[0].data(), sizeof event);
+    if (event != ZMQ_EVENT_DISCONNECTED || jobs_.empty()) continue;
+    ++counters_["fabric.disconnects"];
+    if (!fabric_probe_at_ms_) fabric_probe_at_ms_ = mono_ms() + std::max(250, opts_.ping_ms);
+  }
+}
+
+void Controller::probe_jobs() {
+  std::vector<std::string> gone;
+  for (auto& [uuid, job] : jobs_) {
+    Frames ids;
+    ids.push_back(wire::frame(uuid));
+    ids.push_back(wire::frame("link"));
+    try {
+      zmq::send_multipart(fabric_, session_->build(std::move(ids), "pxf_probe", json::object(), json::object()));
+    } catch (const zmq::error_t& e) {
+      if (e.num() != EHOSTUNREACH) throw;
+      gone.push_back(uuid);
+    }
+  }
+  for (auto& j : gone) drop_job(j, "its gateway's connection closed and did not come back");
 }
 
 // ------------------------------------------------------------------ heartbeat

@@ -157,6 +157,12 @@ class Controller {
   zmq::socket_t mux_in_, mux_out_, control_in_, control_out_;
   zmq::socket_t task_in_, task_out_, bcast_in_, bcast_out_;
   zmq::socket_t iopub_in_, iopub_out_, hb_ping_, hb_pong_, fabric_;
+  // Disconnect events of the fabric ROUTER (zmq_socket_monitor): a gateway whose process died
+  // is found within one ping period instead of after max_heartbeat_misses of them.
+  zmq::socket_t fabric_monitor_;
+  std::int64_t fabric_probe_at_ms_ = 0;
+  void on_fabric_monitor();
+  void probe_jobs();
 
   EngineTable engines_;
   LoadBalancer balancer_;

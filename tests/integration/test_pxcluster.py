@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,53 @@ def test_second_start_refused_and_dead_engine_job_reported(px):
     assert not px.procs.wait_gone(timeout=5)
     assert not px.state_file().exists()
     assert not any(p.exists() for p in px.conn_files())
+
+
+@pytest.mark.timeout(CLI_TIMEOUT + 120)
+def test_killed_rank_reported_by_list(px):
+    res = px.run(*start_args(px, 3, "pxengine"))
+    assert res.returncode == 0, f"start failed:\n{res.stdout}\n{res.stderr}"
+    mpirun = psutil.Process(px.state()["engines"]["pid"])
+    rc = px.client()
+    try:
+        rank_pids = rc[:].apply_async(os.getpid).get(timeout=60)
+        assert {p.pid for p in mpirun.children(recursive=True)} >= set(rank_pids)
+        t0 = time.monotonic()
+        psutil.Process(rank_pids[1]).send_signal(signal.SIGKILL)
+        while rc.ids and time.monotonic() < t0 + 60:
+            time.sleep(0.2)
+        assert rc.ids == [], "the job's engines were not unregistered"
+        # Within seconds, with the default 3 s ping (not after 10 missed heartbeats, ~33 s).
+        assert time.monotonic() - t0 < 20
+    finally:
+        rc.close()
+    mpirun.wait(timeout=30)
+    row = px.list_json()[0]
+    assert row["controller_alive"] and not row["mpirun_alive"]
+    assert row["engines_registered"] == 0
+    # Open MPI's own words on which rank died and how.
+    assert "engine job died" in row["status"] and "signal 9" in row["status"], row["status"]
+
+    # A new job can join the controller that is still up: pxengine against its files.
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1")
+    job = subprocess.Popen([shutil.which("mpirun"), "-n", "2", str(PXENGINE),
+                            f"--profile-dir={px.profile_dir}"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    px.procs.add(job.pid)
+    rc = px.client()
+    try:
+        deadline = time.monotonic() + 60
+        while len(rc.ids) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(rc.ids) == [3, 4]
+        assert rc[:].apply_async(os.getpid).get(timeout=60)
+    finally:
+        rc.close()
+    res = px.run("stop", "--profile-dir", str(px.profile_dir), timeout=90)
+    assert res.returncode == 0, res.stderr
+    job.wait(timeout=30)
 
 
 @pytest.mark.timeout(180)
