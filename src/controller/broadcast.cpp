@@ -114,7 +114,7 @@ void Controller::on_broadcast_submit(Frames&& frames) {
 // An engine's reply: [E, C, DELIM, ...] (from a stock engine, or a rank through its gateway).
 void Controller::on_broadcast_reply(Frames&& frames) {
   Message m;
-  if (!decode("bcast_out", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!decode("bcast_out", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.size() < 2) return;
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
   if (!coalescing) {

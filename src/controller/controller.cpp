@@ -5,6 +5,7 @@
 #include "util/ids.hpp"
 #include "util/log.hpp"
 
+#include <sys/epoll.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +13,7 @@
 #include <charconv>
 #include <climits>
 #include <cstring>
+#include <system_error>
 
 namespace pxf::controller {
 
@@ -37,7 +39,10 @@ Controller::Controller(Options opts)
   if (opts_.registration_timeout_s <= 0) opts_.registration_timeout_s = std::max(30.0, opts_.ping_ms / 100.0);
 }
 
-Controller::~Controller() { remove_connection_files(); }
+Controller::~Controller() {
+  remove_connection_files();
+  if (epoll_fd_ >= 0) ::close(epoll_fd_);
+}
 
 zmq::socket_t Controller::make_router(const char* routing_id) {
   zmq::socket_t s(ctx_, zmq::socket_type::router);
@@ -136,6 +141,7 @@ void Controller::start() {
     throw zmq::error_t();
   fabric_monitor_ = zmq::socket_t(ctx_, zmq::socket_type::pair);
   fabric_monitor_.connect(monitor_ep);
+  setup_event_loop();
 
   auto common = [&](conn::Common& c, const std::string& ip) {
     c.interface = "tcp://" + ip;
@@ -210,30 +216,60 @@ const std::array<const char*, Controller::kSources> Controller::kSourceNames = {
     "query", "mux_in", "mux_out", "control_in", "control_out", "task_in",
     "task_out", "bcast_in", "bcast_out", "iopub", "hb", "fabric"};
 
+void Controller::setup_event_loop() {
+  polled_ = {&query_,     &mux_in_,   &mux_out_,  &control_in_, &control_out_, &task_in_, &task_out_,
+             &bcast_in_, &bcast_out_, &iopub_in_, &hb_pong_,    &fabric_,      &fabric_monitor_};
+  epoll_fd_ = ::epoll_create1(EPOLL_CLOEXEC);
+  if (epoll_fd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
+  for (std::size_t i = 0; i < polled_.size(); ++i) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u32 = static_cast<std::uint32_t>(i);
+    int fd = polled_[i]->get(zmq::sockopt::fd);
+    if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0)
+      throw std::system_error(errno, std::generic_category(), "epoll_ctl");
+    maybe_readable_[i] = true;
+  }
+}
+
+void Controller::mark_sent(const zmq::socket_t& s) {
+  for (std::size_t i = 0; i < kSources; ++i)
+    if (polled_[i] == &s) {
+      maybe_readable_[i] = true;
+      return;
+    }
+}
+
 void Controller::poll_once(long timeout_ms) {
   const auto& names = kSourceNames;
-  std::array<zmq::socket_t*, kSources> socks = {&query_,    &mux_in_,   &mux_out_,  &control_in_,
-                                          &control_out_, &task_in_, &task_out_, &bcast_in_,
-                                          &bcast_out_, &iopub_in_, &hb_pong_,  &fabric_};
-  std::array<zmq::pollitem_t, kSources + 1> items{};
-  for (std::size_t i = 0; i < socks.size(); ++i) items[i] = {socks[i]->handle(), 0, ZMQ_POLLIN, 0};
-  items[kSources] = {fabric_monitor_.handle(), 0, ZMQ_POLLIN, 0};
-  try {
-    zmq::poll(items.data(), items.size(), std::chrono::milliseconds(timeout_ms));
-  } catch (const zmq::error_t& e) {
-    if (e.num() == EINTR) return;
-    throw;
+  bool pending = std::any_of(maybe_readable_.begin(), maybe_readable_.end(), [](bool b) { return b; });
+  std::array<epoll_event, kSources + 1> evs{};
+  int n = ::epoll_wait(epoll_fd_, evs.data(), static_cast<int>(evs.size()), pending ? 0 : static_cast<int>(timeout_ms));
+  if (n < 0) {
+    if (errno == EINTR) return;
+    throw std::system_error(errno, std::generic_category(), "epoll_wait");
   }
-  if (items[kSources].revents & ZMQ_POLLIN) on_fabric_monitor();
-  for (std::size_t i = 0; i < socks.size(); ++i) {
-    if (!(items[i].revents & ZMQ_POLLIN)) continue;
-    for (std::size_t n = 0; n < kBatch; ++n) {
+  for (int k = 0; k < n; ++k) maybe_readable_[evs[static_cast<std::size_t>(k)].data.u32] = true;
+  if (n == 0 && !pending && timeout_ms > 0) maybe_readable_.fill(true);  // belt and braces, once per idle wait
+
+  if (maybe_readable_[kMonitor]) {
+    maybe_readable_[kMonitor] = false;
+    on_fabric_monitor();
+  }
+  for (std::size_t i = 0; i < kSources; ++i) {
+    if (!maybe_readable_[i]) continue;
+    maybe_readable_[i] = false;  // a handler's send on this socket marks it again
+    std::size_t n_read = 0;
+    for (; n_read < kBatch; ++n_read) {
       Frames frames;
       std::optional<std::size_t> got;
       try {
-        got = zmq::recv_multipart(*socks[i], std::back_inserter(frames), zmq::recv_flags::dontwait);
+        got = zmq::recv_multipart(*polled_[i], std::back_inserter(frames), zmq::recv_flags::dontwait);
       } catch (const zmq::error_t& e) {
-        if (e.num() == EINTR) break;
+        if (e.num() == EINTR) {
+          maybe_readable_[i] = true;
+          break;
+        }
         throw;
       }
       if (!got) break;
@@ -260,6 +296,7 @@ void Controller::poll_once(long timeout_ms) {
         PXF_LOG(error, kLog) << "error handling a message on " << names[i] << ": " << e.what();
       }
     }
+    if (n_read == kBatch) maybe_readable_[i] = true;  // more may wait: fairness, not EAGAIN
   }
 }
 
@@ -283,6 +320,7 @@ bool Controller::decode(const char* channel, Frames&& frames, Message& out, wire
 }
 
 void Controller::send(zmq::socket_t& s, Frames&& frames, const char* channel) {
+  mark_sent(s);
   try {
     zmq::send_multipart(s, frames);
   } catch (const zmq::error_t& e) {
@@ -361,6 +399,7 @@ void Controller::probe_jobs() {
     Frames ids;
     ids.push_back(wire::frame(uuid));
     ids.push_back(wire::frame("link"));
+    mark_sent(fabric_);
     try {
       zmq::send_multipart(fabric_, session_->build(std::move(ids), "pxf_probe", json::object(), json::object()));
     } catch (const zmq::error_t& e) {

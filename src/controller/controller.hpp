@@ -185,6 +185,18 @@ class Controller {
   static constexpr std::size_t kSources = 12;                   // sockets poll_once reads
   static const std::array<const char*, kSources> kSourceNames;
   std::array<std::uint64_t, kSources> received_{};              // messages read per socket
+
+  // Event loop: one epoll set over the sockets' ZMQ_FDs (zmq_poll over 13 sockets costs two
+  // syscalls per socket per call). A ZMQ_FD only signals new *commands*: a socket may hold
+  // messages without signalling once anything (a send, a recv) has processed its commands.
+  // So a socket stays "maybe readable" until a recv on it returned EAGAIN, and every send on
+  // a polled socket marks it again (mark_sent).
+  static constexpr std::size_t kMonitor = kSources;            // index of fabric_monitor_
+  std::array<zmq::socket_t*, kSources + 1> polled_{};
+  std::array<bool, kSources + 1> maybe_readable_{};
+  int epoll_fd_ = -1;
+  void setup_event_loop();
+  void mark_sent(const zmq::socket_t& s);
 };
 
 } // namespace pxf::controller

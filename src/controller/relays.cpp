@@ -61,7 +61,7 @@ void Controller::on_client_direct(Frames&& frames, bool control) {
 void Controller::on_engine_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_out" : "mux_out";
   Message m;
-  if (!decode(channel, std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false})) return;
+  if (!decode(channel, std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_client"];
     return;
@@ -80,7 +80,7 @@ void Controller::on_engine_direct(Frames&& frames, bool control) {
 // Engine output, forwarded verbatim to every client after its signature checks out.
 void Controller::on_iopub(Frames&& frames) {
   Message m;
-  if (!decode("iopub", std::move(frames), m, {.parse_parent = false, .parse_metadata = false, .parse_content = false})) return;
+  if (!decode("iopub", std::move(frames), m, {.parse_parent = false, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
   // A shutdown_reply on iopub means that engine is leaving (protocol §4.6).
   if (m.msg_type() == "shutdown_reply") {
     if (Engine* e = engines_.by_uuid(m.session())) {

@@ -129,7 +129,7 @@ void Controller::dispatch_waiting() {
 // Engine replies: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
 void Controller::on_task_reply(Frames&& frames) {
   Message m;
-  if (!decode("task_out", std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false})) return;
+  if (!decode("task_out", std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.size() < 2) return;
   std::string msg_id = m.parent_msg_id();
   auto it = in_flight_.find(msg_id);

@@ -1,9 +1,12 @@
 #include "wire/session.hpp"
+#include "wire/json_scan.hpp"
 
 #include "util/clock.hpp"
 #include "util/ids.hpp"
 
 #include <unistd.h>
+
+#include <array>
 
 namespace pxf::wire {
 
@@ -121,8 +124,28 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
   Message msg;
   Drop why = Drop::none;
   const std::size_t depth = limits_.max_json_depth;
-  std::string err = parse_object(h, "header", depth, msg.header, why);
-  if (err.empty() && opts.parse_parent) err = parse_object(p, "parent_header", depth, msg.parent, why);
+  std::string err;
+  bool header_done = false, parent_done = false;
+  if (opts.header_fields_only) {
+    std::array<ScanField, 3> hf{{{"msg_id", {}, false}, {"msg_type", {}, false}, {"session", {}, false}}};
+    if (scan_object(view(h), hf) && hf[0].value && hf[1].value) {
+      msg.header = json::object();
+      msg.header["msg_id"] = std::move(*hf[0].value);
+      msg.header["msg_type"] = std::move(*hf[1].value);
+      if (hf[2].value) msg.header["session"] = std::move(*hf[2].value);
+      header_done = true;
+    }
+    if (opts.parse_parent) {
+      std::array<ScanField, 1> pf{{{"msg_id", {}, false}}};
+      if (scan_object(view(p), pf) && (pf[0].value || !pf[0].present)) {
+        msg.parent = json::object();
+        if (pf[0].value) msg.parent["msg_id"] = std::move(*pf[0].value);
+        parent_done = true;
+      }
+    }
+  }
+  if (!header_done) err = parse_object(h, "header", depth, msg.header, why);
+  if (err.empty() && opts.parse_parent && !parent_done) err = parse_object(p, "parent_header", depth, msg.parent, why);
   if (err.empty() && opts.parse_metadata) err = parse_object(m, "metadata", depth, msg.metadata, why);
   if (err.empty() && opts.parse_content) err = parse_object(c, "content", depth, msg.content, why);
   if (!err.empty()) return fail(why, err);

@@ -32,6 +32,10 @@ struct DecodeOptions {
   bool parse_metadata = true;
   bool parse_content = true;
   bool check_replay = true;
+  // Hot relay paths: the header becomes {msg_id, msg_type[, session]} and the parent
+  // {msg_id} (when parse_parent) read by wire::scan_object instead of a full parse; frames
+  // that the scanner does not accept are parsed fully, with the usual errors.
+  bool header_fields_only = false;
 };
 
 // Result of decode(): a message, or the reason it was refused and a human detail.

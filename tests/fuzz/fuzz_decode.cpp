@@ -5,6 +5,8 @@
 //   bit 0  re-sign the 4 JSON frames after the first delimiter with the fuzz key before the keyed
 //          decode, so the keyed path gets past the HMAC check and reaches the parser
 //   bit 1  parse_content       bit 2  check_replay       bit 3  also decode with tight Limits
+// Every input also goes through the relays' fast path (header_fields_only), which must read the
+// same msg_id/msg_type/session/parent msg_id as the full parse whenever that accepts.
 // Oracles (abort on violation): forward() reproduces the input frames byte for byte; whatever
 // decodes re-encodes into something that decodes to equal JSON; a keyed message accepted with
 // check_replay is refused as replayed the second time; accepted messages respect the Limits.
@@ -123,7 +125,21 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       Decoded copy = unkeyed.decode(to_frames(parts), opts);  // unkeyed: no replay guard
       FUZZ_CHECK(copy);
       check_forward(std::move(*copy.msg), parts);
+      // The relays' fast path (header_fields_only) reads the same fields as the full parse.
+      DecodeOptions fast_opts{.parse_parent = true, .parse_metadata = false, .parse_content = false,
+                              .check_replay = false, .header_fields_only = true};
+      Decoded fast = unkeyed.decode(to_frames(parts), fast_opts);
+      FUZZ_CHECK(fast);
+      FUZZ_CHECK(fast.msg->msg_id() == d.msg->msg_id() && fast.msg->msg_type() == d.msg->msg_type());
+      FUZZ_CHECK(fast.msg->session() == d.msg->session());
+      FUZZ_CHECK(fast.msg->parent_msg_id() == d.msg->parent_msg_id());
       check_reencode(std::move(*d.msg), false, opts.parse_content, unkeyed);
+    } else {
+      // Whatever the fast path accepts has string msg_id and msg_type (and must not crash).
+      Decoded fast = unkeyed.decode(to_frames(parts), {.parse_parent = true, .parse_metadata = false,
+                                                       .parse_content = false, .check_replay = false,
+                                                       .header_fields_only = true});
+      if (fast) (void)fast.msg->msg_id(), (void)fast.msg->msg_type(), (void)fast.msg->parent_msg_id();
     }
   }
 

@@ -637,3 +637,44 @@ TEST(SessionMessage, AccessorsOnAHandBuiltMessage) {
 }
 
 } // namespace
+
+namespace {
+// ---------------------------------------------------------------------------------------------
+// header_fields_only: the relays' fast path reads the same fields as a full parse.
+
+TEST(SessionDecodeFast, HeaderAndParentFieldsMatchAFullParse) {
+  const std::string parent = R"({"msg_id":"req_7","msg_type":"apply_request","date":"2026","nested":{"msg_id":"no"}})";
+  DecodeOptions fast{.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true};
+  Session s(keyed());
+  Decoded d = s.decode(raw_message({"e", "c"}, kHeader, parent, "{}", "{}"), fast);
+  ASSERT_TRUE(d) << d.detail;
+  EXPECT_EQ(d.msg->msg_id(), "peer_1_1");
+  EXPECT_EQ(d.msg->msg_type(), "apply_request");
+  EXPECT_EQ(d.msg->session(), "peer");
+  EXPECT_EQ(d.msg->parent_msg_id(), "req_7");
+  EXPECT_FALSE(d.msg->header.contains("version"));  // only what relays read
+  EXPECT_EQ(str(d.msg->header_frame), kHeader);     // the frames are untouched
+  // No parent (stock sends {} for the first message of a session).
+  d = s.decode(raw_message({}, kHeader, "{}", "{}", "{}"), fast);
+  ASSERT_TRUE(d) << d.detail;
+  EXPECT_EQ(d.msg->parent_msg_id(), "");
+}
+
+TEST(SessionDecodeFast, BadFramesStillGetTheFullParsersVerdict) {
+  DecodeOptions fast{.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true};
+  for (std::string bad : {"", "{\"msg_id\":", "{} trailing", "{'a': 1}", "{\"a\":1,}"}) {
+    Session s(keyed());
+    SCOPED_TRACE(bad);
+    expect_drop(s, raw_message({}, bad, "{}", "{}", "{}"), Drop::invalid_json, "header", fast);
+    expect_drop(s, raw_message({}, kHeader, bad, "{}", "{}"), Drop::invalid_json, "parent_header", fast);
+  }
+  Session s(keyed());
+  expect_drop(s, raw_message({}, R"({"msg_id": 5, "msg_type": "x"})", "{}", "{}", "{}"), Drop::missing_field,
+              "msg_id", fast);
+  expect_drop(s, raw_message({}, R"({"msg_type": "x"})", "{}", "{}", "{}"), Drop::missing_field, "msg_id", fast);
+  // A parent whose msg_id is not a string is taken by the full parser (it reads as "").
+  Decoded d = s.decode(raw_message({}, kHeader, R"({"msg_id": 1})", "{}", "{}"), fast);
+  ASSERT_TRUE(d) << d.detail;
+  EXPECT_EQ(d.msg->parent_msg_id(), "");
+}
+} // namespace

@@ -32,6 +32,31 @@ TEST(Signer, Sha256MatchesPythonHmac) {
   EXPECT_EQ(s.sign(kHeader, kParent, kMetadata, kContent), kSha256);
 }
 
+// The sha256 fast path pads the key itself: keys at, just over and well over the 64-byte
+// block size (longer keys are hashed first), and messages spanning many blocks.
+TEST(Signer, Sha256KeyLengthsAndLongMessagesMatchPythonHmac) {
+  struct Case {
+    std::string key;
+    const char* sig;
+    const char* sig_long;
+  };
+  const Case cases[] = {
+      {std::string(64, 'k'), "0045e59334072c9f286a84a1c11f276ff30ccaafd183ea8e708f18a3f2b39ca0",
+       "ff12345abcf356a1a6e68918a91fbc3016821aae4ecabbbc9cf73a88e58c2572"},
+      {std::string(65, 'K'), "ba7e003493342f9da72a21ace6e9663e6f014f074383ad55fe6dadeed8359250",
+       "8febf91ae94fc4e2e05d06ef2a378f4ef27390c0eccc3344d38ae87fa17e4fa2"},
+      {std::string(200, 'x'), "435fd6935c7abc4208b434f77b351fb2db962658b01c9392a64c9ba6192dad06",
+       "cef72c7f404417f276af7e216b028905691c1bec3b5ac4b384701ecba6b1c607"},
+  };
+  const std::string long_content = kContent + std::string(1000, 'y');
+  for (const auto& c : cases) {
+    Signer s(c.key);
+    EXPECT_EQ(s.sign(kHeader, kParent, kMetadata, kContent), c.sig) << c.key.size();
+    EXPECT_EQ(s.sign(kHeader, kParent, kMetadata, long_content), c.sig_long) << c.key.size();
+    EXPECT_TRUE(s.verify(c.sig_long, kHeader, kParent, kMetadata, long_content));
+  }
+}
+
 TEST(Signer, Sha512MatchesPythonHmac) {
   Signer s(kKey, "hmac-sha512");
   std::string sig = s.sign(kHeader, kParent, kMetadata, kContent);
