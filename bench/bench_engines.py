@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
@@ -63,6 +64,12 @@ LABEL = {"px": "pxfabric", "stock": "stock"}
 
 def f(x=None):
     return x
+
+
+def pxfabric_file():
+    import pxfabric
+
+    return pxfabric.__file__
 
 
 def mpi_rank_size():
@@ -187,6 +194,8 @@ class Lifecycle:
         sizes = {v[1] for v in rs.values()}
         if sizes != {self.n} or sorted(v[0] for v in rs.values()) != list(range(self.n)):
             raise AssertionError(f"engines are not the {self.n} ranks of one job: {rs}")
+        if self.kind == "px":  # which python/pxfabric the ranks run (the run's snapshot)
+            self.out["pxfabric_module"] = self.rc[0].apply_async(pxfabric_file).get(timeout=T)
         self.out["processes"] = {"controller": len(c.controller_procs()),
                                  "engine_job": len(c.engine_procs())}
 
@@ -460,7 +469,7 @@ def print_report(res: dict) -> None:
         print(f"during: other users' load (not our processes) median {md['foreign_pct_of_one_core_median']:.0f}% "
               f"of one core per cluster lifetime (max {md['foreign_pct_of_one_core_max']:.0f}%)")
     print()
-    hdr = (f"{'metric':<20} {'N':>2} {'unit':<10} {'stock':>8} {'px':>8} {'ratio':>7} "
+    hdr = (f"{'metric':<20} {'N':>2} {'unit':<10} {'stock':>8} {'px':>8} {'ratio':>7} {'pairs':>5} "
            f"{'paired min..max':>16} {'stock min..max':>16} {'px min..max':>16}  verdict (N={top})")
     print(hdr)
     print("-" * len(hdr))
@@ -474,7 +483,7 @@ def print_report(res: dict) -> None:
             if n == top and goal is not None:
                 v = f"{GOAL_TEXT[goal]}: {V['rows'].get(name, '-')}"
             print(f"{name:<20} {n:>2} {unit:<10} {fmt(r['stock'].get('median')):>8} "
-                  f"{fmt(r['px'].get('median')):>8} {fmt(rp.get('median')):>6}x "
+                  f"{fmt(r['px'].get('median')):>8} {fmt(rp.get('median')):>6}x {rp.get('n', 0):>5} "
                   f"{fmt(rp.get('min')) + '..' + fmt(rp.get('max')):>16} "
                   f"{fmt(r['stock'].get('min')) + '..' + fmt(r['stock'].get('max')):>16} "
                   f"{fmt(r['px'].get('min')) + '..' + fmt(r['px'].get('max')):>16}  {v}")
@@ -520,7 +529,17 @@ def main() -> int:
     ap.add_argument("--json", default=None,
                     help="where to write the JSON (default bench/results/engines-<UTC>[-quick].json)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (controller/engine logs)")
+    ap.add_argument("--report", metavar="JSON", default=None,
+                    help="run nothing: recompute and print the tables of a saved run's JSON")
     a = ap.parse_args()
+    if a.report:
+        res = json.loads(Path(a.report).read_text())
+        ns_ = res["config"]["ns"]
+        res["analysis"] = analyse(res["lifecycles"], ns_)
+        res["verdict"] = verdict(res["analysis"], ns_)
+        print_report(res)
+        print(f"\nrun took {res['run_wall_s'] / 60:.1f} min (started {res['started_utc']})")
+        return 0
     for k, v in (quick if a.quick else full).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -551,7 +570,27 @@ def main() -> int:
 
     def binfo(p):
         st = os.stat(p)
-        return {"path": p, "mtime": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(), "size": st.st_size}
+        with open(p, "rb") as fh:
+            digest = hashlib.sha256(fh.read()).hexdigest()
+        return {"path": p, "mtime": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(),
+                "size": st.st_size, "sha256": digest}
+
+    # Snapshot what pxfabric runs (both binaries and python/pxfabric, which pxengine imports
+    # from the source tree) into the temp dir: someone may rebuild build/bin during the run,
+    # and one run must not mix two builds.
+    binaries = {"pxcontroller": binfo(px_path), "pxengine": binfo(pxe_path)}
+    snap = tmp / "snapshot"
+    (snap / "bin").mkdir(parents=True)
+    px_path = str(shutil.copy2(px_path, snap / "bin" / "pxcontroller"))
+    pxe_path = str(shutil.copy2(pxe_path, snap / "bin" / "pxengine"))
+    binaries["snapshot"] = {"pxcontroller": px_path, "pxengine": pxe_path}
+    pysrc = H.REPO / "python" / "pxfabric"
+    if os.environ.get("PXF_PYTHONPATH"):
+        binaries["pxf_pythonpath"] = os.environ["PXF_PYTHONPATH"] + " (from the environment)"
+    elif pysrc.is_dir():
+        shutil.copytree(pysrc, snap / "python" / "pxfabric", ignore=shutil.ignore_patterns("__pycache__"))
+        os.environ["PXF_PYTHONPATH"] = str(snap / "python")  # read by pxengine; inherited by mpiexec
+        binaries["pxf_pythonpath"] = f"snapshot of {pysrc}"
 
     mpiver = ""
     try:
@@ -565,7 +604,7 @@ def main() -> int:
         "config": {k: getattr(a, k) for k in ("reps", "calls", "warmup", "pushes", "push_mb", "scatters",
                                               "scatter_n", "tasks", "idle_wait", "idle_measure",
                                               "quick", "call_timeout", "timeout")},
-        "binaries": {"pxcontroller": binfo(px_path), "pxengine": binfo(pxe_path)},
+        "binaries": binaries,
         "argv": {
             "controller_args": ["--profile-dir=<tmp>", "--ip=127.0.0.1", "--ping=250"],
             "stock_controller": [H.PYTHON, "-m", "ipyparallel.controller"],
@@ -584,7 +623,9 @@ def main() -> int:
     print(f"bench_engines: N={ns} reps={a.reps} calls={a.calls} pushes={a.pushes}x{a.push_mb}MB "
           f"scatters={a.scatters}x{a.scatter_n:,} tasks={a.tasks}  (2 cores: N>2 is oversubscribed)",
           flush=True)
-    print(f"  px: {px_path} + {pxe_path}", flush=True)
+    print(f"  px: {binaries['pxcontroller']['path']} (mtime {binaries['pxcontroller']['mtime']}) + "
+          f"{binaries['pxengine']['path']} (mtime {binaries['pxengine']['mtime']}), run from copies "
+          f"in {snap}", flush=True)
     res["machine"]["before"] = H.machine_load()
     print(f"machine load before: {res['machine']['before']}", flush=True)
 
