@@ -41,7 +41,8 @@ Gateway::Gateway(zmq::context_t& ctx, GatewayOptions opts)
         s.session_id = opts_.job_uuid;
         return s;
       }()),
-      sock_(ctx, zmq::socket_type::dealer) {
+      sock_(ctx, zmq::socket_type::dealer),
+      ctx_(ctx) {
   sock_.set(zmq::sockopt::routing_id, opts_.job_uuid);
   sock_.set(zmq::sockopt::sndhwm, 0);
   sock_.set(zmq::sockopt::rcvhwm, 0);
@@ -121,8 +122,8 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
                          std::to_string(ranks.size()) + " engines");
     hb_period_ms_ = std::max(10, wire::get_or<int>(c, "hb_period", 3000));
     registered_.assign(ranks.size(), true);
-    last_heard_ms_ = mono_ms();
-    next_hb_ms_ = last_heard_ms_ + hb_period_ms_;
+    heart_ = std::make_unique<Heart>(ctx_, opts_.url, opts_.job_uuid, opts_.session, hb_period_ms_,
+                                     opts_.max_heartbeat_misses);
     PXF_LOG(info, kLog) << "registered: engine ids " << ids_.front() << ".." << ids_.back()
                         << ", heartbeat " << hb_period_ms_ << " ms";
     return ids_;
@@ -140,7 +141,6 @@ int Gateway::poll_link(Sink& sink) {
     auto got = zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait);
     if (!got) break;
     ++n;
-    last_heard_ms_ = mono_ms();
     if (frames.size() < 2) {
       PXF_LOG(warning, kLog) << "dropped a link message of " << frames.size() << " frames";
       continue;
@@ -175,8 +175,7 @@ void Gateway::on_link_control(Frames&& frames, Sink& sink) {
   auto& m = *d.msg;
   const auto& type = m.msg_type();
   if (type == "pxf_heartbeat_reply") {
-    auto seq = wire::get_or<std::uint64_t>(m.content, "seq", 0);
-    hb_acked_ = std::max(hb_acked_, seq);
+    // Heartbeats travel on the heart's own connection; nothing to do here.
   } else if (type == "pxf_shutdown") {
     std::string reason = wire::get_or<std::string>(m.content, "reason", "");
     PXF_LOG(info, kLog) << "controller asked the job to shut down" << (reason.empty() ? "" : ": " + reason);
@@ -312,20 +311,10 @@ void Gateway::finish_coalesced(const std::string& key, Pending& p) {
 }
 
 void Gateway::tick(Sink& sink) {
-  if (ended_ || registered_.empty()) return;
-  std::int64_t now = mono_ms();
-  if (now < next_hb_ms_) return;
-  next_hb_ms_ = now + hb_period_ms_;
-  std::uint64_t missing = hb_seq_ - hb_acked_;
-  if (missing >= static_cast<std::uint64_t>(opts_.max_heartbeat_misses) &&
-      now - last_heard_ms_ > static_cast<std::int64_t>(opts_.max_heartbeat_misses) * hb_period_ms_) {
-    PXF_LOG(critical, kLog) << "lost the controller: " << missing << " heartbeats unanswered, nothing heard for "
-                            << (now - last_heard_ms_) << " ms";
-    ended_ = true;
-    sink.end_job(1, "lost the controller");
-    return;
-  }
-  send_link("pxf_heartbeat", {{"seq", ++hb_seq_}});
+  if (ended_ || registered_.empty() || !heart_ || !heart_->controller_lost()) return;
+  PXF_LOG(critical, kLog) << "lost the controller: " << heart_->why();
+  ended_ = true;
+  sink.end_job(1, "lost the controller");
 }
 
 void Gateway::unregister(const std::vector<int>& ranks, const std::string& reason) {
@@ -341,6 +330,7 @@ void Gateway::unregister(const std::vector<int>& ranks, const std::string& reaso
 }
 
 void Gateway::close(const std::string& reason) {
+  heart_.reset();
   if (sock_.handle() == nullptr) return;
   std::vector<int> all;
   for (std::size_t r = 0; r < registered_.size(); ++r) all.push_back(static_cast<int>(r));

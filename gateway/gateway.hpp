@@ -6,12 +6,14 @@
 //
 // Threading: after register_job() (any one thread), everything runs on the fabric thread of
 // rank 0. Nothing here knows about MPI: the caller supplies a Sink.
+#include "gateway/heart.hpp"
 #include "wire/session.hpp"
 
 #include <zmq.hpp>
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -75,7 +77,7 @@ class Gateway {
   // A message produced by a rank (any rank, rank 0 included): forwarded on the link, or taken
   // by the gateway (internal channels).
   void from_rank(Frames&& frames, Sink& sink);
-  // Timers: heartbeats and the lost-controller check. Call at least every few ms.
+  // The lost-controller check (the heartbeat itself runs on its own thread, gateway/heart.hpp).
   void tick(Sink& sink);
   // pxf_unregister for these ranks (skipping ones already unregistered).
   void unregister(const std::vector<int>& ranks, const std::string& reason);
@@ -113,10 +115,9 @@ class Gateway {
   std::vector<int> ids_;
   std::unordered_map<std::string, int> rank_of_;  // uuid -> rank
   std::vector<bool> registered_;
+  zmq::context_t& ctx_;
   int hb_period_ms_ = 3000;
-  std::int64_t next_hb_ms_ = 0;
-  std::uint64_t hb_seq_ = 0, hb_acked_ = 0;
-  std::int64_t last_heard_ms_ = 0;
+  std::unique_ptr<Heart> heart_;
   bool ended_ = false;
   std::map<std::string, Pending> coalescing_;
 };

@@ -22,17 +22,22 @@ constexpr const char* kLog = "fabric";
 constexpr int kTagFrames = 1;
 constexpr std::uint64_t kBcastExit = 1;
 constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
-constexpr std::int64_t kSpinUs = 200;      // busy polling right after traffic
-constexpr std::int64_t kMaxSleepUs = 1000;  // idle cap: <=1 ms added latency when idle
+constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic
+constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: <=1 ms added latency
+constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
+constexpr std::int64_t kIdleSleepUs = 10000;    // cap once idle: ~100 wake-ups/s, <=10 ms latency
 
+// MPI cannot wake a sleeping rank, so an idle rank polls: every <=1 ms while requests are
+// flowing (a task stream, a %px loop), every <=10 ms after 200 ms of quiet (a person reading
+// output). Rank 0 also wakes at once for the link socket and for its own rank's replies.
 // $PXF_FABRIC_MAX_SLEEP_US overrides the idle cap (benchmarks, tuning).
-std::int64_t max_sleep_us() {
-  static const std::int64_t v = [] {
+std::int64_t sleep_cap_us(std::int64_t idle_us) {
+  static const std::int64_t idle_cap = [] {
     const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
     long long n = s ? std::atoll(s) : 0;
-    return n > 0 ? static_cast<std::int64_t>(n) : kMaxSleepUs;
+    return n > 0 ? static_cast<std::int64_t>(n) : kIdleSleepUs;
   }();
-  return v;
+  return idle_us < kRecentUs ? std::min(kActiveSleepUs, idle_cap) : idle_cap;
 }
 
 // Set by the termination handler (async-signal-safe: an atomic store and a write()).
@@ -292,7 +297,7 @@ void Fabric::run() {
     }
     std::int64_t idle = now - last;
     if (idle < kSpinUs) sched_yield();
-    else wait(std::min(max_sleep_us(), idle / 8));
+    else wait(std::min(sleep_cap_us(idle), idle / 8));
   }
   drain_and_quiesce();
   if (gw_) gw_->close("job exit");

@@ -135,6 +135,8 @@ class Controller {
   };
   void on_fabric(Frames&& frames);
   void on_link(const std::string& job, Frames&& frames);
+  static constexpr std::string_view kHeartSuffix = "/hb";  // routing id of a job's heart thread
+  void on_job_heart(std::string rid, Frames&& frames);
   void on_job_register(const std::string& job, const Message& m);
   void drop_job(const std::string& job, const std::string& why);
   void send_link(const std::string& job, const char* type, const json& content, const json& parent);

@@ -40,6 +40,7 @@ void Controller::on_fabric(Frames&& frames) {
   }
   std::string job(view(frames[0]));
   std::string channel(view(frames[1]));
+  if (job.ends_with(kHeartSuffix)) return on_job_heart(std::move(job), std::move(frames));
   auto jit = jobs_.find(job);
   if (jit != jobs_.end()) jit->second.last_heard_ms = mono_ms();
   if (channel == "link") return on_link(job, std::move(frames));
@@ -69,6 +70,25 @@ void Controller::on_fabric(Frames&& frames) {
   if (channel == "bcast") return on_broadcast_reply(std::move(frames));
   ++counters_["drop.fabric.unknown_channel"];
   PXF_LOG(warning, kLog) << "unknown channel '" << channel << "' from job " << job;
+}
+
+// A job's heartbeat, from its gateway's heart thread on a second connection ("<job>/hb").
+void Controller::on_job_heart(std::string rid, Frames&& frames) {
+  std::string job = rid.substr(0, rid.size() - kHeartSuffix.size());
+  auto jit = jobs_.find(job);
+  if (jit == jobs_.end() || view(frames[1]) != "link") {
+    ++counters_["drop.fabric.unknown_job"];
+    return;
+  }
+  frames.erase(frames.begin(), frames.begin() + 2);
+  Message m;
+  if (!decode("fabric.heart", std::move(frames), m, {.parse_parent = false, .parse_metadata = false})) return;
+  if (m.msg_type() != "pxf_heartbeat") {
+    ++counters_["drop.fabric.unknown_type"];
+    return;
+  }
+  jit->second.last_heard_ms = mono_ms();
+  send_link(rid, "pxf_heartbeat_reply", {{"seq", m.content.value("seq", json(0))}}, m.header);
 }
 
 void Controller::on_link(const std::string& job, Frames&& frames) {

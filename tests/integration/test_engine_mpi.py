@@ -185,6 +185,35 @@ def test_shutdown_leaves_no_process(tmp_path):
     assert not killed
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["controller-exits", "controller-killed"])
+def test_job_ends_when_the_controller_goes(tmp_path, sig):
+    """SIGTERM: the controller's pxf_shutdown ends the job at once, exit 0. SIGKILL: the job's
+    heart thread misses 10 replies (250 ms pings) and the job ends with exit code 1."""
+    j = engine_job.EngineJob(tmp_path, 2)
+    try:
+        try:
+            j.start()
+        except engine_job.JobError as e:
+            pytest.fail(str(e), pytrace=False)
+        t0 = time.monotonic()
+        j.controller.send_signal(sig)
+        code = j.wait_job(timeout=60)
+        took = time.monotonic() - t0
+        log = j.engine_log.read_text(errors="replace")
+        if sig == signal.SIGTERM:
+            assert code == 0, j.logs()
+            assert "controller asked the job to shut down" in log
+            assert took < 10
+        else:
+            assert code == 1, j.logs()
+            assert "lost the controller" in log
+        j.tracker.refresh()
+        assert j.engine_processes() == []
+    finally:
+        j.stop()
+
+
 @pytest.mark.timeout(60)
 def test_singleton_without_mpirun(tmp_path):
     j = engine_job.EngineJob(tmp_path, 1)
