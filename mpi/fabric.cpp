@@ -22,6 +22,7 @@ constexpr const char* kLog = "fabric";
 constexpr int kTagFrames = 1;
 constexpr std::uint64_t kBcastExit = 1;
 constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
+constexpr std::size_t kInPlaceSendBytes = 256 * 1024;  // larger messages are sent without packing
 constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic
 constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: <=1 ms added latency
 constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
@@ -101,16 +102,51 @@ void Fabric::post(Frames&& frames) {
   [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
 }
 
-void Fabric::isend(int dest, const Frames& frames) {
-  auto data = std::make_shared<std::vector<char>>(pack_frames(frames));
-  if (data->size() > static_cast<std::size_t>(INT_MAX)) {
-    PXF_LOG(error, kLog) << "message of " << data->size() << " bytes exceeds the 2 GiB MPI message limit; dropped";
+void Fabric::isend(int dest, Frames&& frames) {
+  std::size_t total = 4 + 8 * frames.size();
+  for (const auto& f : frames) total += f.size();
+  if (total > static_cast<std::size_t>(INT_MAX)) {
+    PXF_LOG(error, kLog) << "message of " << total << " bytes exceeds the 2 GiB MPI message limit; dropped";
     return;
   }
   Send s;
   s.reqs.resize(1);
-  MPI_Isend(data->data(), static_cast<int>(data->size()), MPI_BYTE, dest, kTagFrames, p2p_, &s.reqs[0]);
-  s.data = std::move(data);
+  if (total < kInPlaceSendBytes) {
+    auto data = std::make_shared<std::vector<char>>(pack_frames(frames));
+    MPI_Isend(data->data(), static_cast<int>(data->size()), MPI_BYTE, dest, kTagFrames, p2p_, &s.reqs[0]);
+    s.data = std::move(data);
+  } else {
+    // Large: the same packet layout, described by an hindexed datatype over the frames
+    // themselves (MPI reads them in place; no packing copy). The receiver sees plain bytes.
+    auto head = std::make_shared<std::vector<char>>(4 + 8 * frames.size());
+    auto n = static_cast<std::uint32_t>(frames.size());
+    std::memcpy(head->data(), &n, 4);
+    for (std::size_t i = 0; i < frames.size(); ++i) {
+      std::uint64_t sz = frames[i].size();
+      std::memcpy(head->data() + 4 + 8 * i, &sz, 8);
+    }
+    std::vector<int> lens;
+    std::vector<MPI_Aint> displs;
+    lens.reserve(frames.size() + 1);
+    displs.reserve(frames.size() + 1);
+    MPI_Aint a;
+    MPI_Get_address(head->data(), &a);
+    lens.push_back(static_cast<int>(head->size()));
+    displs.push_back(a);
+    for (auto& f : frames) {
+      if (f.size() == 0) continue;
+      MPI_Get_address(f.data(), &a);
+      lens.push_back(static_cast<int>(f.size()));
+      displs.push_back(a);
+    }
+    MPI_Datatype type;
+    MPI_Type_create_hindexed(static_cast<int>(lens.size()), lens.data(), displs.data(), MPI_BYTE, &type);
+    MPI_Type_commit(&type);
+    MPI_Isend(MPI_BOTTOM, 1, type, dest, kTagFrames, p2p_, &s.reqs[0]);
+    MPI_Type_free(&type);  // released by MPI once the send completes
+    s.data = std::move(head);
+    s.frames = std::move(frames);
+  }
   sends_.push_back(std::move(s));
 }
 
@@ -135,7 +171,7 @@ void Fabric::to_rank(int rank, Frames&& frames) {
     local_.deliver(std::move(frames), mono_seconds());
     return;
   }
-  isend(rank, frames);
+  isend(rank, std::move(frames));
 }
 
 void Fabric::to_all(Frames&& frames) {
@@ -182,13 +218,13 @@ bool Fabric::progress_recv() {
     if (!flag) break;
     int count = 0;
     MPI_Get_count(&st, MPI_BYTE, &count);
-    std::vector<char> buf(static_cast<std::size_t>(count));
-    MPI_Mrecv(buf.data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
+    auto buf = std::make_shared<Packet>(static_cast<std::size_t>(count));
+    MPI_Mrecv(buf->data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
     any = true;
     double received = mono_seconds();
     Frames frames;
     try {
-      frames = unpack_frames(buf.data(), buf.size());
+      frames = unpack_frames(buf);
     } catch (const std::exception& e) {
       PXF_LOG(error, kLog) << "bad packet from rank " << st.MPI_SOURCE << ": " << e.what();
       continue;
@@ -217,12 +253,12 @@ bool Fabric::progress_bcast_in() {
       ending_ = true;
       return true;
     }
-    in_data_.assign(in_hdr_[0], 0);
+    in_data_ = std::make_shared<Packet>(in_hdr_[0]);
     in_data_reqs_.clear();
-    for (std::uint64_t off = 0; off < in_data_.size(); off += kChunk) {
-      int n = static_cast<int>(std::min<std::uint64_t>(kChunk, in_data_.size() - off));
+    for (std::uint64_t off = 0; off < in_data_->size(); off += kChunk) {
+      int n = static_cast<int>(std::min<std::uint64_t>(kChunk, in_data_->size() - off));
       in_data_reqs_.emplace_back();
-      MPI_Ibcast(in_data_.data() + off, n, MPI_BYTE, 0, coll_, &in_data_reqs_.back());
+      MPI_Ibcast(in_data_->data() + off, n, MPI_BYTE, 0, coll_, &in_data_reqs_.back());
     }
   }
   int done = 1;
@@ -231,12 +267,12 @@ bool Fabric::progress_bcast_in() {
   if (!done) return true;
   in_data_reqs_.clear();
   try {
-    auto frames = unpack_frames(in_data_.data(), in_data_.size());
+    auto frames = unpack_frames(in_data_);
     local_.deliver(std::move(frames), mono_seconds());
   } catch (const std::exception& e) {
     PXF_LOG(error, kLog) << "bad broadcast packet: " << e.what();
   }
-  std::vector<char>().swap(in_data_);
+  in_data_.reset();
   post_bcast_header();
   return true;
 }
@@ -269,7 +305,7 @@ void Fabric::run() {
     }
     for (auto& f : out) {
       if (rank_ == 0) gw_->from_rank(std::move(f), *this);
-      else isend(0, f);
+      else isend(0, std::move(f));
     }
     busy |= !out.empty();
     busy |= progress_sends();
@@ -315,7 +351,7 @@ void Fabric::drain_and_quiesce() {
     }
     for (auto& f : out) {
       if (rank_ == 0) gw_->from_rank(std::move(f), *this);
-      else isend(0, f);  // e.g. the last iopub before the end; rank 0 still receives
+      else isend(0, std::move(f));  // e.g. the last iopub before the end; rank 0 still receives
     }
   };
   flush_outbox();

@@ -9,6 +9,7 @@
 // Waiting: ppoll on an eventfd (outgoing work) and, on rank 0, the link socket's ZMQ_FD, with an
 // adaptive timeout: 0 for the first 200 us after traffic, then idle/8, capped at 1 ms.
 #include "gateway/gateway.hpp"
+#include "mpi/packet.hpp"
 #include "wire/frames.hpp"
 
 #include <mpi.h>
@@ -64,6 +65,7 @@ class Fabric final : public gateway::Sink {
   struct Send {
     std::shared_ptr<std::vector<char>> data;
     std::unique_ptr<std::uint64_t[]> hdr;
+    Frames frames;  // sent in place (large messages): kept alive until the send completes
     std::vector<MPI_Request> reqs;
   };
 
@@ -72,7 +74,7 @@ class Fabric final : public gateway::Sink {
   bool progress_recv();
   bool progress_bcast_in();
   void post_bcast_header();
-  void isend(int dest, const Frames& frames);
+  void isend(int dest, Frames&& frames);
   void ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags);
   void wait(std::int64_t timeout_us);
   void drain_and_quiesce();
@@ -90,7 +92,7 @@ class Fabric final : public gateway::Sink {
   // non-root broadcast receive state
   std::uint64_t in_hdr_[2] = {0, 0};
   MPI_Request in_hdr_req_ = MPI_REQUEST_NULL;
-  std::vector<char> in_data_;
+  std::shared_ptr<Packet> in_data_;
   std::vector<MPI_Request> in_data_reqs_;
 
   std::atomic<bool> ending_{false};

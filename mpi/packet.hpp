@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -32,7 +33,18 @@ inline Packet pack_frames(const wire::Frames& frames) {
   return p;
 }
 
-inline wire::Frames unpack_frames(const char* data, std::size_t size) {
+// Frames at least this large are not copied out of a received packet: they reference it.
+inline constexpr std::size_t kShareFrameBytes = 64 * 1024;
+
+namespace detail {
+inline void release_packet(void* /*data*/, void* hint) { delete static_cast<std::shared_ptr<Packet>*>(hint); }
+} // namespace detail
+
+// Like unpack_frames(data, size), but frames of kShareFrameBytes or more keep `packet` alive
+// and point into it instead of copying (a 40 MB push to a rank was copied five times).
+wire::Frames unpack_frames(const std::shared_ptr<Packet>& packet);
+
+inline wire::Frames unpack_frames(const char* data, std::size_t size, const std::shared_ptr<Packet>* owner = nullptr) {
   if (size < 4) throw std::runtime_error("fabric packet too short");
   std::uint32_t n;
   std::memcpy(&n, data, 4);
@@ -46,10 +58,18 @@ inline wire::Frames unpack_frames(const char* data, std::size_t size) {
     std::uint64_t s;
     std::memcpy(&s, sizes + 8ull * i, 8);
     if (s > static_cast<std::uint64_t>(end - o)) throw std::runtime_error("fabric packet: bad frame size");
-    out.emplace_back(o, s);
+    if (owner && s >= kShareFrameBytes) {
+      out.emplace_back(const_cast<char*>(o), s, &detail::release_packet, new std::shared_ptr<Packet>(*owner));
+    } else {
+      out.emplace_back(o, s);
+    }
     o += s;
   }
   return out;
+}
+
+inline wire::Frames unpack_frames(const std::shared_ptr<Packet>& packet) {
+  return unpack_frames(packet->data(), packet->size(), &packet);
 }
 
 } // namespace pxf::mpi

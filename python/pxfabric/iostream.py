@@ -104,9 +104,11 @@ class OutStream(io.TextIOBase):
             self.write(line)
 
     def flush(self) -> None:
-        """Publish buffered text now (also drains a captured fd)."""
-        if not self._parts and self._capture is None:
-            return
+        """Publish buffered text now (also drains a captured fd).
+
+        Always under the lock, even when nothing is buffered: another thread (the host's
+        periodic flush) may have taken the text and still be publishing it, and a caller that
+        publishes ``status: idle`` next must not overtake that stream message."""
         with self._lock:
             if self._capture is not None:
                 self._capture.drain()
