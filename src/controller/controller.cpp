@@ -186,6 +186,7 @@ int Controller::run() {
     if (next_fast_ping_ms_) next = std::min(next, next_fast_ping_ms_);
     if (shutdown_at_ms_) next = std::min(next, shutdown_at_ms_);
     if (!timeouts_.empty()) next = std::min(next, std::get<0>(timeouts_.top()));
+    if (trim_at_ms_) next = std::min(next, trim_at_ms_);
     poll_once(std::clamp<std::int64_t>(next - now, 0, 1000));
     on_timers();
     if (shutdown_at_ms_ && mono_ms() >= shutdown_at_ms_) break;
@@ -308,6 +309,7 @@ void Controller::on_timers() {
   }
   // Load-balanced task timeouts apply only while a task waits for an engine (stock semantics).
   on_task_timeouts(now);
+  maybe_trim(now);
 }
 
 // ------------------------------------------------------------------ heartbeat

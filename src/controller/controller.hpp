@@ -131,6 +131,7 @@ class Controller {
   void dispatch_runnable();
   std::size_t waiting_count() const { return parked_.size(); }
   void on_task_timeouts(std::int64_t now);
+  void maybe_trim(std::int64_t now);
   // Takes a parked task out of the queues.
   Task unpark(std::unordered_map<TaskKey, Task>::iterator it);
   // Fails or reschedules the tasks an engine had when it went away (stock handle_stranded_tasks).
@@ -205,6 +206,8 @@ class Controller {
   std::priority_queue<Timeout, std::vector<Timeout>, std::greater<>> timeouts_;
   std::uint64_t task_seq_ = 0;
   bool settling_ = false;
+  std::size_t tasks_since_trim_ = 0;  // tasks finished since the last malloc_trim
+  std::int64_t trim_at_ms_ = 0;  // malloc_trim then, if the scheduler is still idle
   std::unordered_map<std::string, Broadcast> broadcasts_;
   TaskRecords records_;
   std::unordered_map<std::string, Job> jobs_;

@@ -9,6 +9,36 @@ using nlohmann::json;
 
 TaskKey task_key(std::string_view msg_id) { return std::hash<std::string_view>{}(msg_id); }
 
+TaskOutcomes::Slot* TaskOutcomes::slot(TaskKey k, bool insert) {
+  k = norm(k);
+  if (slots_.empty()) {
+    if (!insert) return nullptr;
+    slots_.resize(1024);
+  }
+  std::size_t mask = slots_.size() - 1;
+  // The key is already a hash; mix it once more so that clustered keys spread.
+  std::size_t i = static_cast<std::size_t>((k ^ (k >> 29)) * 0x9E3779B97F4A7C15ULL) & mask;
+  while (true) {
+    Slot& s = slots_[i];
+    if (s.key == k) return &s;
+    if (s.key == 0) {
+      if (!insert) return nullptr;
+      if (2 * (size_ + 1) > slots_.size()) {  // keep the load under a half
+        std::vector<Slot> old(slots_.size() * 2);
+        old.swap(slots_);
+        size_ = 0;
+        for (auto& o : old)
+          if (o.key) *slot(o.key, true) = o;
+        return slot(k, true);
+      }
+      s.key = k;
+      ++size_;
+      return &s;
+    }
+    i = (i + 1) & mask;
+  }
+}
+
 namespace {
 
 // Python's name for the type of a JSON value, for error messages.

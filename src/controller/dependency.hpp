@@ -28,23 +28,33 @@ class TaskOutcomes {
     std::int32_t engine = -1;  // where it ran; -1 if it never ran (failed by the scheduler)
     TaskState state = TaskState::pending;
   };
-  void seen(TaskKey k) { map_.try_emplace(k); }
+  void seen(TaskKey k) { slot(k, true); }
   void finish(TaskKey k, bool success, int engine) {
-    map_[k] = Outcome{engine, success ? TaskState::succeeded : TaskState::failed};
+    Slot* s = slot(k, true);
+    s->outcome = Outcome{engine, success ? TaskState::succeeded : TaskState::failed};
   }
   const Outcome* find(TaskKey k) const {
-    auto it = map_.find(k);
-    return it == map_.end() ? nullptr : &it->second;
+    const Slot* s = const_cast<TaskOutcomes*>(this)->slot(k, false);
+    return s ? &s->outcome : nullptr;
   }
-  bool known(TaskKey k) const { return map_.count(k) != 0; }
+  bool known(TaskKey k) const { return find(k) != nullptr; }
   bool done(TaskKey k) const {
     auto o = find(k);
     return o && o->state != TaskState::pending;
   }
-  std::size_t size() const { return map_.size(); }
+  std::size_t size() const { return size_; }
 
  private:
-  std::unordered_map<TaskKey, Outcome> map_;
+  // Open addressing in one array (16 bytes a task): it grows by doubling, in one block, instead
+  // of one heap node per task.
+  struct Slot {
+    TaskKey key = 0;  // 0 = empty
+    Outcome outcome;
+  };
+  static TaskKey norm(TaskKey k) { return k ? k : 1; }
+  Slot* slot(TaskKey k, bool insert);
+  std::vector<Slot> slots_;
+  std::size_t size_ = 0;
 };
 
 // A dependency the scheduler cannot read; becomes an error reply with this ename.

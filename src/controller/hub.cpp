@@ -195,14 +195,14 @@ void Controller::on_queue_request(const zmq::message_t& ident, const Message& m)
   bool verbose = verbose_it != m.content.end() && verbose_it->is_boolean() && verbose_it->get<bool>();
   json out = {{"status", "ok"}};
   static const std::unordered_set<std::string> none;
-  static const std::vector<std::string> none_list;
+  static const IdLog none_list;
   for (int id : targets) {
     Engine* e = engines_.by_id(id);
     auto& q = e ? e->queue : none;
     auto& t = e ? e->tasks : none;
     auto& c = e ? e->completed : none_list;
     if (verbose)
-      out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c)}, {"tasks", json(t)}};
+      out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c.list())}, {"tasks", json(t)}};
     else
       out[std::to_string(id)] = {{"queue", q.size()}, {"completed", c.size()}, {"tasks", t.size()}};
   }

@@ -14,6 +14,14 @@ json parse_or_string(const std::string& s) {
   json j = json::parse(s, nullptr, false);
   return j.is_discarded() ? json(s) : j;
 }
+// A frame to keep for long. Small frames are copied: a received frame may point into a
+// receive buffer that libzmq shares between messages, and keeping it would pin the whole buffer.
+zmq::message_t keep(zmq::message_t& m) {
+  constexpr std::size_t kCopyBelow = 16384;
+  if (m.size() < kCopyBelow) return zmq::message_t(m.data(), m.size());
+  return wire::share(m);
+}
+
 json parse_or_null(const std::string& s) {
   if (s.empty()) return json();
   return parse_or_string(s);
@@ -37,7 +45,7 @@ TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, 
   r.bytes = 0;
   r.buffers.clear();
   for (auto& b : request.buffers) {
-    r.buffers.push_back(wire::share(b));
+    r.buffers.push_back(keep(b));
     r.bytes += b.size();
   }
   bytes_ += r.bytes;
@@ -65,7 +73,7 @@ void TaskRecords::complete(const std::string& msg_id, wire::Message& reply) {
   }
   r->result_buffers.clear();
   for (auto& b : reply.buffers) {
-    r->result_buffers.push_back(wire::share(b));
+    r->result_buffers.push_back(keep(b));
     r->bytes += b.size();
     bytes_ += b.size();
   }

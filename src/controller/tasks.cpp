@@ -14,6 +14,8 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include <malloc.h>
+
 namespace pxf::controller {
 
 using wire::view;
@@ -280,6 +282,7 @@ void Controller::retry_elsewhere(Task&& t, int engine) {
 
 void Controller::task_done(Task&& t, Message&& reply, bool success) {
   outcomes_.finish(t.key, success, t.engine);
+  ++tasks_since_trim_;
   records_.complete(t.msg_id, reply);
   if (!t.hub) {
     std::swap(reply.identities[0], reply.identities[1]);
@@ -320,6 +323,18 @@ void Controller::settle() {
     dispatch_runnable();
   } while (!done_.empty());
   settling_ = false;
+  // After a burst of tasks, hand the memory they held back to the system once the scheduler
+  // has been idle for a second (glibc keeps freed heap otherwise): see maybe_trim.
+  if (tasks_since_trim_ >= 4096) trim_at_ms_ = parked_.empty() && in_flight_.empty() ? mono_ms() + 1000 : 0;
+}
+
+void Controller::maybe_trim(std::int64_t now) {
+  if (!trim_at_ms_ || now < trim_at_ms_) return;
+  trim_at_ms_ = 0;
+  if (!parked_.empty() || !in_flight_.empty()) return;
+  tasks_since_trim_ = 0;
+  ::malloc_trim(0);
+  ++counters_["malloc_trim"];
 }
 
 void Controller::dispatch_runnable() {
