@@ -347,7 +347,8 @@ void Controller::on_resubmit_request(const zmq::message_t& ident, const Message&
   for (auto& id : ids) {
     if (resubmitted.contains(id)) continue;
     TaskRecord& r = *records_.find(id);
-    json header = r.header;
+    json old_header = r.header_json();
+    json header = old_header;
     json fresh = session_->make_header(wire::get_or<std::string>(header, "msg_type", "apply_request"));
     header["msg_id"] = fresh["msg_id"];
     header["date"] = fresh["date"];
@@ -357,7 +358,7 @@ void Controller::on_resubmit_request(const zmq::message_t& ident, const Message&
     for (auto& b : r.buffers) bufs.push_back(wire::share(b));
     Frames ids_frames;
     ids_frames.push_back(wire::frame("pxf-hub-resubmit"));
-    outgoing.push_back(session_->encode(std::move(ids_frames), header, r.header, json::object(), content, std::move(bufs)));
+    outgoing.push_back(session_->encode(std::move(ids_frames), header, old_header, json::object(), content, std::move(bufs)));
     r.resubmitted = header["msg_id"].get<std::string>();
     resubmitted[id] = r.resubmitted;
   }

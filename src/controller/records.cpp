@@ -1,5 +1,6 @@
 #include "controller/records.hpp"
 
+#include "controller/db_query.hpp"
 #include "util/clock.hpp"
 
 #include <algorithm>
@@ -28,18 +29,15 @@ json parse_or_null(const std::string& s) {
 }
 } // namespace
 
-TaskRecord& TaskRecords::add(const std::string& msg_id, const json& header, const json& metadata, const char* queue) {
+json TaskRecord::header_json() const { return parse_or_null(header); }
+
+TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, const char* queue) {
   auto [it, fresh] = records_.try_emplace(msg_id);
   if (fresh) order_.push_back(msg_id);
   TaskRecord& r = it->second;
-  r.header = header;
-  r.metadata = metadata;
   r.queue = queue;
-  return r;
-}
-
-TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, const char* queue) {
-  TaskRecord& r = add(msg_id, request.header, request.metadata, queue);
+  r.header = std::string(view(request.header_frame));
+  r.metadata = std::string(view(request.metadata_frame));
   r.content = std::string(view(request.content_frame));
   bytes_ -= r.bytes;
   r.bytes = 0;
@@ -194,10 +192,22 @@ std::size_t TaskRecords::drop_engine(const std::string& engine_uuid) {
 }
 
 std::vector<std::string> TaskRecords::history() const {
+  // Ordered by submission date (the request's header.date) as DictDB.get_history does; requests
+  // on different sockets may reach us in another order than they were sent.
+  std::vector<std::pair<std::int64_t, const std::string*>> dated;
+  dated.reserve(records_.size());
+  for (auto& id : order_) {
+    auto it = records_.find(id);
+    if (it == records_.end()) continue;
+    json date = wire::get_or<json>(it->second.header_json(), "date", json());
+    std::optional<std::int64_t> t;
+    if (date.is_string()) t = parse_iso_date(date.get<std::string>());
+    dated.emplace_back(t.value_or(0), &id);
+  }
+  std::stable_sort(dated.begin(), dated.end(), [](auto& a, auto& b) { return a.first < b.first; });
   std::vector<std::string> out;
-  out.reserve(records_.size());
-  for (auto& id : order_)
-    if (records_.count(id)) out.push_back(id);
+  out.reserve(dated.size());
+  for (auto& [t, id] : dated) out.push_back(*id);
   return out;
 }
 
@@ -207,8 +217,8 @@ json TaskRecords::extract(const TaskRecord& r) {
              {"error", r.error},
              {"stdout", r.out},
              {"stderr", r.err}};
-  return {{"header", r.header},
-          {"metadata", r.metadata},
+  return {{"header", r.header_json()},
+          {"metadata", parse_or_null(r.metadata)},
           {"result_metadata", parse_or_null(r.result_metadata)},
           {"result_header", parse_or_null(r.result_header)},
           {"result_content", parse_or_null(r.result_content)},
@@ -234,12 +244,13 @@ json TaskRecords::to_json(const std::string& msg_id, const TaskRecord& r) {
     return it == obj.end() ? json() : *it;
   };
   json content = r.content.empty() ? json::object() : parse_or_string(r.content);
+  json header = r.header_json();
   return {{"msg_id", msg_id},
-          {"header", r.header},
-          {"metadata", r.metadata},
+          {"header", header},
+          {"metadata", parse_or_null(r.metadata)},
           {"content", content},
-          {"submitted", str_or_null(r.header, "date")},
-          {"client_uuid", str_or_null(r.header, "session")},
+          {"submitted", str_or_null(header, "date")},
+          {"client_uuid", str_or_null(header, "session")},
           {"engine_uuid", r.engine_uuid.empty() && !r.completed ? json() : json(r.engine_uuid)},
           {"started", str_or_null(result_metadata, "started")},
           {"completed", r.completed ? str_or_null(result_header, "date") : json()},

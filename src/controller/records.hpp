@@ -26,9 +26,10 @@ struct RecordLimits {
 };
 
 struct TaskRecord {
-  json header;                 // the request's header
-  json metadata;               // the request's metadata
+  std::string header;          // the request's header, JSON as received (parsed on demand)
+  std::string metadata;        // the request's metadata, JSON as received
   std::string content;         // the request's content, JSON as received
+  json header_json() const;
   wire::Frames buffers;        // the request's buffers (shared with the message, not copied)
   std::string queue;           // "mux" or "task"
   std::string engine_uuid;     // "" until assigned
@@ -46,8 +47,7 @@ class TaskRecords {
  public:
   explicit TaskRecords(RecordLimits limits = {}) : limits_(limits) {}
 
-  TaskRecord& add(const std::string& msg_id, const json& header, const json& metadata, const char* queue);
-  // add() plus the request's content and buffers (shared), for db_request and resubmission.
+  // A new record of `request` (its JSON frames and buffers are copied, large buffers shared).
   TaskRecord& add(const std::string& msg_id, wire::Message& request, const char* queue);
   TaskRecord* find(const std::string& msg_id);
   // Stores the reply (buffers shared, not copied) and culls if over a limit.
