@@ -84,7 +84,7 @@ class Runner:
         Not rc.wait() + rc.purge_everything(): (1) the stock 7.1 client never removes a
         non-coalescing BroadcastView request's own msg_id from rc.outstanding, so rc.wait()
         without arguments never returns True and purge_local_results('all') raises once a
-        broadcast was sent; (2) pxcontroller does not implement purge_request, and purging
+        broadcast was sent; (2) (historical) pxcontroller once lacked purge_request, and purging
         only the stock hub's records would favour stock. Hub-side records grow on both."""
         rc = self.rc
         rc.outstanding.clear()

@@ -31,7 +31,8 @@ std::string hostname() {
 } // namespace
 
 Controller::Controller(Options opts)
-    : opts_(std::move(opts)), balancer_(opts_.scheme, opts_.hwm) {
+    : opts_(std::move(opts)), balancer_(opts_.scheme, opts_.hwm),
+      records_(RecordLimits{opts_.record_limit, opts_.size_limit, opts_.cull_fraction}) {
   location_ = conn::resolve_profile(opts_.profile);
   port_pool_ = opts_.ports;
   if (opts_.location.empty()) opts_.location = hostname();
@@ -197,9 +198,8 @@ int Controller::run() {
     if (next_fast_ping_ms_) next = std::min(next, next_fast_ping_ms_);
     if (shutdown_at_ms_) next = std::min(next, shutdown_at_ms_);
     if (fabric_probe_at_ms_) next = std::min(next, fabric_probe_at_ms_);
-    if (timed_waiting_)
-      for (auto& t : waiting_)
-        if (t.deadline_ms) next = std::min(next, t.deadline_ms);
+    if (!timeouts_.empty()) next = std::min(next, std::get<0>(timeouts_.top()));
+    if (trim_at_ms_) next = std::min(next, trim_at_ms_);
     poll_once(std::clamp<std::int64_t>(next - now, 0, 1000));
     on_timers();
     if (shutdown_at_ms_ && mono_ms() >= shutdown_at_ms_) break;
@@ -362,16 +362,8 @@ void Controller::on_timers() {
     probe_jobs();
   }
   // Load-balanced task timeouts apply only while a task waits for an engine (stock semantics).
-  for (auto it = waiting_.begin(); timed_waiting_ && it != waiting_.end();) {
-    if (it->deadline_ms && now >= it->deadline_ms) {
-      zmq::message_t client = std::move(it->msg.identities.front());
-      json header = std::move(it->msg.header);
-      it = erase_waiting(it);
-      fail_task(std::move(client), header, error_content("TaskTimeout", "", "ipyparallel.error"), "");
-    } else {
-      ++it;
-    }
-  }
+  on_task_timeouts(now);
+  maybe_trim(now);
 }
 
 // ------------------------------------------------------------------ fabric liveness

@@ -7,6 +7,7 @@
 #include "conn/connection_file.hpp"
 #include "conn/profile.hpp"
 #include "controller/engines.hpp"
+#include "controller/dependency.hpp"
 #include "controller/load_balancer.hpp"
 #include "controller/options.hpp"
 #include "controller/records.hpp"
@@ -15,6 +16,9 @@
 #include <array>
 #include <atomic>
 #include <deque>
+#include <map>
+#include <queue>
+#include <tuple>
 #include <memory>
 #include <optional>
 #include <unordered_map>
@@ -65,6 +69,9 @@ class Controller {
   void on_queue_request(const zmq::message_t& ident, const Message& m);
   void on_result_request(const zmq::message_t& ident, const Message& m);
   void on_history_request(const zmq::message_t& ident, const Message& m);
+  void on_db_request(const zmq::message_t& ident, const Message& m);
+  void on_purge_request(const zmq::message_t& ident, const Message& m);
+  void on_resubmit_request(const zmq::message_t& ident, const Message& m);
   void on_shutdown_request(const zmq::message_t& ident, const Message& m);
   void on_stats_request(const zmq::message_t& ident, const Message& m);
   void finish_registration(Engine& e);
@@ -81,30 +88,56 @@ class Controller {
   void reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
                       const char* channel);
 
-  // --- load-balanced tasks
+  // --- load-balanced tasks (tasks.cpp): the stock TaskScheduler's semantics (protocol §7)
   struct Task {
-    Message msg;                    // identities = [client]
+    Message msg;                    // identities = [client]; none for a hub resubmission
     std::string msg_id;
-    std::vector<int> targets;       // allowed engine ids
-    bool targeted = false;          // false: any engine will do
-    std::int64_t deadline_ms = 0;   // task timeout while waiting; 0 = none
+    TaskKey key = 0;
+    std::vector<int> targets;       // allowed engine ids, when `targeted`
+    bool targeted = false;
+    std::vector<int> blacklist;     // engines it failed on (retries, unmet @depend/@require)
+    Dependency after, follow;
+    double timeout_s = 0;           // armed each time the task is parked; 0 = none
+    int retries = 0;
+    std::uint64_t seq = 0;          // queue position: submission order, re-parked tasks last
+    std::uint64_t timer = 0;        // generation of its current timeout
+    int engine = -1;                // in flight: on which engine
+    int queue = 0;                  // parked: 0 blocked, 1 in free_, 2 in constrained_
+    bool hub = false;               // resubmitted by the hub: the reply goes to nobody
+    bool plain() const { return follow.empty() && !targeted && blacklist.empty(); }
   };
-  struct InFlight {
-    int engine = -1;
-    std::string client;
-    json header;                    // the request header (parent of synthesized replies)
-  };
-  void on_task_submit(Frames&& frames);
+  enum class Run { ran, failed, wait };
+  void on_task_submit(Frames&& frames, bool from_hub = false);
   void on_task_reply(Frames&& frames);
-  bool try_dispatch(Task& t);
-  void dispatch_waiting();
-  // Answers a task in the engine's place; `request_header` becomes the reply's parent.
-  void fail_task(zmq::message_t client, const json& request_header, const json& content,
-                 const std::string& engine_uuid);
-  // The waiting queue, with a count of its timed tasks so idle loops need not scan it.
-  void push_waiting(Task&& t);
-  std::deque<Task>::iterator erase_waiting(std::deque<Task>::iterator it);
+  // Reads the request metadata into `t`; throws DependencyError for what it cannot read.
+  void read_task_metadata(Task& t, const json& md);
+  // Validates and queues or runs a new task (stock dispatch_submission after parsing).
+  void schedule(Task&& t);
+  // Runs `t` now if an engine may take it (stock maybe_run). ran: sent to an engine; failed:
+  // answered with ImpossibleDependency; in both cases `t` has been moved from. wait: untouched.
+  Run maybe_run(Task& t);
+  void submit_to(Task&& t, Engine& e);
+  // Parks a task until its dependencies are met and an engine can take it (stock save_unmet).
+  void park(Task&& t);
+  // A reply that does not count (unmet @depend, or a failure with retries left): try elsewhere.
+  void retry_elsewhere(Task&& t, int engine);
+  // The end of a task: relay `reply` (or nothing for a hub resubmission), record, unblock.
+  void task_done(Task&& t, Message&& reply, bool success);
+  // Answers a task in the scheduler's name (InvalidDependency, ImpossibleDependency,
+  // TaskTimeout, bad metadata): no engine frame, metadata {}; counts as failed for dependents.
+  void fail_unreachable(Task&& t, const json& content);
+  // Re-examines what `done` unblocks, then gives engines with room the first runnable tasks.
+  void settle();
+  void dispatch_runnable();
+  std::size_t waiting_count() const { return parked_.size(); }
+  void on_task_timeouts(std::int64_t now);
+  void maybe_trim(std::int64_t now);
+  // Takes a parked task out of the queues.
+  Task unpark(std::unordered_map<TaskKey, Task>::iterator it);
+  // Fails or reschedules the tasks an engine had when it went away (stock handle_stranded_tasks).
+  void strand_tasks(int engine_id, const std::string& uuid, const std::vector<std::string>& msg_ids);
 
+  // --- broadcast
   // --- broadcast
   // A coalescing broadcast waits for one reply per part: a stock engine (one target) or a
   // fabric job (all of its targets, gathered over MPI by the gateway).
@@ -168,9 +201,21 @@ class Controller {
 
   EngineTable engines_;
   LoadBalancer balancer_;
-  std::deque<Task> waiting_;
-  std::size_t timed_waiting_ = 0;  // waiting tasks with a timeout
-  std::unordered_map<std::string, InFlight> in_flight_;
+  // Scheduler state. A parked task is either blocked (a dependency is pending: it is found
+  // through graph_ when that one finishes) or runnable (in free_ when any engine will do, else
+  // in constrained_), so a finished task costs work only for its own dependents.
+  TaskOutcomes outcomes_;
+  std::unordered_map<TaskKey, Task> parked_;
+  std::map<std::uint64_t, TaskKey> free_, constrained_;      // runnable, by seq
+  std::unordered_map<TaskKey, std::vector<TaskKey>> graph_;  // dependency -> parked dependents
+  std::deque<TaskKey> done_;                                 // finished, dependents not yet examined
+  std::unordered_map<TaskKey, Task> in_flight_;
+  using Timeout = std::tuple<std::int64_t, TaskKey, std::uint64_t>;  // deadline, task, generation
+  std::priority_queue<Timeout, std::vector<Timeout>, std::greater<>> timeouts_;
+  std::uint64_t task_seq_ = 0;
+  bool settling_ = false;
+  std::size_t tasks_since_trim_ = 0;  // tasks finished since the last malloc_trim
+  std::int64_t trim_at_ms_ = 0;  // malloc_trim then, if the scheduler is still idle
   std::unordered_map<std::string, Broadcast> broadcasts_;
   TaskRecords records_;
   std::unordered_map<std::string, Job> jobs_;

@@ -3,11 +3,37 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
 
 namespace pxf::controller {
+
+// An append-only list of msg_ids in one buffer: a long-lived list that grows with every task
+// must not scatter one small allocation per entry over the heap (that pins freed pages).
+class IdLog {
+ public:
+  void push_back(std::string_view id) {
+    data_.append(id);
+    ends_.push_back(static_cast<std::uint32_t>(data_.size()));
+  }
+  std::size_t size() const { return ends_.size(); }
+  std::vector<std::string> list() const {
+    std::vector<std::string> out;
+    out.reserve(ends_.size());
+    std::uint32_t start = 0;
+    for (auto end : ends_) {
+      out.emplace_back(data_, start, end - start);
+      start = end;
+    }
+    return out;
+  }
+
+ private:
+  std::string data_;
+  std::vector<std::uint32_t> ends_;
+};
 
 struct Engine {
   int id = -1;
@@ -18,7 +44,7 @@ struct Engine {
   bool answered = true;                       // answered a ping since the last beat
   std::unordered_set<std::string> queue;      // outstanding direct (mux) requests
   std::unordered_set<std::string> tasks;      // outstanding load-balanced tasks
-  std::vector<std::string> completed;         // finished msg_ids, both queues
+  IdLog completed;                            // finished msg_ids, both queues
   std::string job;                            // fabric job uuid (MPI engines); "" = stock engine
 };
 

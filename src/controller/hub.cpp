@@ -1,5 +1,6 @@
 // The hub: registration, queries and notifications on the registration socket (protocol §4).
 #include "controller/controller.hpp"
+#include "controller/db_query.hpp"
 #include "controller/errors.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
@@ -54,6 +55,23 @@ std::vector<int> validate_targets(const json& targets, EngineTable& engines) {
   if (out.empty()) throw BadRequest("IndexError", "No Engines Registered");
   return out;
 }
+// The stock hub answers a failed result/history/db/purge/resubmit request with its own reply
+// type carrying error content, and everything else with hub_error.
+const char* error_reply_type(const std::string& type) {
+  if (type == "result_request") return "result_reply";
+  if (type == "history_request") return "history_reply";
+  if (type == "db_request") return "db_reply";
+  if (type == "purge_request") return "purge_reply";
+  if (type == "resubmit_request") return "resubmit_reply";
+  return "hub_error";
+}
+
+// Python's repr of a list of strings: ['a', 'b']
+std::string py_repr(const std::vector<std::string>& ids) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < ids.size(); ++i) s += (i ? ", '" : "'") + ids[i] + "'";
+  return s + "]";
+}
 } // namespace
 
 void Controller::reply(const zmq::message_t& ident, const Message& req, const char* type, const json& content,
@@ -98,15 +116,20 @@ void Controller::on_query(Frames&& frames) {
     if (type == "history_request") return on_history_request(ident, m);
     if (type == "shutdown_request") return on_shutdown_request(ident, m);
     if (type == "pxf_stats_request") return on_stats_request(ident, m);
-    if (type == "db_request" || type == "purge_request" || type == "resubmit_request")
-      throw BadRequest("NotImplementedError", type + " is not supported by pxcontroller yet");
+    if (type == "db_request") return on_db_request(ident, m);
+    if (type == "purge_request") return on_purge_request(ident, m);
+    if (type == "resubmit_request") return on_resubmit_request(ident, m);
     if (type == "become_dask_request" || type == "stop_distributed_request")
       throw BadRequest("NotImplementedError", "pxcontroller does not run a dask scheduler");
     throw BadRequest("KeyError", "Bad Message Type: '" + type + "'");
   } catch (const BadRequest& e) {
     ++counters_["query.error"];
     PXF_LOG(info, kLog) << type << ": " << e.ename << ": " << e.what();
-    reply(ident, m, "hub_error", error_content(e.ename, e.what(), ""));
+    reply(ident, m, error_reply_type(type), error_content(e.ename, e.what(), ""));
+  } catch (const QueryError& e) {
+    ++counters_["query.error"];
+    PXF_LOG(info, kLog) << type << ": " << e.ename << ": " << e.what();
+    reply(ident, m, error_reply_type(type), error_content(e.ename, e.what(), ""));
   } catch (const json::exception& e) {
     ++counters_["query.error"];
     PXF_LOG(info, kLog) << type << ": malformed content: " << e.what();
@@ -152,7 +175,7 @@ void Controller::finish_registration(Engine& e) {
   balancer_.add_engine(e.id);
   PXF_LOG(info, kLog) << "engine::engine " << e.id << " (" << e.uuid << ") registered";
   notify("registration_notification", {{"id", e.id}, {"uuid", e.uuid}});
-  dispatch_waiting();
+  settle();
 }
 
 void Controller::on_unregistration_request(const Message& m) {
@@ -172,23 +195,26 @@ void Controller::on_queue_request(const zmq::message_t& ident, const Message& m)
   bool verbose = verbose_it != m.content.end() && verbose_it->is_boolean() && verbose_it->get<bool>();
   json out = {{"status", "ok"}};
   static const std::unordered_set<std::string> none;
-  static const std::vector<std::string> none_list;
+  static const IdLog none_list;
   for (int id : targets) {
     Engine* e = engines_.by_id(id);
     auto& q = e ? e->queue : none;
     auto& t = e ? e->tasks : none;
     auto& c = e ? e->completed : none_list;
     if (verbose)
-      out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c)}, {"tasks", json(t)}};
+      out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c.list())}, {"tasks", json(t)}};
     else
       out[std::to_string(id)] = {{"queue", q.size()}, {"completed", c.size()}, {"tasks", t.size()}};
   }
   if (verbose) {
-    json u = json::array();
-    for (auto& t : waiting_) u.push_back(t.msg_id);
-    out["unassigned"] = u;
+    std::vector<std::pair<std::uint64_t, const std::string*>> u;
+    for (auto& [k, t] : parked_) u.emplace_back(t.seq, &t.msg_id);
+    std::sort(u.begin(), u.end());
+    json ids = json::array();
+    for (auto& [seq, id] : u) ids.push_back(*id);
+    out["unassigned"] = ids;
   } else {
-    out["unassigned"] = waiting_.size();
+    out["unassigned"] = parked_.size();
   }
   reply(ident, m, "queue_reply", out);
 }
@@ -226,6 +252,120 @@ void Controller::on_history_request(const zmq::message_t& ident, const Message& 
   reply(ident, m, "history_reply", {{"status", "ok"}, {"history", records_.history()}});
 }
 
+void Controller::on_db_request(const zmq::message_t& ident, const Message& m) {
+  // The query's key order matters (tests stop at the first failure): read it again, ordered.
+  auto cv = view(m.content_frame);
+  auto ordered = nlohmann::ordered_json::parse(cv.begin(), cv.end(), nullptr, false);
+  nlohmann::ordered_json query = nlohmann::ordered_json::object();
+  if (ordered.is_object() && ordered.contains("query")) query = ordered["query"];
+  json keys = m.content.contains("keys") ? m.content["keys"] : json();
+  RecordQuery q(query);
+  std::vector<std::string> wanted;
+  if (!keys.is_null()) {
+    if (!keys.is_array()) throw BadRequest("TypeError", "keys must be a list of record keys, not " + keys.dump());
+    for (auto& k : keys) {
+      if (!k.is_string()) throw BadRequest("KeyError", k.dump());
+      wanted.push_back(k.get<std::string>());
+    }
+    auto& known = TaskRecords::keys();
+    for (auto& k : wanted)
+      if (std::find(known.begin(), known.end(), k) == known.end()) throw BadRequest("KeyError", "'" + k + "'");
+  }
+  bool with_bufs = std::find(wanted.begin(), wanted.end(), "buffers") != wanted.end();
+  bool with_rbufs = std::find(wanted.begin(), wanted.end(), "result_buffers") != wanted.end();
+  json records = json::array();
+  json buffer_lens = with_bufs ? json::array() : json();
+  json result_buffer_lens = with_rbufs ? json::array() : json();
+  Frames buffers;
+  records_.for_each([&](const std::string& id, TaskRecord& r) {
+    json rec = TaskRecords::to_json(id, r);
+    if (!q.matches(rec)) return;
+    if (!wanted.empty()) {
+      json sub = {{"msg_id", id}};
+      for (auto& k : wanted)
+        if (k != "buffers" && k != "result_buffers") sub[k] = rec[k];
+      rec = std::move(sub);
+    }
+    if (with_bufs) {
+      buffer_lens.push_back(r.buffers.size());
+      for (auto& b : r.buffers) buffers.push_back(wire::share(b));
+    }
+    if (with_rbufs) {
+      result_buffer_lens.push_back(r.result_buffers.size());
+      for (auto& b : r.result_buffers) buffers.push_back(wire::share(b));
+    }
+    records.push_back(std::move(rec));
+  });
+  reply(ident, m, "db_reply",
+        {{"status", "ok"}, {"records", std::move(records)}, {"buffer_lens", buffer_lens},
+         {"result_buffer_lens", result_buffer_lens}},
+        std::move(buffers));
+}
+
+void Controller::on_purge_request(const zmq::message_t& ident, const Message& m) {
+  json msg_ids = m.content.contains("msg_ids") ? m.content["msg_ids"] : json::array();
+  json engine_ids = m.content.contains("engine_ids") ? m.content["engine_ids"] : json::array();
+  if (msg_ids.is_string() && msg_ids.get<std::string>() == "all") {
+    records_.drop_completed();
+    return reply(ident, m, "purge_reply", {{"status", "ok"}});
+  }
+  if (!msg_ids.is_array()) throw BadRequest("TypeError", "msg_ids must be a list of msg_ids or 'all', not " + msg_ids.dump());
+  std::vector<std::string> ids;
+  for (auto& id : msg_ids) {
+    if (!id.is_string()) throw BadRequest("TypeError", "msg_ids must be strings, not " + id.dump());
+    ids.push_back(id.get<std::string>());
+  }
+  for (auto& id : ids)
+    if (TaskRecord* r = records_.find(id); r && !r->completed) throw BadRequest("IndexError", "msg pending: '" + id + "'");
+  records_.drop(ids);
+  if (engine_ids.is_null()) engine_ids = json::array();
+  if (!engine_ids.is_array()) throw BadRequest("TypeError", "engine_ids must be a list of engine ids, not " + engine_ids.dump());
+  for (auto& eid : engine_ids) {
+    if (!eid.is_number_integer()) throw BadRequest("TypeError", "engine ids must be integers, not " + eid.dump());
+    Engine* e = engines_.by_id(eid.get<int>());
+    if (!e || !e->registered) throw BadRequest("IndexError", "No such engine: " + eid.dump());
+    records_.drop_engine(e->uuid);
+  }
+  reply(ident, m, "purge_reply", {{"status", "ok"}});
+}
+
+void Controller::on_resubmit_request(const zmq::message_t& ident, const Message& m) {
+  auto it = m.content.find("msg_ids");
+  if (it == m.content.end()) throw BadRequest("KeyError", "'msg_ids'");
+  if (!it->is_array()) throw BadRequest("TypeError", "msg_ids must be a list of msg_ids, not " + it->dump());
+  std::vector<std::string> ids, missing;
+  for (auto& id : *it) {
+    if (!id.is_string()) throw BadRequest("TypeError", "msg_ids must be strings, not " + id.dump());
+    ids.push_back(id.get<std::string>());
+    if (!records_.find(ids.back())) missing.push_back(ids.back());
+  }
+  if (!missing.empty()) throw BadRequest("KeyError", "'No such msg(s): " + py_repr(missing) + "'");
+  // Each goes through the task scheduler again as stock does: the old header with a new
+  // msg_id and date, the old header as parent, metadata {}, the same content and buffers.
+  json resubmitted = json::object();
+  std::vector<Frames> outgoing;
+  for (auto& id : ids) {
+    if (resubmitted.contains(id)) continue;
+    TaskRecord& r = *records_.find(id);
+    json old_header = r.header_json();
+    json header = old_header;
+    json fresh = session_->make_header(wire::get_or<std::string>(header, "msg_type", "apply_request"));
+    header["msg_id"] = fresh["msg_id"];
+    header["date"] = fresh["date"];
+    json content = r.content.empty() ? json::object() : json::parse(r.content, nullptr, false);
+    if (content.is_discarded()) content = json::object();
+    Frames bufs;
+    for (auto& b : r.buffers) bufs.push_back(wire::share(b));
+    Frames ids_frames;
+    ids_frames.push_back(wire::frame("pxf-hub-resubmit"));
+    outgoing.push_back(session_->encode(std::move(ids_frames), header, old_header, json::object(), content, std::move(bufs)));
+    r.resubmitted = header["msg_id"].get<std::string>();
+    resubmitted[id] = r.resubmitted;
+  }
+  reply(ident, m, "resubmit_reply", {{"status", "ok"}, {"resubmitted", resubmitted}});
+  for (auto& f : outgoing) on_task_submit(std::move(f), true);
+}
+
 void Controller::on_shutdown_request(const zmq::message_t& ident, const Message& m) {
   PXF_LOG(info, kLog) << "shutdown requested by a client; exiting in 1 s";
   reply(ident, m, "shutdown_reply", {{"status", "ok"}});
@@ -246,8 +386,12 @@ void Controller::on_stats_request(const zmq::message_t& ident, const Message& m)
          {"drops", drops},
          {"counters", counters},
          {"engines", engines_.registered_count()},
-         {"waiting", waiting_.size()},
-         {"in_flight", in_flight_.size()}});
+         {"waiting", parked_.size()},
+         {"in_flight", in_flight_.size()},
+         {"records", records_.size()},
+         {"record_bytes", records_.bytes()},
+         {"task_outcomes", outcomes_.size()},
+         {"dependency_graph", graph_.size()}});
 }
 
 void Controller::unregister(int id, const std::string& why) {
@@ -257,7 +401,8 @@ void Controller::unregister(int id, const std::string& why) {
   bool was_registered = e->registered;
   PXF_LOG(info, kLog) << "engine " << id << " (" << uuid << ") unregistered: " << why;
   balancer_.remove_engine(id);
-  // Its load-balanced tasks fail now with EngineError (the client only fails direct work).
+  // Its load-balanced tasks go elsewhere (retries left) or fail now with EngineError: the
+  // client fails only direct work itself.
   std::vector<std::string> stranded(e->tasks.begin(), e->tasks.end());
   if (!e->job.empty()) {
     if (retired_.size() > 65536) retired_.clear();
@@ -265,14 +410,7 @@ void Controller::unregister(int id, const std::string& why) {
   }
   engines_.remove(id);
   if (was_registered) notify("unregistration_notification", {{"id", id}, {"uuid", uuid}});
-  for (auto& msg_id : stranded) {
-    auto it = in_flight_.find(msg_id);
-    if (it == in_flight_.end()) continue;
-    InFlight f = std::move(it->second);
-    in_flight_.erase(it);
-    fail_task(wire::frame(f.client), f.header,
-              error_content("EngineError", "Engine '" + uuid + "' died while running task '" + msg_id + "'"), uuid);
-  }
+  strand_tasks(id, uuid, stranded);
   // Coalescing broadcasts stop waiting for it (for a job, for the part that covers it).
   std::vector<std::pair<std::string, std::size_t>> gone;
   for (auto& [orig, b] : broadcasts_)
@@ -283,7 +421,7 @@ void Controller::unregister(int id, const std::string& why) {
         gone.emplace_back(orig, i);
   for (auto& [orig, i] : gone)
     if (auto it = broadcasts_.find(orig); it != broadcasts_.end()) part_done(orig, it->second, i);
-  dispatch_waiting();
+  settle();
 }
 
 } // namespace pxf::controller

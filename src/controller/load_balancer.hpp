@@ -21,6 +21,10 @@ class LoadBalancer {
 
   // Chooses among engines under the HWM (and in `allowed` when non-empty); nullopt if none.
   std::optional<int> choose(const std::vector<int>& allowed);
+  // Engines under the HWM, in LRU order (least recently used first).
+  std::vector<int> available() const { return candidates({}); }
+  bool eligible(int id) const;  // registered and under the HWM
+  int hwm() const { return hwm_; }
   void assigned(int id);  // load + 1, becomes most recently used
   void finished(int id);  // load - 1
 
@@ -33,7 +37,6 @@ class LoadBalancer {
     int load = 0;
     std::int64_t last_used = 0;
   };
-  bool eligible(int id) const;
   // Candidates in LRU order (least recently used first).
   std::vector<int> candidates(const std::vector<int>& allowed) const;
 

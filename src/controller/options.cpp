@@ -28,10 +28,15 @@ ipengines, and the MPI engine jobs of pxfabric.
   --ping MS               heartbeat period in ms (default 3000)
   --scheme NAME           load-balancing scheme (leastload)
   --hwm N                 outstanding tasks per engine, 0 = unlimited (default 1)
+  --record-limit N        task records kept (DictDB.record_limit, default 1024); past it
+                          the oldest finished records are culled
+  --size-limit BYTES      request and result buffer bytes kept (DictDB.size_limit, 1 GiB)
   --log-level LEVEL       10/DEBUG, 20/INFO (default), 30/WARN, 40/ERROR
   --dictdb                accepted for compatibility (the in-memory store is the only one)
   --Class.trait=value     ipcontroller config options; applied where they mean
-                          something here, otherwise ignored with a warning
+                          something here (TaskScheduler.scheme_name, TaskScheduler.hwm,
+                          DictDB.record_limit, DictDB.size_limit, DictDB.cull_fraction,
+                          HeartMonitor.period, ...), otherwise ignored with a warning
   -h, --help              this text
 
 Environment: IPP_PROFILE_DIR, IPP_CLUSTER_ID, IPP_SESSION_KEY, IPYTHONDIR.
@@ -46,6 +51,14 @@ int to_int(const std::string& opt, const std::string& v) {
   if (ec != std::errc() || p != v.data() + v.size())
     throw UsageError("option " + opt + " expects an integer, got '" + v + "'");
   return out;
+}
+
+std::size_t to_size(const std::string& opt, const std::string& v) {
+  unsigned long long out = 0;
+  auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
+  if (ec != std::errc() || p != v.data() + v.size())
+    throw UsageError("option " + opt + " expects a non-negative integer, got '" + v + "'");
+  return static_cast<std::size_t>(out);
 }
 
 double to_double(const std::string& opt, const std::string& v) {
@@ -131,6 +144,11 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
       {"HeartMonitor.max_heartmonitor_misses", [&](auto& k, auto& v) { o.max_heartbeat_misses = to_int(k, v); }},
       {"TaskScheduler.scheme_name", [&](auto&, auto& v) { o.scheme = unquote(v); }},
       {"TaskScheduler.hwm", [&](auto& k, auto& v) { o.hwm = to_int(k, v); }},
+      {"DictDB.record_limit", [&](auto& k, auto& v) { o.record_limit = to_size(k, v); }},
+      {"DictDB.size_limit", [&](auto& k, auto& v) { o.size_limit = to_size(k, v); }},
+      {"DictDB.cull_fraction", [&](auto& k, auto& v) { o.cull_fraction = to_double(k, v); }},
+      {"record-limit", [&](auto& k, auto& v) { o.record_limit = to_size(k, v); }},
+      {"size-limit", [&](auto& k, auto& v) { o.size_limit = to_size(k, v); }},
       {"Session.key",
        [&](auto&, auto& v) {
          o.key = unquote(v);
@@ -194,6 +212,7 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
   }
   if (o.ping_ms <= 0) throw UsageError("--ping must be a positive number of milliseconds");
   if (o.hwm < 0) throw UsageError("--hwm must be 0 (unlimited) or more");
+  if (!(o.cull_fraction > 0 && o.cull_fraction <= 1)) throw UsageError("--DictDB.cull_fraction must be in (0, 1]");
   static const char* schemes[] = {"leastload", "lru", "plainrandom", "twobin", "weighted"};
   bool known = false;
   for (auto s : schemes) known = known || o.scheme == s;

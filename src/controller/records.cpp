@@ -1,20 +1,52 @@
 #include "controller/records.hpp"
 
+#include "controller/db_query.hpp"
 #include "util/clock.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 namespace pxf::controller {
 
 using wire::view;
 
-TaskRecord& TaskRecords::add(const std::string& msg_id, const json& header, const json& metadata, const char* queue) {
+namespace {
+json parse_or_string(const std::string& s) {
+  json j = json::parse(s, nullptr, false);
+  return j.is_discarded() ? json(s) : j;
+}
+// A frame to keep for long. Small frames are copied: a received frame may point into a
+// receive buffer that libzmq shares between messages, and keeping it would pin the whole buffer.
+zmq::message_t keep(zmq::message_t& m) {
+  constexpr std::size_t kCopyBelow = 16384;
+  if (m.size() < kCopyBelow) return zmq::message_t(m.data(), m.size());
+  return wire::share(m);
+}
+
+json parse_or_null(const std::string& s) {
+  if (s.empty()) return json();
+  return parse_or_string(s);
+}
+} // namespace
+
+json TaskRecord::header_json() const { return parse_or_null(header); }
+
+TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, const char* queue) {
   auto [it, fresh] = records_.try_emplace(msg_id);
   if (fresh) order_.push_back(msg_id);
   TaskRecord& r = it->second;
-  r.header = header;
-  r.metadata = metadata;
   r.queue = queue;
+  r.header = std::string(view(request.header_frame));
+  r.metadata = std::string(view(request.metadata_frame));
+  r.content = std::string(view(request.content_frame));
+  bytes_ -= r.bytes;
+  r.bytes = 0;
+  r.buffers.clear();
+  for (auto& b : request.buffers) {
+    r.buffers.push_back(keep(b));
+    r.bytes += b.size();
+  }
+  bytes_ += r.bytes;
   return r;
 }
 
@@ -33,13 +65,31 @@ void TaskRecords::complete(const std::string& msg_id, wire::Message& reply) {
   r->result_content = std::string(view(reply.content_frame));
   r->received = iso_now();
   if (r->engine_uuid.empty()) r->engine_uuid = wire::get_or<std::string>(reply.metadata, "engine", "");
+  for (auto& b : r->result_buffers) {
+    r->bytes -= b.size();
+    bytes_ -= b.size();
+  }
   r->result_buffers.clear();
   for (auto& b : reply.buffers) {
-    r->result_buffers.push_back(wire::share(b));
+    r->result_buffers.push_back(keep(b));
     r->bytes += b.size();
     bytes_ += b.size();
   }
-  if (records_.size() > record_limit_ || bytes_ > size_limit_) cull();
+  maybe_cull();
+}
+
+void TaskRecords::complete(const std::string& msg_id, std::string header, std::string metadata, std::string content,
+                           const std::string& engine_uuid) {
+  TaskRecord* r = find(msg_id);
+  if (!r) return;
+  if (!r->completed) finished_.push_back(msg_id);
+  r->completed = true;
+  r->result_header = std::move(header);
+  r->result_metadata = std::move(metadata);
+  r->result_content = std::move(content);
+  r->received = iso_now();
+  if (!engine_uuid.empty()) r->engine_uuid = engine_uuid;
+  maybe_cull();
 }
 
 void TaskRecords::add_output(const std::string& parent_id, const std::string& msg_type, const json& content) {
@@ -57,49 +107,164 @@ void TaskRecords::add_output(const std::string& parent_id, const std::string& ms
   }
 }
 
-void TaskRecords::cull() {
-  // The oldest finished records go, a tenth of the limit at a time (as DictDB does), so the
-  // cost per completed task stays constant however many tasks are in flight.
-  std::size_t target = std::max<std::size_t>(1, record_limit_ / 10);
-  std::size_t dropped = 0;
-  while (!finished_.empty() && (dropped < target || bytes_ > size_limit_)) {
-    auto rec = records_.find(finished_.front());
-    finished_.pop_front();
-    if (rec == records_.end()) continue;
-    bytes_ -= rec->second.bytes;
-    records_.erase(rec);
-    ++dropped;
+void TaskRecords::erase(std::unordered_map<std::string, TaskRecord>::iterator it) {
+  bytes_ -= it->second.bytes;
+  records_.erase(it);
+}
+
+void TaskRecords::maybe_cull() {
+  // As DictDB._maybe_cull: by count, the oldest cull_fraction of the limit at once (so the cost
+  // per completed task stays constant); by size, until under (1 - cull_fraction) of the limit.
+  // Only finished records go, oldest finished first.
+  auto pop_oldest = [&]() -> bool {
+    while (!finished_.empty()) {
+      auto rec = records_.find(finished_.front());
+      finished_.pop_front();
+      if (rec == records_.end() || !rec->second.completed) continue;
+      erase(rec);
+      return true;
+    }
+    return false;
+  };
+  if (records_.size() > limits_.record_limit) {
+    auto n = static_cast<std::size_t>(limits_.cull_fraction * static_cast<double>(limits_.record_limit));
+    n = std::max<std::size_t>(n, records_.size() - limits_.record_limit);
+    for (std::size_t i = 0; i < n && pop_oldest(); ++i) {
+    }
   }
-  // Forget culled ids in the submission order once they are most of it.
+  if (bytes_ > limits_.size_limit) {
+    auto target = static_cast<std::size_t>(static_cast<double>(limits_.size_limit) * (1 - limits_.cull_fraction));
+    while (bytes_ > target && pop_oldest()) {
+    }
+  }
+  compact();
+}
+
+void TaskRecords::compact() {
+  // Forget dropped ids in the order lists once they are most of them.
   if (order_.size() > 2 * records_.size() + 64)
     std::erase_if(order_, [&](const std::string& id) { return !records_.count(id); });
+  if (finished_.size() > 2 * records_.size() + 64)
+    std::erase_if(finished_, [&](const std::string& id) { return !records_.count(id); });
+}
+
+std::size_t TaskRecords::drop_completed() {
+  std::size_t n = 0;
+  for (auto it = records_.begin(); it != records_.end();) {
+    if (it->second.completed) {
+      auto next = std::next(it);
+      erase(it);
+      it = next;
+      ++n;
+    } else {
+      ++it;
+    }
+  }
+  compact();
+  return n;
+}
+
+std::size_t TaskRecords::drop(const std::vector<std::string>& ids) {
+  std::size_t n = 0;
+  for (auto& id : ids)
+    if (auto it = records_.find(id); it != records_.end()) {
+      erase(it);
+      ++n;
+    }
+  compact();
+  return n;
+}
+
+std::size_t TaskRecords::drop_engine(const std::string& engine_uuid) {
+  std::size_t n = 0;
+  for (auto it = records_.begin(); it != records_.end();) {
+    if (it->second.completed && it->second.engine_uuid == engine_uuid) {
+      auto next = std::next(it);
+      erase(it);
+      it = next;
+      ++n;
+    } else {
+      ++it;
+    }
+  }
+  compact();
+  return n;
 }
 
 std::vector<std::string> TaskRecords::history() const {
+  // Ordered by submission date (the request's header.date) as DictDB.get_history does; requests
+  // on different sockets may reach us in another order than they were sent.
+  std::vector<std::pair<std::int64_t, const std::string*>> dated;
+  dated.reserve(records_.size());
+  for (auto& id : order_) {
+    auto it = records_.find(id);
+    if (it == records_.end()) continue;
+    json date = wire::get_or<json>(it->second.header_json(), "date", json());
+    std::optional<std::int64_t> t;
+    if (date.is_string()) t = parse_iso_date(date.get<std::string>());
+    dated.emplace_back(t.value_or(0), &id);
+  }
+  std::stable_sort(dated.begin(), dated.end(), [](auto& a, auto& b) { return a.first < b.first; });
   std::vector<std::string> out;
-  out.reserve(records_.size());
-  for (auto& id : order_)
-    if (records_.count(id)) out.push_back(id);
+  out.reserve(dated.size());
+  for (auto& [t, id] : dated) out.push_back(*id);
   return out;
 }
 
 json TaskRecords::extract(const TaskRecord& r) {
-  auto parse = [](const std::string& s) {
-    json j = json::parse(s, nullptr, false);
-    return j.is_discarded() ? json(s) : j;
-  };
   json io = {{"execute_input", r.execute_input},
              {"execute_result", r.execute_result},
              {"error", r.error},
-             {"stdout", r.out.empty() ? json() : json(r.out)},
-             {"stderr", r.err.empty() ? json() : json(r.err)}};
-  return {{"header", r.header},
-          {"metadata", r.metadata},
-          {"result_metadata", parse(r.result_metadata)},
-          {"result_header", parse(r.result_header)},
-          {"result_content", parse(r.result_content)},
-          {"received", r.received},
+             {"stdout", r.out},
+             {"stderr", r.err}};
+  return {{"header", r.header_json()},
+          {"metadata", parse_or_null(r.metadata)},
+          {"result_metadata", parse_or_null(r.result_metadata)},
+          {"result_header", parse_or_null(r.result_header)},
+          {"result_content", parse_or_null(r.result_content)},
+          {"received", r.received.empty() ? json() : json(r.received)},
           {"io", io}};
+}
+
+const std::vector<std::string>& TaskRecords::keys() {
+  static const std::vector<std::string> k = {
+      "msg_id",      "header",        "metadata",       "content",        "buffers",         "submitted",
+      "client_uuid", "engine_uuid",   "started",        "completed",      "resubmitted",     "received",
+      "result_header", "result_metadata", "result_content", "result_buffers", "queue",       "execute_input",
+      "execute_result", "error",      "stdout",         "stderr"};
+  return k;
+}
+
+json TaskRecords::to_json(const std::string& msg_id, const TaskRecord& r) {
+  json result_header = parse_or_null(r.result_header);
+  json result_metadata = parse_or_null(r.result_metadata);
+  auto str_or_null = [](const json& obj, const char* key) {
+    if (!obj.is_object()) return json();
+    auto it = obj.find(key);
+    return it == obj.end() ? json() : *it;
+  };
+  json content = r.content.empty() ? json::object() : parse_or_string(r.content);
+  json header = r.header_json();
+  return {{"msg_id", msg_id},
+          {"header", header},
+          {"metadata", parse_or_null(r.metadata)},
+          {"content", content},
+          {"submitted", str_or_null(header, "date")},
+          {"client_uuid", str_or_null(header, "session")},
+          {"engine_uuid", r.engine_uuid.empty() && !r.completed ? json() : json(r.engine_uuid)},
+          {"started", str_or_null(result_metadata, "started")},
+          {"completed", r.completed ? str_or_null(result_header, "date") : json()},
+          {"resubmitted", r.resubmitted.empty() ? json() : json(r.resubmitted)},
+          {"received", r.received.empty() ? json() : json(r.received)},
+          {"result_header", result_header},
+          {"result_metadata", result_metadata},
+          {"result_content", parse_or_null(r.result_content)},
+          {"queue", r.queue},
+          {"execute_input", r.execute_input},
+          {"execute_result", r.execute_result},
+          {"error", r.error},
+          {"stdout", r.out},
+          {"stderr", r.err}};
 }
 
 } // namespace pxf::controller

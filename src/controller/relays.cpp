@@ -51,7 +51,7 @@ void Controller::on_client_direct(Frames&& frames, bool control) {
   }
   if (!control) {
     e->queue.insert(m.msg_id());
-    records_.add(m.msg_id(), m.header, m.metadata, "mux").engine_uuid = e->uuid;
+    records_.add(m.msg_id(), m, "mux").engine_uuid = e->uuid;
   }
   std::swap(m.identities[0], m.identities[1]);
   send_to_engine(control ? "control" : "mux", *e, wire::Session::forward(std::move(m)));
@@ -70,7 +70,7 @@ void Controller::on_engine_direct(Frames&& frames, bool control) {
     if (Engine* e = engines_.by_uuid(view(m.identities[0]))) {
       std::string parent = m.parent_msg_id();
       records_.complete(parent, m);
-      if (e->queue.erase(parent)) e->completed.push_back(std::move(parent));
+      if (e->queue.erase(parent)) e->completed.push_back(parent);
     }
   }
   std::swap(m.identities[0], m.identities[1]);

@@ -1,8 +1,20 @@
-// The load-balanced scheduler (protocol §3.4, §7): least-load with the HWM, targets, LRU ties.
+// The load-balanced scheduler (protocol §3.4, §7), with the stock TaskScheduler's semantics:
+// schemes and the HWM (load_balancer.cpp), targets, `after`/`follow` dependencies
+// (dependency.cpp), timeouts while parked, retries with the failed engine left out, unmet
+// @depend/@require, and tasks stranded on an engine that went away.
+//
+// Cost: a task that can run at once costs a few hash-map operations. A parked task is either
+// blocked on a pending dependency (found again through graph_ when that one finishes) or
+// runnable (free_ / constrained_, ordered by queue position); nothing scans all parked tasks.
 #include "controller/controller.hpp"
 #include "controller/errors.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+
+#include <malloc.h>
 
 namespace pxf::controller {
 
@@ -10,144 +22,390 @@ using wire::view;
 
 namespace {
 constexpr const char* kLog = "scheduler";
+constexpr std::string_view kHubIdentity = "pxf-hub-resubmit";
 
-// True if a dependency (a list of msg_ids or {"dependencies": [...], ...}) names anything.
-bool has_dependencies(const json& dep) {
-  if (dep.is_array()) return !dep.empty();
-  if (dep.is_object()) {
-    auto it = dep.find("dependencies");
-    return it != dep.end() && it->is_array() && !it->empty();
+json scheduler_error(const char* ename) { return error_content(ename, "", "ipyparallel.error"); }
+
+// Frames sharing the message's data, prefixed by `ids` (the message itself stays intact).
+Frames shared_frames(Message& m, Frames ids) {
+  Frames out = std::move(ids);
+  out.reserve(out.size() + 6 + m.buffers.size());
+  out.push_back(wire::frame(wire::kDelimiter));
+  out.push_back(wire::share(m.signature));
+  out.push_back(wire::share(m.header_frame));
+  out.push_back(wire::share(m.parent_frame));
+  out.push_back(wire::share(m.metadata_frame));
+  out.push_back(wire::share(m.content_frame));
+  for (auto& b : m.buffers) out.push_back(wire::share(b));
+  return out;
+}
+
+const char* py_type(const json& j) {
+  switch (j.type()) {
+    case json::value_t::null: return "NoneType";
+    case json::value_t::boolean: return "bool";
+    case json::value_t::number_integer:
+    case json::value_t::number_unsigned: return "int";
+    case json::value_t::number_float: return "float";
+    case json::value_t::string: return "str";
+    case json::value_t::array: return "list";
+    case json::value_t::object: return "dict";
+    default: return "object";
   }
-  return false;
 }
 } // namespace
 
-void Controller::fail_task(zmq::message_t client, const json& request_header, const json& content,
-                           const std::string& engine_uuid) {
-  ++counters_["task.failed_by_scheduler"];
-  Frames ids;
-  ids.push_back(std::move(client));
-  json md = json::object();
-  if (!engine_uuid.empty()) {
-    ids.push_back(wire::frame(engine_uuid));
-    md = {{"status", "error"}, {"engine", engine_uuid}, {"date", iso_now()}};
-  }
-  send(task_in_, session_->build(std::move(ids), "apply_reply", content, request_header, md), "task_in");
-}
-
-// Client submits: [C, DELIM, ...]
-void Controller::on_task_submit(Frames&& frames) {
+// Client submits: [C, DELIM, ...]. The hub resubmits with a private identity.
+void Controller::on_task_submit(Frames&& frames, bool from_hub) {
   Message m;
   if (!decode("task_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   Task t;
   t.msg_id = m.msg_id();
-  auto& md = m.metadata;
-  std::string unsupported;
-  if (has_dependencies(md.value("after", json())) || has_dependencies(md.value("follow", json())))
-    unsupported = "task dependencies (after/follow)";
-  else if (md.value("retries", json(0)).is_number_integer() && md.value("retries", 0) > 0)
-    unsupported = "task retries";
-  if (!unsupported.empty()) {
-    zmq::message_t client = std::move(m.identities.front());
-    PXF_LOG(info, kLog) << "task " << t.msg_id << " asks for " << unsupported << ": refused";
-    fail_task(std::move(client), m.header,
-              error_content("NotImplementedError", "pxcontroller does not support " + unsupported + " yet", ""), "");
+  t.key = task_key(t.msg_id);
+  t.hub = from_hub;
+  records_.add(t.msg_id, m, "task");
+  outcomes_.seen(t.key);
+  m.identities.resize(1);
+  json md = std::move(m.metadata);
+  t.msg = std::move(m);
+  try {
+    read_task_metadata(t, md);
+  } catch (const DependencyError& e) {
+    PXF_LOG(info, kLog) << "task " << t.msg_id << ": bad metadata: " << e.ename << ": " << e.what();
+    fail_unreachable(std::move(t), error_content(e.ename, e.what(), ""));
+    settle();
     return;
   }
-  if (auto it = md.find("targets"); it != md.end() && it->is_array() && !it->empty()) {
-    t.targeted = true;
+  schedule(std::move(t));
+  settle();
+}
+
+void Controller::read_task_metadata(Task& t, const json& md) {
+  if (!md.is_object()) return;
+  if (auto it = md.find("targets"); it != md.end() && !it->is_null()) {
+    if (!it->is_array()) throw DependencyError("TypeError", std::string("'") + py_type(*it) + "' object is not iterable");
     for (auto& u : *it) {
-      if (!u.is_string()) continue;
-      if (Engine* e = engines_.by_uuid(u.get<std::string>()); e && e->registered) t.targets.push_back(e->id);
-    }
-    if (t.targets.empty()) {
-      zmq::message_t client = std::move(m.identities.front());
-      fail_task(std::move(client), m.header, error_content("ImpossibleDependency", "", "ipyparallel.error"), "");
-      return;
+      if (!u.is_string())
+        throw DependencyError("TypeError", std::string("targets must be engine uuids (str), not ") + py_type(u));
+      t.targeted = true;
+      if (Engine* e = engines_.by_uuid(u.get_ref<const std::string&>()); e && e->registered)
+        if (std::find(t.targets.begin(), t.targets.end(), e->id) == t.targets.end()) t.targets.push_back(e->id);
     }
   }
-  if (auto it = md.find("timeout"); it != md.end() && it->is_number() && it->get<double>() > 0)
-    t.deadline_ms = mono_ms() + static_cast<std::int64_t>(it->get<double>() * 1000);
-  records_.add(t.msg_id, m.header, m.metadata, "task");
-  m.identities.resize(1);
-  t.msg = std::move(m);
-  if (waiting_.empty() && try_dispatch(t)) return;
-  push_waiting(std::move(t));
-}
-
-bool Controller::try_dispatch(Task& t) {
-  auto choice = balancer_.choose(t.targets);
-  if (!choice) return false;
-  Engine* e = engines_.by_id(*choice);
-  if (!e) return false;
-  balancer_.assigned(e->id);
-  e->tasks.insert(t.msg_id);
-  if (TaskRecord* r = records_.find(t.msg_id)) r->engine_uuid = e->uuid;
-  InFlight f;
-  f.engine = e->id;
-  f.client = std::string(view(t.msg.identities.front()));
-  Frames ids;
-  ids.push_back(wire::frame(e->uuid));
-  ids.push_back(std::move(t.msg.identities.front()));
-  t.msg.identities = std::move(ids);
-  f.header = std::move(t.msg.header);
-  std::string msg_id = t.msg_id;
-  send_to_engine("task", *e, wire::Session::forward(std::move(t.msg)));
-  in_flight_.emplace(std::move(msg_id), std::move(f));
-  return true;
-}
-
-void Controller::push_waiting(Task&& t) {
-  if (t.deadline_ms) ++timed_waiting_;
-  waiting_.push_back(std::move(t));
-}
-
-std::deque<Controller::Task>::iterator Controller::erase_waiting(std::deque<Task>::iterator it) {
-  if (it->deadline_ms) --timed_waiting_;
-  return waiting_.erase(it);
-}
-
-void Controller::dispatch_waiting() {
-  for (auto it = waiting_.begin(); it != waiting_.end() && balancer_.any_capacity();) {
-    // A task whose allowed engines have all gone can never run.
-    std::erase_if(it->targets, [&](int id) { return !balancer_.has_engine(id); });
-    if (it->targeted && it->targets.empty()) {
-      zmq::message_t client = std::move(it->msg.identities.front());
-      json header = std::move(it->msg.header);
-      it = erase_waiting(it);
-      fail_task(std::move(client), header, error_content("ImpossibleDependency", "", "ipyparallel.error"), "");
-      continue;
-    }
-    if (try_dispatch(*it))
-      it = erase_waiting(it);
+  if (auto it = md.find("retries"); it != md.end() && !it->is_null()) {
+    if (it->is_boolean())
+      t.retries = it->get<bool>() ? 1 : 0;
+    else if (it->is_number_integer())
+      t.retries = static_cast<int>(std::clamp<std::int64_t>(it->get<std::int64_t>(), 0, 1 << 30));
     else
-      ++it;
+      throw DependencyError("TypeError", std::string("retries must be int, not ") + py_type(*it));
   }
+  t.after = Dependency::parse(md.value("after", json()), true);
+  t.follow = Dependency::parse(md.value("follow", json()), false);
+  if (auto it = md.find("timeout"); it != md.end() && !it->is_null()) {
+    // stock: `if timeout: timeout = float(timeout)`; a negative one fires as soon as it is armed.
+    if (it->is_number() || it->is_boolean()) {
+      t.timeout_s = it->get<double>();
+    } else if (it->is_string()) {
+      const std::string& s = it->get_ref<const std::string&>();
+      char* end = nullptr;
+      double v = s.empty() ? 0 : std::strtod(s.c_str(), &end);
+      if (s.empty() || *end) throw DependencyError("ValueError", "could not convert string to float: '" + s + "'");
+      t.timeout_s = v;
+    } else {
+      throw DependencyError("TypeError", std::string("float() argument must be a string or a real number, not '") +
+                                             py_type(*it) + "'");
+    }
+  }
+}
+
+void Controller::schedule(Task&& t) {
+  // Time dependencies already satisfied are pruned; a met `after` becomes empty.
+  if (!t.after.empty()) {
+    if (t.after.all) t.after.prune_met(outcomes_);
+    if (t.after.met(outcomes_)) t.after = Dependency{};
+  }
+  for (const Dependency* dep : {&t.after, &t.follow}) {
+    if (dep->empty()) continue;
+    bool invalid = dep->contains(t.key) ||
+                   std::any_of(dep->ids.begin(), dep->ids.end(), [&](TaskKey k) { return !outcomes_.known(k); });
+    if (invalid) return fail_unreachable(std::move(t), scheduler_error("InvalidDependency"));
+    if (dep->unreachable(outcomes_)) return fail_unreachable(std::move(t), scheduler_error("ImpossibleDependency"));
+  }
+  if (t.after.empty()) {
+    if (maybe_run(t) != Run::wait) return;
+  }
+  park(std::move(t));
+}
+
+Controller::Run Controller::maybe_run(Task& t) {
+  if (!balancer_.any_capacity()) return Run::wait;
+  std::optional<int> choice;
+  if (t.plain()) {
+    choice = balancer_.choose({});
+  } else {
+    std::vector<int> ok;
+    auto consider = [&](int id) {
+      if (!balancer_.eligible(id)) return;
+      if (std::find(t.blacklist.begin(), t.blacklist.end(), id) != t.blacklist.end()) return;
+      if (!t.follow.met_on(outcomes_, id)) return;
+      ok.push_back(id);
+    };
+    if (t.targeted)
+      for (int id : t.targets) consider(id);
+    else
+      for (int id : balancer_.available()) consider(id);
+    if (ok.empty()) {
+      // Impossible: an `all` follow whose finished dependencies ran on different engines, or
+      // no allowed engine left.
+      if (t.follow.all && !t.follow.empty() && t.follow.destinations(outcomes_).size() > 1) {
+        fail_unreachable(std::move(t), scheduler_error("ImpossibleDependency"));
+        return Run::failed;
+      }
+      if (t.targeted) {
+        std::erase_if(t.targets, [&](int id) {
+          return std::find(t.blacklist.begin(), t.blacklist.end(), id) != t.blacklist.end();
+        });
+        if (std::none_of(t.targets.begin(), t.targets.end(), [&](int id) { return balancer_.has_engine(id); })) {
+          fail_unreachable(std::move(t), scheduler_error("ImpossibleDependency"));
+          return Run::failed;
+        }
+      }
+      return Run::wait;
+    }
+    choice = balancer_.choose(ok);
+  }
+  if (!choice) return Run::wait;
+  Engine* e = engines_.by_id(*choice);
+  if (!e) return Run::wait;
+  submit_to(std::move(t), *e);
+  return Run::ran;
+}
+
+void Controller::submit_to(Task&& t, Engine& e) {
+  balancer_.assigned(e.id);
+  e.tasks.insert(t.msg_id);
+  if (TaskRecord* r = records_.find(t.msg_id)) r->engine_uuid = e.uuid;
+  Frames ids;
+  ids.push_back(wire::frame(e.uuid));
+  ids.push_back(wire::share(t.msg.identities.front()));
+  // The task keeps its frames while in flight: an unmet @depend or a retry sends it again.
+  send_to_engine("task", e, shared_frames(t.msg, std::move(ids)));
+  t.engine = e.id;
+  TaskKey k = t.key;
+  in_flight_.insert_or_assign(k, std::move(t));
+}
+
+void Controller::park(Task&& t) {
+  t.seq = ++task_seq_;
+  for (const Dependency* dep : {&t.after, &t.follow})
+    for (TaskKey d : dep->ids)
+      if (!outcomes_.done(d)) graph_[d].push_back(t.key);
+  t.queue = 0;
+  if (t.after.met(outcomes_) && t.follow.met(outcomes_)) {
+    t.queue = t.plain() ? 1 : 2;
+    (t.queue == 1 ? free_ : constrained_).emplace(t.seq, t.key);
+  }
+  if (t.timeout_s != 0) {
+    ++t.timer;
+    std::int64_t deadline = mono_ms() + static_cast<std::int64_t>(std::max(0.0, t.timeout_s) * 1000);
+    timeouts_.emplace(deadline, t.key, t.timer);
+  }
+  TaskKey k = t.key;
+  parked_.insert_or_assign(k, std::move(t));
+}
+
+Controller::Task Controller::unpark(std::unordered_map<TaskKey, Task>::iterator it) {
+  Task t = std::move(it->second);
+  parked_.erase(it);
+  if (t.queue == 1) free_.erase(t.seq);
+  if (t.queue == 2) constrained_.erase(t.seq);
+  t.queue = 0;
+  return t;
+}
+
+void Controller::fail_unreachable(Task&& t, const json& content) {
+  ++counters_["task.failed_by_scheduler"];
+  PXF_LOG(debug, kLog) << "task " << t.msg_id << " failed by the scheduler: " << content.value("ename", "");
+  outcomes_.finish(t.key, false, -1);
+  Frames ids;
+  ids.push_back(std::move(t.msg.identities.front()));
+  Frames out = session_->build(std::move(ids), "apply_reply", content, t.msg.header, json::object());
+  // [C, DELIM, sig, header, parent, metadata, content]
+  records_.complete(t.msg_id, std::string(view(out[3])), std::string(view(out[5])), std::string(view(out[6])), "");
+  if (!t.hub) send(task_in_, std::move(out), "task_in");
+  done_.push_back(t.key);
 }
 
 // Engine replies: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
 void Controller::on_task_reply(Frames&& frames) {
   Message m;
-  if (!decode("task_out", std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
+  if (!decode("task_out", std::move(frames), m, {.parse_parent = true, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.size() < 2) return;
-  std::string msg_id = m.parent_msg_id();
-  auto it = in_flight_.find(msg_id);
-  if (it != in_flight_.end()) {
-    int id = it->second.engine;
-    in_flight_.erase(it);
-    balancer_.finished(id);
-    if (Engine* e = engines_.by_id(id)) {
-      e->tasks.erase(msg_id);
-      e->completed.push_back(msg_id);
-    }
-    records_.complete(msg_id, m);
-  } else {
+  auto it = in_flight_.find(task_key(m.parent_msg_id()));
+  Engine* sender = engines_.by_uuid(view(m.identities[0]));
+  if (it == in_flight_.end() || !sender || it->second.engine != sender->id) {
+    // Not a task we wait for from that engine (e.g. it was already answered for a dead
+    // engine): the stock scheduler drops these too.
     ++counters_["task.unexpected_reply"];
+    return;
   }
-  std::swap(m.identities[0], m.identities[1]);
-  send(task_in_, wire::Session::forward(std::move(m)), "task_in");
-  dispatch_waiting();
+  Task t = std::move(it->second);
+  in_flight_.erase(it);
+  balancer_.finished(sender->id);
+  sender->tasks.erase(t.msg_id);
+  bool deps_met = wire::get_or<bool>(m.metadata, "dependencies_met", true);
+  std::string status = wire::get_or<std::string>(m.metadata, "status", "");
+  bool success = status == "ok";
+  if (!deps_met) {
+    retry_elsewhere(std::move(t), sender->id);
+  } else if (!success && t.retries > 0) {
+    --t.retries;
+    retry_elsewhere(std::move(t), sender->id);
+  } else {
+    if (status != "aborted") sender->completed.push_back(t.msg_id);
+    task_done(std::move(t), std::move(m), success);
+  }
+  settle();
+}
+
+void Controller::retry_elsewhere(Task&& t, int engine) {
+  ++counters_["task.retried"];
+  if (std::find(t.blacklist.begin(), t.blacklist.end(), engine) == t.blacklist.end()) t.blacklist.push_back(engine);
+  if (t.targeted && std::all_of(t.targets.begin(), t.targets.end(), [&](int id) {
+        return std::find(t.blacklist.begin(), t.blacklist.end(), id) != t.blacklist.end();
+      }))
+    return fail_unreachable(std::move(t), scheduler_error("ImpossibleDependency"));
+  if (maybe_run(t) == Run::wait) park(std::move(t));
+}
+
+void Controller::task_done(Task&& t, Message&& reply, bool success) {
+  outcomes_.finish(t.key, success, t.engine);
+  ++tasks_since_trim_;
+  records_.complete(t.msg_id, reply);
+  if (!t.hub) {
+    std::swap(reply.identities[0], reply.identities[1]);
+    send(task_in_, wire::Session::forward(std::move(reply)), "task_in");
+  }
+  done_.push_back(t.key);
+}
+
+void Controller::settle() {
+  if (settling_) return;
+  settling_ = true;
+  do {
+    while (!done_.empty()) {
+      TaskKey k = done_.front();
+      done_.pop_front();
+      auto g = graph_.find(k);
+      if (g == graph_.end()) continue;
+      std::vector<TaskKey> dependents = std::move(g->second);
+      graph_.erase(g);
+      // Re-examined in queue order, as stock sorts them by submission time.
+      std::vector<std::pair<std::uint64_t, TaskKey>> order;
+      for (TaskKey d : dependents)
+        if (auto p = parked_.find(d); p != parked_.end()) order.emplace_back(p->second.seq, d);
+      std::sort(order.begin(), order.end());
+      order.erase(std::unique(order.begin(), order.end()), order.end());
+      for (auto& [seq, d] : order) {
+        auto p = parked_.find(d);
+        if (p == parked_.end()) continue;
+        Task& t = p->second;
+        if (t.after.unreachable(outcomes_) || t.follow.unreachable(outcomes_)) {
+          fail_unreachable(unpark(p), scheduler_error("ImpossibleDependency"));
+        } else if (t.queue == 0 && t.after.met(outcomes_) && t.follow.met(outcomes_)) {
+          t.queue = t.plain() ? 1 : 2;
+          (t.queue == 1 ? free_ : constrained_).emplace(t.seq, t.key);
+        }
+      }
+    }
+    dispatch_runnable();
+  } while (!done_.empty());
+  settling_ = false;
+  // After a burst of tasks, hand the memory they held back to the system once the scheduler
+  // has been idle for a second (glibc keeps freed heap otherwise): see maybe_trim.
+  if (tasks_since_trim_ >= 4096) trim_at_ms_ = parked_.empty() && in_flight_.empty() ? mono_ms() + 1000 : 0;
+}
+
+void Controller::maybe_trim(std::int64_t now) {
+  if (!trim_at_ms_ || now < trim_at_ms_) return;
+  trim_at_ms_ = 0;
+  if (!parked_.empty() || !in_flight_.empty()) return;
+  tasks_since_trim_ = 0;
+  ::malloc_trim(0);
+  ++counters_["malloc_trim"];
+}
+
+void Controller::dispatch_runnable() {
+  // Runnable tasks in queue order while some engine has room. Plain tasks (free_) run on any
+  // engine, so the first one always goes; constrained ones are tried in turn.
+  auto cit = constrained_.begin();
+  while (balancer_.any_capacity()) {
+    bool take_free = !free_.empty() && (cit == constrained_.end() || free_.begin()->first < cit->first);
+    if (!take_free && cit == constrained_.end()) break;
+    TaskKey k = take_free ? free_.begin()->second : cit->second;
+    auto p = parked_.find(k);
+    if (p == parked_.end()) {  // cannot happen; keep the maps consistent anyway
+      if (take_free) free_.erase(free_.begin()); else cit = constrained_.erase(cit);
+      continue;
+    }
+    Task& t = p->second;
+    std::uint64_t seq = t.seq;
+    if (take_free) free_.erase(free_.begin()); else cit = constrained_.erase(cit);
+    int queue = t.queue;
+    t.queue = 0;
+    Run r = maybe_run(t);
+    if (r == Run::wait) {
+      // Back in its place (only a constrained task can be refused while there is room).
+      t.queue = queue;
+      (queue == 1 ? free_ : constrained_).emplace(seq, k);
+      if (take_free) break;
+      continue;
+    }
+    parked_.erase(k);
+  }
+}
+
+void Controller::on_task_timeouts(std::int64_t now) {
+  bool fired = false;
+  while (!timeouts_.empty() && std::get<0>(timeouts_.top()) <= now) {
+    auto [deadline, k, gen] = timeouts_.top();
+    timeouts_.pop();
+    auto p = parked_.find(k);
+    if (p == parked_.end() || p->second.timer != gen) continue;
+    PXF_LOG(info, kLog) << "task " << p->second.msg_id << " timed out while waiting";
+    fail_unreachable(unpark(p), scheduler_error("TaskTimeout"));
+    fired = true;
+  }
+  if (fired) settle();
+}
+
+void Controller::strand_tasks(int engine_id, const std::string& uuid, const std::vector<std::string>& msg_ids) {
+  for (auto& msg_id : msg_ids) {
+    auto it = in_flight_.find(task_key(msg_id));
+    if (it == in_flight_.end() || it->second.engine != engine_id) continue;
+    Task t = std::move(it->second);
+    in_flight_.erase(it);
+    // As if the engine had answered with an error: retries apply.
+    if (t.retries > 0) {
+      --t.retries;
+      retry_elsewhere(std::move(t), engine_id);
+      continue;
+    }
+    ++counters_["task.engine_lost"];
+    json content = error_content("EngineError", "Engine '" + uuid + "' died while running task '" + msg_id + "'");
+    json md = {{"status", "error"}, {"engine", uuid}, {"date", iso_now()}};
+    outcomes_.finish(t.key, false, engine_id);
+    Frames ids;
+    ids.push_back(std::move(t.msg.identities.front()));
+    ids.push_back(wire::frame(uuid));
+    Frames out = session_->build(std::move(ids), "apply_reply", content, t.msg.header, md);
+    // [C, E, DELIM, sig, header, parent, metadata, content]
+    records_.complete(t.msg_id, std::string(view(out[4])), std::string(view(out[6])), std::string(view(out[7])), uuid);
+    if (!t.hub) send(task_in_, std::move(out), "task_in");
+    done_.push_back(t.key);
+  }
 }
 
 } // namespace pxf::controller

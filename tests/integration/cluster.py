@@ -316,11 +316,13 @@ class Cluster(ClientsMixin):
     die together (``job_of``)."""
 
     def __init__(self, kind: str, workdir: Path, n_engines: int = 4,
-                 engine_kind: str = "ipengine", jobs: Optional[Iterable[int]] = None) -> None:
+                 engine_kind: str = "ipengine", jobs: Optional[Iterable[int]] = None,
+                 extra_args: Iterable[str] = ()) -> None:
         if engine_kind not in ENGINE_KINDS:
             raise ValueError(f"unknown engine kind {engine_kind!r}")
         self.kind = kind
         self.engine_kind = engine_kind
+        self.extra_args = list(extra_args)  # more controller options, the same for every kind
         self.jobs = list(jobs) if jobs is not None else [n_engines]
         if engine_kind == "mpi" and n_engines and sum(self.jobs) != n_engines:
             raise ValueError(f"job sizes {self.jobs} do not add up to {n_engines} engines")
@@ -386,7 +388,7 @@ class Cluster(ClientsMixin):
 
     def start_controller(self, timeout: float = CONTROLLER_START_TIMEOUT) -> None:
         self.profile_dir.mkdir(parents=True, exist_ok=True)
-        argv = controller_command(self.kind) + controller_args(self.profile_dir)
+        argv = controller_command(self.kind) + controller_args(self.profile_dir) + self.extra_args
         self.controller = self._popen(argv, self.controller_log, "controller")
 
         def ready() -> bool:

@@ -68,9 +68,10 @@ def _setup_params():
         return [pytest.param(("invalid", str(e)), id="invalid-PXF_CONTROLLERS-or-PXF_ENGINES")]
 
 
-def _start(setup: tuple, workdir: Path, n_engines: int, jobs=None) -> harness.Cluster:
+def _start(setup: tuple, workdir: Path, n_engines: int, jobs=None, args=()) -> harness.Cluster:
     kind, engine_kind = setup
-    c = harness.Cluster(kind, workdir, n_engines, engine_kind=engine_kind, jobs=jobs)
+    c = harness.Cluster(kind, workdir, n_engines, engine_kind=engine_kind, jobs=jobs,
+                        extra_args=args)
     _LIVE.add(c)
     problem = None
     try:
@@ -143,14 +144,15 @@ def rc(cluster):
 
 @pytest.fixture
 def make_cluster(setup_kind, tmp_path):
-    """Factory for function-scoped clusters: ``make_cluster(n_engines, jobs=None)``; all
-    stopped afterwards. ``jobs`` (MPI engines only) gives the sizes of the MPI jobs."""
+    """Factory for function-scoped clusters: ``make_cluster(n_engines, jobs=None, args=())``;
+    all stopped afterwards. ``jobs`` (MPI engines only) gives the sizes of the MPI jobs;
+    ``args`` are extra controller options (given to either kind alike)."""
     made = []
 
-    def make(n_engines: int = 2, jobs=None) -> harness.Cluster:
+    def make(n_engines: int = 2, jobs=None, args=()) -> harness.Cluster:
         if setup_kind[1] != "mpi":
             jobs = None
-        c = _start(setup_kind, tmp_path / f"cluster{len(made)}", n_engines, jobs)
+        c = _start(setup_kind, tmp_path / f"cluster{len(made)}", n_engines, jobs, args)
         made.append(c)
         return c
 

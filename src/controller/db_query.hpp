@@ -1,0 +1,61 @@
+#pragma once
+// Mongo-style queries over task records, as the stock in-memory DictDB answers db_request
+// (protocol §4.5): {key: value} is equality, {key: {"$op": value, ...}} applies every operator
+// ($lt $gt $lte $gte $eq $ne $in $nin $all $mod $exists). Values compare as Python compares the
+// stock records: strings in ISO 8601 form are datetimes, numbers (and bools) compare with each
+// other, and an ordering between unrelated types is a TypeError.
+//
+// Difference from stock: "$gt" means greater-than (stock DictDB compares it backwards).
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace pxf::controller {
+
+// A query the hub cannot run; becomes an error reply with this ename (KeyError for an unknown
+// operator, TypeError for values Python would not compare, AttributeError for a non-dict).
+struct QueryError : std::runtime_error {
+  QueryError(std::string ename, const std::string& evalue) : std::runtime_error(evalue), ename(std::move(ename)) {}
+  std::string ename;
+};
+
+// Microseconds since the epoch (UTC) of an ISO 8601 date as jupyter_client writes them
+// ("2024-01-02T03:04:05.678901Z", offset or no zone allowed; no zone = UTC); nullopt otherwise.
+std::optional<std::int64_t> parse_iso_date(const std::string& s);
+
+class RecordQuery {
+ public:
+  // Compiles a query; unknown operators are refused here, before any record is read. Tests run
+  // in the query's own key order (a failing one stops the others, as in Python), so give the
+  // query as parsed from the wire into an ordered_json.
+  explicit RecordQuery(const nlohmann::ordered_json& query);
+  explicit RecordQuery(const nlohmann::json& query) : RecordQuery(nlohmann::ordered_json::parse(query.dump())) {}
+  // True if `record` (a JSON object; a missing key reads as null) passes every test.
+  bool matches(const nlohmann::json& record) const;
+  // The top-level keys the query reads.
+  std::vector<std::string> keys() const;
+
+ private:
+  enum class Op { eq, ne, lt, gt, lte, gte, in, nin, all, mod, exists };
+  struct Test {
+    std::string key;
+    bool composite = false;                         // {"$op": ...} rather than a plain value
+    nlohmann::json value;                           // plain equality
+    std::vector<std::pair<Op, nlohmann::json>> ops; // composite
+  };
+  static bool apply(Op op, const nlohmann::json& a, const nlohmann::json& b);
+  std::vector<Test> tests_;
+};
+
+// Python semantics on JSON values, exposed for the unit tests.
+bool py_equal(const nlohmann::json& a, const nlohmann::json& b);
+// -1, 0, 1; throws QueryError("TypeError") when Python would refuse `a <op> b`.
+int py_compare(const nlohmann::json& a, const nlohmann::json& b, const char* op);
+// `a in b`; throws QueryError("TypeError") when Python would.
+bool py_contains(const nlohmann::json& container, const nlohmann::json& item);
+
+} // namespace pxf::controller
