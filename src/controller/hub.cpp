@@ -7,6 +7,8 @@
 
 #include <algorithm>
 
+#include <malloc.h>
+
 namespace pxf::controller {
 
 using wire::view;
@@ -374,6 +376,11 @@ void Controller::on_shutdown_request(const zmq::message_t& ident, const Message&
 }
 
 void Controller::on_stats_request(const zmq::message_t& ident, const Message& m) {
+  // {"trim": true}: give freed heap back to the system first (for memory measurements).
+  if (wire::get_or<bool>(m.content, "trim", false)) {
+    ::malloc_trim(0);
+    ++counters_["malloc_trim"];
+  }
   json drops = json::object();
   for (std::size_t i = 1; i < static_cast<std::size_t>(wire::Drop::count_); ++i) {
     auto d = static_cast<wire::Drop>(i);

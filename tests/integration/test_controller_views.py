@@ -247,6 +247,8 @@ def test_asyncresult_metadata(rc):
 def test_clear(rc):
     dv = rc[:]
     dv["to_clear"] = 1
+    # The push is not blocking and clear goes on the control channel: make sure it landed.
+    assert dv["to_clear"] == [1] * ENGINES
     rc.clear(targets=[0, 1], block=True)
     for i in (0, 1):
         with pytest.raises(RemoteError) as excinfo:
