@@ -1,9 +1,10 @@
 """Scheduler stress: tens of thousands of tiny load-balanced tasks with a mix of dependencies
 complete, and pxcontroller's memory stays bounded by the record limit.
 
-pxcontroller runs 50,000 tasks (PXF_STRESS_TASKS overrides); the stock ipcontroller, which
-is much slower per task, runs 5,000 of the same mix (PXF_STRESS_TASKS_STOCK), so the suite
-stays within CI time on 2 cores. The mix, per batch (all submitted before any is awaited, so
+pxcontroller with stock engines runs 50,000 tasks (PXF_STRESS_TASKS overrides); with MPI
+engines, whose scheduler path is the same, 10,000 (PXF_STRESS_TASKS_MPI); the stock
+ipcontroller, which is much slower per task, 5,000 of the same mix (PXF_STRESS_TASKS_STOCK),
+so the suite stays within CI time on 2 cores. The mix, per batch (all submitted before any is awaited, so
 most tasks wait in the scheduler):
   plain map | after 3 tasks of the previous batch | after any of (a failure, a success) |
   follow one task of the previous batch | after a failed task with failure=True
@@ -32,9 +33,11 @@ def boom(x):
     raise ValueError(x)
 
 
-def total_tasks(kind):
+def total_tasks(kind, engine_kind="ipengine"):
     if kind == "stock":
         return int(os.environ.get("PXF_STRESS_TASKS_STOCK", "5000"))
+    if engine_kind == "mpi":
+        return int(os.environ.get("PXF_STRESS_TASKS_MPI", "10000"))
     return int(os.environ.get("PXF_STRESS_TASKS", "50000"))
 
 
@@ -79,8 +82,8 @@ def controller_rss(cluster):
     return sum(p.memory_info().rss for p in cluster.alive(cluster.controller_processes()))
 
 
-def test_stress_mixed_dependencies(make_cluster, controller_kind):
-    n = total_tasks(controller_kind)
+def test_stress_mixed_dependencies(make_cluster, controller_kind, engine_kind):
+    n = total_tasks(controller_kind, engine_kind)
     batch = 1000 if n >= 10000 else 250
     c = make_cluster(4, args=[f"--DictDB.record_limit={RECORD_LIMIT}"])
     rc = c.client()
