@@ -168,6 +168,7 @@ class Controller {
   };
   void on_fabric(Frames&& frames);
   void on_link(const std::string& job, Frames&& frames);
+  static json request_header(const Message& m);
   static constexpr std::string_view kHeartSuffix = "/hb";  // routing id of a job's heart thread
   void on_job_heart(std::string rid, Frames&& frames);
   void on_job_register(const std::string& job, const Message& m);

@@ -55,10 +55,18 @@ const char* py_type(const json& j) {
 }
 } // namespace
 
+// The request's whole header, the parent of a reply the scheduler builds itself (tasks are
+// decoded with header_fields_only: msg_id/msg_type/session only, which is all dispatch needs).
+json Controller::request_header(const Message& m) {
+  auto v = view(m.header_frame);
+  json h = json::parse(v.begin(), v.end(), nullptr, false);
+  return h.is_object() ? h : m.header;
+}
+
 // Client submits: [C, DELIM, ...]. The hub resubmits with a private identity.
 void Controller::on_task_submit(Frames&& frames, bool from_hub) {
   Message m;
-  if (!decode("task_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!decode("task_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.empty()) return;
   Task t;
   t.msg_id = m.msg_id();
@@ -231,7 +239,7 @@ void Controller::fail_unreachable(Task&& t, const json& content) {
   outcomes_.finish(t.key, false, -1);
   Frames ids;
   ids.push_back(std::move(t.msg.identities.front()));
-  Frames out = session_->build(std::move(ids), "apply_reply", content, t.msg.header, json::object());
+  Frames out = session_->build(std::move(ids), "apply_reply", content, request_header(t.msg), json::object());
   // [C, DELIM, sig, header, parent, metadata, content]
   records_.complete(t.msg_id, std::string(view(out[3])), std::string(view(out[5])), std::string(view(out[6])), "");
   if (!t.hub) send(task_in_, std::move(out), "task_in");
@@ -400,7 +408,7 @@ void Controller::strand_tasks(int engine_id, const std::string& uuid, const std:
     Frames ids;
     ids.push_back(std::move(t.msg.identities.front()));
     ids.push_back(wire::frame(uuid));
-    Frames out = session_->build(std::move(ids), "apply_reply", content, t.msg.header, md);
+    Frames out = session_->build(std::move(ids), "apply_reply", content, request_header(t.msg), md);
     // [C, E, DELIM, sig, header, parent, metadata, content]
     records_.complete(t.msg_id, std::string(view(out[4])), std::string(view(out[6])), std::string(view(out[7])), uuid);
     if (!t.hub) send(task_in_, std::move(out), "task_in");

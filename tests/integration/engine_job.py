@@ -43,6 +43,7 @@ class EngineJob(ClientsMixin):
         self.workdir = Path(workdir)
         self.profile_dir = self.workdir / "profile"
         self.n = n
+        self.engine_extra: List[str] = []  # more pxengine options for start_engines()
         self.tracker = ProcessTracker()
         self.controller: Optional[subprocess.Popen] = None
         self.job: Optional[subprocess.Popen] = None
@@ -92,7 +93,7 @@ class EngineJob(ClientsMixin):
                 "--log-level=20", *extra]
 
     def start_engines(self, timeout: float = 120.0) -> None:
-        self.job = self._popen(self.engine_argv(), self.engine_log, "engine")
+        self.job = self._popen(self.engine_argv(extra=self.engine_extra), self.engine_log, "engine")
         rc = self.client()
         try:
             deadline = time.monotonic() + timeout

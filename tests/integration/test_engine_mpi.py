@@ -191,6 +191,7 @@ def test_job_ends_when_the_controller_goes(tmp_path, sig):
     """SIGTERM: the controller's pxf_shutdown ends the job at once, exit 0. SIGKILL: the job's
     heart thread misses 10 replies (250 ms pings) and the job ends with exit code 1."""
     j = engine_job.EngineJob(tmp_path, 2)
+    j.engine_extra = ["--IPEngine.max_heartbeat_misses=10"]  # stock default 50: 12.5 s here
     try:
         try:
             j.start()
