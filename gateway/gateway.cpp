@@ -210,6 +210,7 @@ void Gateway::on_bcast(Frames&& frames, Sink& sink) {
         if (t.is_array() && !t.empty() && t[0].is_string()) uuid = t[0].get<std::string>();
         else if (t.is_string()) uuid = t.get<std::string>();
         if (!rank_of_.count(uuid)) continue;
+        p.awaited.insert(uuid);
         p.targets.push_back(uuid);
         p.target_pairs.push_back(t.is_array() ? t : json::array({uuid, ids_[rank_of_[uuid]]}));
       }
@@ -252,13 +253,13 @@ void Gateway::on_part(Frames&& frames) {
     return;
   }
   Pending& p = it->second;
-  if (std::find(p.targets.begin(), p.targets.end(), uuid) == p.targets.end()) {
+  if (!p.awaited.erase(uuid)) {
     PXF_LOG(debug, kLog) << "coalesced broadcast " << key << ": dropped a part of " << uuid << " (not awaited)";
     return;
   }
   frames.erase(frames.begin(), frames.begin() + 3);
   p.parts[uuid] = std::move(frames);
-  if (p.parts.size() >= p.targets.size()) {
+  if (p.awaited.empty()) {
     if (!p.abandoned) finish_coalesced(key, p);
     coalescing_.erase(it);
   }
@@ -267,18 +268,18 @@ void Gateway::on_part(Frames&& frames) {
 void Gateway::forget_rank(const std::string& uuid) {
   for (auto it = coalescing_.begin(); it != coalescing_.end();) {
     Pending& p = it->second;
-    auto t = std::find(p.targets.begin(), p.targets.end(), uuid);
-    if (t == p.targets.end() || p.parts.count(uuid)) {
+    if (!p.awaited.erase(uuid)) {  // not a target, or its part is in
       ++it;
       continue;
     }
+    auto t = std::find(p.targets.begin(), p.targets.end(), uuid);
     p.target_pairs.erase(p.target_pairs.begin() + (t - p.targets.begin()));
     p.targets.erase(t);
     if (!p.abandoned)
       PXF_LOG(info, kLog) << "coalesced broadcast " << it->first << " abandoned: engine " << uuid
                           << " went down before replying";
     p.abandoned = true;
-    if (p.parts.size() >= p.targets.size())
+    if (p.awaited.empty())
       it = coalescing_.erase(it);
     else
       ++it;

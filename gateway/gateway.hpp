@@ -18,6 +18,7 @@
 #include <stdexcept>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace pxf::gateway {
@@ -92,7 +93,8 @@ class Gateway {
     Frames client_route;
     std::vector<std::string> targets;  // uuids of this job, in metadata.targets order
     std::vector<json> target_pairs;    // [uuid, id] as given
-    std::unordered_map<std::string, Frames> parts;
+    std::unordered_map<std::string, Frames> parts;  // keyed by uuid; only awaited uuids
+    std::unordered_set<std::string> awaited;       // targets whose part has not arrived
     std::int64_t started_ms = 0;
     // A target rank went down before replying: the controller has failed this broadcast
     // already (the client sees EngineError), so the other parts are collected and dropped.

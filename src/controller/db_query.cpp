@@ -1,3 +1,4 @@
+#include "controller/pyjson.hpp"
 #include "controller/db_query.hpp"
 
 #include <cmath>
@@ -57,33 +58,10 @@ Value classify(const json& j) {
   }
 }
 
-const char* py_type(const json& j) {
-  switch (j.type()) {
-    case json::value_t::null: return "NoneType";
-    case json::value_t::boolean: return "bool";
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned: return "int";
-    case json::value_t::number_float: return "float";
-    case json::value_t::string:
-      return parse_iso_date(j.get_ref<const std::string&>()) ? "datetime.datetime" : "str";
-    case json::value_t::array: return "list";
-    case json::value_t::object: return "dict";
-    default: return "object";
-  }
-}
-
-bool truthy(const json& j) {
-  switch (j.type()) {
-    case json::value_t::null: return false;
-    case json::value_t::boolean: return j.get<bool>();
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float: return j.get<double>() != 0.0;
-    case json::value_t::string:
-    case json::value_t::array:
-    case json::value_t::object: return !j.empty();
-    default: return true;
-  }
+// As controller::py_type, but ISO dates are datetimes (the stock DictDB holds datetime objects).
+const char* db_type(const json& j) {
+  if (j.is_string() && parse_iso_date(j.get_ref<const std::string&>())) return "datetime.datetime";
+  return controller::py_type(j);
 }
 
 [[noreturn]] void type_error(const std::string& msg) { throw QueryError("TypeError", msg); }
@@ -161,8 +139,8 @@ bool py_equal(const json& a, const json& b) {
 int py_compare(const json& a, const json& b, const char* op) {
   Value va = classify(a), vb = classify(b);
   auto refuse = [&] {
-    type_error(std::string("'") + op + "' not supported between instances of '" + py_type(a) + "' and '" +
-               py_type(b) + "'");
+    type_error(std::string("'") + op + "' not supported between instances of '" + db_type(a) + "' and '" +
+               db_type(b) + "'");
   };
   if (va.kind != vb.kind) refuse();
   switch (va.kind) {
@@ -191,20 +169,20 @@ bool py_contains(const json& container, const json& item) {
   }
   if (container.is_string()) {
     if (!item.is_string())
-      type_error(std::string("'in <string>' requires string as left operand, not ") + py_type(item));
+      type_error(std::string("'in <string>' requires string as left operand, not ") + db_type(item));
     return container.get_ref<const std::string&>().find(item.get_ref<const std::string&>()) != std::string::npos;
   }
   if (container.is_object()) {
-    if (item.is_array() || item.is_object()) type_error(std::string("unhashable type: '") + py_type(item) + "'");
+    if (item.is_array() || item.is_object()) type_error(std::string("unhashable type: '") + db_type(item) + "'");
     return item.is_string() && container.contains(item.get_ref<const std::string&>());
   }
-  type_error(std::string("argument of type '") + py_type(container) + "' is not iterable");
+  type_error(std::string("argument of type '") + db_type(container) + "' is not iterable");
 }
 
 RecordQuery::RecordQuery(const nlohmann::ordered_json& query) {
   auto plain = [](const nlohmann::ordered_json& j) { return json::parse(j.dump()); };
   if (!query.is_object())
-    throw QueryError("AttributeError", std::string("'") + py_type(plain(query)) + "' object has no attribute 'items'");
+    throw QueryError("AttributeError", std::string("'") + db_type(plain(query)) + "' object has no attribute 'items'");
   static const std::pair<const char*, Op> names[] = {
       {"$lt", Op::lt}, {"$gt", Op::gt},   {"$eq", Op::eq},   {"$ne", Op::ne},   {"$lte", Op::lte},     {"$gte", Op::gte},
       {"$in", Op::in}, {"$nin", Op::nin}, {"$all", Op::all}, {"$mod", Op::mod}, {"$exists", Op::exists}};
@@ -255,18 +233,18 @@ bool RecordQuery::apply(Op op, const json& a, const json& b) {
           if (!py_contains(json(std::string(1, c)), a)) return false;
         return true;
       }
-      type_error(std::string("'") + py_type(b) + "' object is not iterable");
+      type_error(std::string("'") + db_type(b) + "' object is not iterable");
     }
     case Op::mod: {
       // stock: a % b[0] == b[1]
       if (!b.is_array() && !b.is_string() && !b.is_object())
-        type_error(std::string("'") + py_type(b) + "' object is not subscriptable");
+        type_error(std::string("'") + db_type(b) + "' object is not subscriptable");
       if (!b.is_array() || b.size() < 2) throw QueryError("IndexError", "list index out of range");
       const json& d = b[0];
       if (!a.is_number() && !a.is_boolean())
-        type_error(std::string("unsupported operand type(s) for %: '") + py_type(a) + "' and '" + py_type(d) + "'");
+        type_error(std::string("unsupported operand type(s) for %: '") + db_type(a) + "' and '" + db_type(d) + "'");
       if (!d.is_number() && !d.is_boolean())
-        type_error(std::string("unsupported operand type(s) for %: '") + py_type(a) + "' and '" + py_type(d) + "'");
+        type_error(std::string("unsupported operand type(s) for %: '") + db_type(a) + "' and '" + db_type(d) + "'");
       double x = a.get<double>(), y = d.get<double>();
       if (y == 0) throw QueryError("ZeroDivisionError", "integer division or modulo by zero");
       double r = std::fmod(x, y);

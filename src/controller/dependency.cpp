@@ -1,3 +1,4 @@
+#include "controller/pyjson.hpp"
 #include "controller/dependency.hpp"
 
 #include <algorithm>
@@ -40,35 +41,6 @@ TaskOutcomes::Slot* TaskOutcomes::slot(TaskKey k, bool insert) {
 }
 
 namespace {
-
-// Python's name for the type of a JSON value, for error messages.
-const char* py_type(const json& j) {
-  switch (j.type()) {
-    case json::value_t::null: return "NoneType";
-    case json::value_t::boolean: return "bool";
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned: return "int";
-    case json::value_t::number_float: return "float";
-    case json::value_t::string: return "str";
-    case json::value_t::array: return "list";
-    case json::value_t::object: return "dict";
-    default: return "object";
-  }
-}
-
-bool truthy(const json& j) {
-  switch (j.type()) {
-    case json::value_t::null: return false;
-    case json::value_t::boolean: return j.get<bool>();
-    case json::value_t::number_integer: return j.get<std::int64_t>() != 0;
-    case json::value_t::number_unsigned: return j.get<std::uint64_t>() != 0;
-    case json::value_t::number_float: return j.get<double>() != 0.0;
-    case json::value_t::string: return !j.get_ref<const std::string&>().empty();
-    case json::value_t::array:
-    case json::value_t::object: return !j.empty();
-    default: return true;
-  }
-}
 
 } // namespace
 

@@ -6,6 +6,7 @@
 // Cost: a task that can run at once costs a few hash-map operations. A parked task is either
 // blocked on a pending dependency (found again through graph_ when that one finishes) or
 // runnable (free_ / constrained_, ordered by queue position); nothing scans all parked tasks.
+#include "controller/pyjson.hpp"
 #include "controller/controller.hpp"
 #include "controller/errors.hpp"
 #include "util/clock.hpp"
@@ -40,19 +41,6 @@ Frames shared_frames(Message& m, Frames ids) {
   return out;
 }
 
-const char* py_type(const json& j) {
-  switch (j.type()) {
-    case json::value_t::null: return "NoneType";
-    case json::value_t::boolean: return "bool";
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned: return "int";
-    case json::value_t::number_float: return "float";
-    case json::value_t::string: return "str";
-    case json::value_t::array: return "list";
-    case json::value_t::object: return "dict";
-    default: return "object";
-  }
-}
 } // namespace
 
 // The request's whole header, the parent of a reply the scheduler builds itself (tasks are

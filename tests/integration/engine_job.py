@@ -116,6 +116,15 @@ class EngineJob(ClientsMixin):
             raise
         return self
 
+    def start_or_fail(self) -> "EngineJob":
+        """start(), turning a JobError into a clean pytest failure with the logs."""
+        import pytest
+
+        try:
+            return self.start()
+        except JobError as e:
+            pytest.fail(str(e), pytrace=False)
+
     def engine_processes(self) -> List[psutil.Process]:
         return self.tracker.alive(self.tracker.group("engine"))
 
@@ -134,12 +143,6 @@ def module_job(tmp_path_factory, name: str, n: int):
     """Body of a module-scoped fixture: one started EngineJob, stopped afterwards.
 
     Use as ``yield from engine_job.module_job(tmp_path_factory, "name", N)``."""
-    import pytest
-
-    j = EngineJob(tmp_path_factory.mktemp(name), n)
-    try:
-        j.start()
-    except JobError as e:
-        pytest.fail(str(e), pytrace=False)
+    j = EngineJob(tmp_path_factory.mktemp(name), n).start_or_fail()
     yield j
     j.stop()

@@ -170,10 +170,7 @@ def test_interrupt_all_ranks(rc):
 def test_shutdown_leaves_no_process(tmp_path):
     j = engine_job.EngineJob(tmp_path, 2)
     try:
-        try:
-            j.start()
-        except engine_job.JobError as e:
-            pytest.fail(str(e), pytrace=False)
+        j.start_or_fail()
         rc = j.client()
         rc.shutdown(targets="all", block=True)
         code = j.wait_job(timeout=60)
@@ -193,10 +190,7 @@ def test_job_ends_when_the_controller_goes(tmp_path, sig):
     j = engine_job.EngineJob(tmp_path, 2)
     j.engine_extra = ["--IPEngine.max_heartbeat_misses=10"]  # stock default 50: 12.5 s here
     try:
-        try:
-            j.start()
-        except engine_job.JobError as e:
-            pytest.fail(str(e), pytrace=False)
+        j.start_or_fail()
         t0 = time.monotonic()
         j.controller.send_signal(sig)
         code = j.wait_job(timeout=60)
