@@ -183,6 +183,37 @@ class KernelStub:
         self._parents[channel] = parent
 
 
+class _LazyCompleter:
+    """``shell.Completer``, created on first use.
+
+    ``InteractiveShell.__init__`` builds its ``IPCompleter`` at once, and importing the completer
+    imports ``jedi``: ~60 ms of CPU per rank at start-up for a feature that engines only use
+    when user code asks for completions. The class keeps its name (``ZMQInteractiveShell``, as on
+    stock engines); this descriptor on it stands in for the attribute until it is read.
+    """
+
+    def __get__(self, shell, owner=None):
+        if shell is None:
+            return self
+        completer = shell.__dict__.get("_pxf_completer")
+        if completer is None:
+            _original_init_completer(shell)  # assigns through __set__ below
+            completer = shell.__dict__["_pxf_completer"]
+        return completer
+
+    def __set__(self, shell, value):
+        shell.__dict__["_pxf_completer"] = value
+
+
+_original_init_completer = InteractiveShell.init_completer
+
+
+def _install_lazy_completer() -> None:
+    if not isinstance(ZMQInteractiveShell.__dict__.get("Completer"), _LazyCompleter):
+        ZMQInteractiveShell.Completer = _LazyCompleter()  # type: ignore[attr-defined]
+        ZMQInteractiveShell.init_completer = lambda self: None  # the descriptor does it on demand
+
+
 def make_shell(
     kernel: KernelStub,
     profile_dir: Any,
@@ -207,6 +238,7 @@ def make_shell(
         raise RuntimeError(
             "an IPython shell already exists in this process; one EngineRuntime per process"
         )
+    _install_lazy_completer()
     config = Config()
     config.HistoryManager.hist_file = ":memory:"  # as the stock engine
     shell = ZMQInteractiveShell.instance(

@@ -262,6 +262,7 @@ void Controller::poll_once(long timeout_ms) {
     std::size_t n_read = 0;
     for (; n_read < kBatch; ++n_read) {
       Frames frames;
+      frames.reserve(16);  // a task is ~9 frames plus buffers: no growth on the hot path
       std::optional<std::size_t> got;
       try {
         got = zmq::recv_multipart(*polled_[i], std::back_inserter(frames), zmq::recv_flags::dontwait);

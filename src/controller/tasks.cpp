@@ -237,7 +237,12 @@ void Controller::fail_unreachable(Task&& t, const json& content) {
 // Engine replies: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
 void Controller::on_task_reply(Frames&& frames) {
   Message m;
-  if (!decode("task_out", std::move(frames), m, {.parse_parent = true, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
+  // Only what the scheduler and the record read: status, dependencies_met, engine.
+  static constexpr std::array<std::string_view, 3> kReplyMetadata{"status", "dependencies_met", "engine"};
+  if (!decode("task_out", std::move(frames), m,
+              {.parse_parent = true, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
+               .metadata_fields = kReplyMetadata}))
+    return;
   if (m.identities.size() < 2) return;
   auto it = in_flight_.find(task_key(m.parent_msg_id()));
   Engine* sender = engines_.by_uuid(view(m.identities[0]));

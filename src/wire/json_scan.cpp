@@ -131,6 +131,7 @@ bool unescape(std::string_view raw, std::string& out) {
 bool scan_object(std::string_view text, std::span<ScanField> fields) {
   for (auto& f : fields) {
     f.value.reset();
+    f.boolean.reset();
     f.present = false;
   }
   Scanner sc(text);
@@ -159,11 +160,16 @@ bool scan_object(std::string_view text, std::span<ScanField> fields) {
       } else {
         want->value = std::string(raw);
       }
+      want->boolean.reset();
       want->present = true;
     } else {
+      char first = sc.peek();
       if (!sc.skip_value()) return false;
       if (want) {
         want->value.reset();
+        want->boolean.reset();
+        if (first == 't') want->boolean = true;  // skip_value accepted a literal: true or false
+        else if (first == 'f') want->boolean = false;
         want->present = true;
       }
     }

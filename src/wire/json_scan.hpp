@@ -1,5 +1,5 @@
 #pragma once
-// Reading a few top-level string members of a JSON object without building a DOM.
+// Reading a few top-level string (or boolean) members of a JSON object without building a DOM.
 //
 // Relays need only msg_id, msg_type and session of a header, or msg_id of a parent header;
 // a full parse of those frames was a third of pxcontroller's instructions per task. The
@@ -13,9 +13,12 @@
 namespace pxf::wire {
 
 struct ScanField {
+  ScanField() = default;
+  explicit ScanField(std::string_view k) : key(k) {}
   std::string_view key;
   std::optional<std::string> value;  // set when the member exists and is a string
   bool present = false;              // the member exists (of any type)
+  std::optional<bool> boolean;       // set when the member exists and is true or false
 };
 
 // Scans `text` (one JSON object) for the top-level members named in `fields`. Returns false

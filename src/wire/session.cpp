@@ -125,9 +125,9 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
   Drop why = Drop::none;
   const std::size_t depth = limits_.max_json_depth;
   std::string err;
-  bool header_done = false, parent_done = false;
+  bool header_done = false, parent_done = false, metadata_done = false;
   if (opts.header_fields_only) {
-    std::array<ScanField, 3> hf{{{"msg_id", {}, false}, {"msg_type", {}, false}, {"session", {}, false}}};
+    std::array<ScanField, 3> hf{{ScanField("msg_id"), ScanField("msg_type"), ScanField("session")}};
     if (scan_object(view(h), hf) && hf[0].value && hf[1].value) {
       msg.header = json::object();
       msg.header["msg_id"] = std::move(*hf[0].value);
@@ -136,17 +136,30 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
       header_done = true;
     }
     if (opts.parse_parent) {
-      std::array<ScanField, 1> pf{{{"msg_id", {}, false}}};
+      std::array<ScanField, 1> pf{{ScanField("msg_id")}};
       if (scan_object(view(p), pf) && (pf[0].value || !pf[0].present)) {
         msg.parent = json::object();
         if (pf[0].value) msg.parent["msg_id"] = std::move(*pf[0].value);
         parent_done = true;
       }
     }
+    if (opts.parse_metadata && !opts.metadata_fields.empty() && opts.metadata_fields.size() <= 8) {
+      std::array<ScanField, 8> mf;
+      for (std::size_t i = 0; i < opts.metadata_fields.size(); ++i) mf[i].key = opts.metadata_fields[i];
+      auto fields = std::span(mf).first(opts.metadata_fields.size());
+      if (scan_object(view(m), fields)) {
+        msg.metadata = json::object();
+        for (auto& f : fields) {
+          if (f.value) msg.metadata[std::string(f.key)] = std::move(*f.value);
+          else if (f.boolean) msg.metadata[std::string(f.key)] = *f.boolean;
+        }
+        metadata_done = true;
+      }
+    }
   }
   if (!header_done) err = parse_object(h, "header", depth, msg.header, why);
   if (err.empty() && opts.parse_parent && !parent_done) err = parse_object(p, "parent_header", depth, msg.parent, why);
-  if (err.empty() && opts.parse_metadata) err = parse_object(m, "metadata", depth, msg.metadata, why);
+  if (err.empty() && opts.parse_metadata && !metadata_done) err = parse_object(m, "metadata", depth, msg.metadata, why);
   if (err.empty() && opts.parse_content) err = parse_object(c, "content", depth, msg.content, why);
   if (!err.empty()) return fail(why, err);
   auto id = msg.header.find("msg_id");

@@ -12,6 +12,7 @@
 
 #include <atomic>
 #include <optional>
+#include <span>
 #include <string>
 
 namespace pxf::wire {
@@ -36,6 +37,10 @@ struct DecodeOptions {
   // {msg_id} (when parse_parent) read by wire::scan_object instead of a full parse; frames
   // that the scanner does not accept are parsed fully, with the usual errors.
   bool header_fields_only = false;
+  // With header_fields_only and parse_metadata: when non-empty, the metadata becomes just these
+  // top-level members, those that are strings or booleans (read by the scanner; a frame it
+  // does not accept is parsed fully). A task reply needs only status, dependencies_met, engine.
+  std::span<const std::string_view> metadata_fields{};
 };
 
 // Result of decode(): a message, or the reason it was refused and a human detail.

@@ -15,7 +15,7 @@ using pxf::wire::scan_object;
 using nlohmann::json;
 
 struct Three {
-  std::array<ScanField, 3> f{{{"msg_id", {}, false}, {"msg_type", {}, false}, {"session", {}, false}}};
+  std::array<ScanField, 3> f{{ScanField("msg_id"), ScanField("msg_type"), ScanField("session")}};
   bool scan(std::string_view text) { return scan_object(text, f); }
   const std::optional<std::string>& id() const { return f[0].value; }
   const std::optional<std::string>& type() const { return f[1].value; }
@@ -54,6 +54,21 @@ TEST(JsonScan, NonStringWantedMemberIsPresentWithoutValue) {
     EXPECT_TRUE(f.present) << f.key;
     EXPECT_FALSE(f.value.has_value()) << f.key;
   }
+}
+
+TEST(JsonScan, ReadsBooleans) {
+  std::array<ScanField, 4> f{{ScanField("status"), ScanField("dependencies_met"), ScanField("ok"), ScanField("n")}};
+  ASSERT_TRUE(scan_object(R"({"dependencies_met": false, "status": "ok", "ok": true, "n": null})", f));
+  EXPECT_EQ(f[0].value, "ok");
+  EXPECT_FALSE(f[0].boolean.has_value());
+  EXPECT_EQ(f[1].boolean, false);
+  EXPECT_EQ(f[2].boolean, true);
+  EXPECT_TRUE(f[3].present);
+  EXPECT_FALSE(f[3].boolean.has_value());
+  // A later non-boolean duplicate replaces an earlier boolean, as in nlohmann::json.
+  ASSERT_TRUE(scan_object(R"({"ok": true, "ok": "yes"})", std::span(f).subspan(2, 1)));
+  EXPECT_FALSE(f[2].boolean.has_value());
+  EXPECT_EQ(f[2].value, "yes");
 }
 
 TEST(JsonScan, LastDuplicateWinsLikeNlohmann) {
@@ -132,6 +147,11 @@ TEST(JsonScan, AgreesWithNlohmannOnRandomObjects) {
         ASSERT_EQ(f.value, obj[key].get<std::string>()) << text;
       } else {
         ASSERT_FALSE(f.value.has_value()) << text;
+      }
+      if (obj.contains(key) && obj[key].is_boolean()) {
+        ASSERT_EQ(f.boolean, obj[key].get<bool>()) << text;
+      } else {
+        ASSERT_FALSE(f.boolean.has_value()) << text;
       }
     }
   }
