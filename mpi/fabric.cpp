@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <utility>
 #include <cstdlib>
 
 namespace pxf::mpi {
@@ -23,15 +24,27 @@ constexpr int kTagFrames = 1;
 constexpr std::uint64_t kBcastExit = 1;
 constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
 constexpr std::size_t kInPlaceSendBytes = 256 * 1024;  // larger messages are sent without packing
-constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic
+constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic (default)
 constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: <=1 ms added latency
 constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
 constexpr std::int64_t kIdleSleepUs = 10000;    // cap once idle: ~100 wake-ups/s, <=10 ms latency
+// With doorbells (every incoming message rings): poll only around traffic, then sleep until rung.
+constexpr std::int64_t kRungWindowUs = 300;     // keep polling this long after traffic (belt and braces)
+constexpr std::int64_t kRungMinSleepUs = 20;
+constexpr std::int64_t kRungIdleUs = 100000;    // a safety net only: rings wake the rank
 
 // MPI cannot wake a sleeping rank, so an idle rank polls: every <=1 ms while requests are
 // flowing (a task stream, a %px loop), every <=10 ms after 200 ms of quiet (a person reading
 // output). Rank 0 also wakes at once for the link socket and for its own rank's replies.
 // $PXF_FABRIC_MAX_SLEEP_US overrides the idle cap (benchmarks, tuning).
+std::int64_t spin_us() {
+  static const std::int64_t v = [] {
+    const char* s = std::getenv("PXF_FABRIC_SPIN_US");
+    return s && *s ? static_cast<std::int64_t>(std::atoll(s)) : kSpinUs;
+  }();
+  return v;
+}
+
 std::int64_t sleep_cap_us(std::int64_t idle_us) {
   static const std::int64_t idle_cap = [] {
     const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
@@ -68,7 +81,7 @@ double mono_seconds() {
 }
 
 Fabric::Fabric(MPI_Comm p2p, MPI_Comm coll, int rank, int size, gateway::Gateway* gw, LocalRank& local)
-    : p2p_(p2p), coll_(coll), rank_(rank), size_(size), gw_(gw), local_(local) {
+    : p2p_(p2p), coll_(coll), rank_(rank), size_(size), gw_(gw), local_(local), bells_(p2p, rank, size) {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }
 
@@ -148,6 +161,7 @@ void Fabric::isend(int dest, Frames&& frames) {
     s.frames = std::move(frames);
   }
   sends_.push_back(std::move(s));
+  bells_.ring(dest);
 }
 
 void Fabric::ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags) {
@@ -164,6 +178,7 @@ void Fabric::ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t 
   }
   s.data = std::move(data);
   sends_.push_back(std::move(s));
+  for (int r = 1; r < size_; ++r) bells_.ring(r, Doorbells::kBroadcast);
 }
 
 void Fabric::to_rank(int rank, Frames&& frames) {
@@ -249,6 +264,7 @@ bool Fabric::progress_bcast_in() {
     MPI_Test(&in_hdr_req_, &done, MPI_STATUS_IGNORE);
     if (!done) return false;
     if (in_hdr_[1] & kBcastExit) {
+      ++bcasts_done_;
       exit_code_ = static_cast<int>(in_hdr_[0]);
       ending_ = true;
       return true;
@@ -266,6 +282,7 @@ bool Fabric::progress_bcast_in() {
     MPI_Testall(static_cast<int>(in_data_reqs_.size()), in_data_reqs_.data(), &done, MPI_STATUSES_IGNORE);
   if (!done) return true;
   in_data_reqs_.clear();
+  ++bcasts_done_;
   try {
     auto frames = unpack_frames(in_data_);
     local_.deliver(std::move(frames), mono_seconds());
@@ -278,9 +295,14 @@ bool Fabric::progress_bcast_in() {
 }
 
 void Fabric::wait(std::int64_t timeout_us) {
-  pollfd fds[2];
+  pollfd fds[3];
   int n = 0;
   fds[n++] = {wake_fd_, POLLIN, 0};
+  int bell = -1;
+  if (bells_.fd() >= 0) {
+    bell = n;
+    fds[n++] = {bells_.fd(), POLLIN, 0};
+  }
   if (gw_) {
     if (gw_->readable()) return;
     fds[n++] = {gw_->fd(), POLLIN, 0};
@@ -291,6 +313,30 @@ void Fabric::wait(std::int64_t timeout_us) {
     std::uint64_t v;
     [[maybe_unused]] auto r = ::read(wake_fd_, &v, sizeof v);
   }
+  if (bell >= 0 && (fds[bell].revents & POLLIN)) {
+    auto r = bells_.drain();
+    bcasts_rung_ += static_cast<std::uint64_t>(r.broadcasts);
+    rung_ = r.any();
+  }
+}
+
+// Rings and completions count the same broadcasts, in order; a ring drained after its broadcast
+// completed leaves them equal. A lost ring (full socket buffer) only means polling on the timer.
+bool Fabric::in_flight() const { return !sends_.empty() || !in_data_reqs_.empty() || bcasts_rung_ > bcasts_done_; }
+
+// How long to sleep after `idle_us` without traffic (see fabric.hpp, "Waiting").
+std::int64_t Fabric::next_wait_us(std::int64_t idle_us) const {
+  if (bells_.woken_by_rings()) {
+    if (in_flight() || idle_us < kRungWindowUs)
+      return std::clamp<std::int64_t>(idle_us / 2, kRungMinSleepUs, kActiveSleepUs);
+    static const std::int64_t cap = [] {
+      const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
+      long long n = s ? std::atoll(s) : 0;
+      return n > 0 ? static_cast<std::int64_t>(n) : kRungIdleUs;
+    }();
+    return cap;
+  }
+  return std::min(sleep_cap_us(idle_us), idle_us / 8);
 }
 
 void Fabric::run() {
@@ -326,14 +372,15 @@ void Fabric::run() {
       gw_->tick(*this);
     }
     if (ending_) break;
+    busy |= std::exchange(rung_, false);  // a ring: something is on its way (maybe via a relay)
     std::int64_t now = now_us();
     if (busy) {
       last = now;
       continue;
     }
     std::int64_t idle = now - last;
-    if (idle < kSpinUs) sched_yield();
-    else wait(std::min(sleep_cap_us(idle), idle / 8));
+    if (!bells_.woken_by_rings() && idle < spin_us()) sched_yield();
+    else wait(next_wait_us(idle));
   }
   drain_and_quiesce();
   if (gw_) gw_->close("job exit");

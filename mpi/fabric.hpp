@@ -6,9 +6,14 @@
 //   p2p comm,  tag kTagFrames: one packet (packet.hpp) = one link-format message, rank 0 <-> rank r
 //   coll comm, MPI_Ibcast from rank 0: header {u64 len, u64 flags} then the packet in <=1 GiB
 //              chunks (flags kBcastExit: job ends, len = exit code, no data)
-// Waiting: ppoll on an eventfd (outgoing work) and, on rank 0, the link socket's ZMQ_FD, with an
-// adaptive timeout: 0 for the first 200 us after traffic, then idle/8, capped at 1 ms.
+// Waiting: ppoll on an eventfd (outgoing work), the doorbell socket (doorbell.hpp) and, on rank 0,
+// the link socket's ZMQ_FD. A rank whose incoming messages all come with a ring polls MPI only
+// while its own operations are in flight (sends, or a broadcast it was rung for and has not
+// completed: Ibcast data may arrive through relays) and for 0.3 ms after traffic (timeouts idle/2,
+// 20 us to 1 ms), then sleeps until rung (100 ms at most). Other ranks poll on a timer: 200 us of
+// sched_yield after traffic, then idle/8 capped at 1 ms, and 10 ms after 200 ms of quiet.
 #include "gateway/gateway.hpp"
+#include "mpi/doorbell.hpp"
 #include "mpi/packet.hpp"
 #include "wire/frames.hpp"
 
@@ -77,6 +82,8 @@ class Fabric final : public gateway::Sink {
   void isend(int dest, Frames&& frames);
   void ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags);
   void wait(std::int64_t timeout_us);
+  std::int64_t next_wait_us(std::int64_t idle_us) const;
+  bool in_flight() const;
   void drain_and_quiesce();
 
   MPI_Comm p2p_, coll_;
@@ -84,6 +91,10 @@ class Fabric final : public gateway::Sink {
   gateway::Gateway* gw_;
   LocalRank& local_;
   int wake_fd_ = -1;
+  Doorbells bells_;
+  bool rung_ = false;                  // a ring arrived during the last wait
+  std::uint64_t bcasts_rung_ = 0;      // broadcast rings received (non-root)
+  std::uint64_t bcasts_done_ = 0;      // broadcasts completed (non-root)
 
   std::mutex mu_;
   std::deque<Frames> outbox_;

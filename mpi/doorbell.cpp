@@ -1,0 +1,123 @@
+#include "mpi/doorbell.hpp"
+
+#include "util/log.hpp"
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+namespace pxf::mpi {
+
+namespace {
+constexpr const char* kLog = "fabric";
+
+// Abstract-namespace address (leading NUL): no file to clean up, scoped to the network namespace.
+socklen_t address_of(std::uint64_t token, int rank, sockaddr_un& a) {
+  std::memset(&a, 0, sizeof a);
+  a.sun_family = AF_UNIX;
+  int n = std::snprintf(a.sun_path + 1, sizeof a.sun_path - 1, "pxf-%016llx-%d",
+                        static_cast<unsigned long long>(token), rank);
+  return static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + static_cast<std::size_t>(n));
+}
+} // namespace
+
+Doorbells::Doorbells(MPI_Comm comm, int rank, int size) : rank_(rank), reach_(static_cast<std::size_t>(size), false) {
+  if (size <= 1) return;
+  if (rank == 0) {
+    std::random_device rd;
+    token_ = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
+             static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+             (static_cast<std::uint64_t>(::getpid()) << 16);
+  }
+  MPI_Bcast(&token_, 1, MPI_UINT64_T, 0, comm);
+
+  // Which ranks share rank 0's node: only those can be rung (abstract sockets are node-local).
+  MPI_Comm node;
+  MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &node);
+  int node_size = 0;
+  MPI_Comm_size(node, &node_size);
+  std::vector<int> node_ranks(static_cast<std::size_t>(node_size));
+  {
+    MPI_Group g_node, g_all;
+    MPI_Comm_group(node, &g_node);
+    MPI_Comm_group(comm, &g_all);
+    std::vector<int> local(static_cast<std::size_t>(node_size));
+    for (int i = 0; i < node_size; ++i) local[static_cast<std::size_t>(i)] = i;
+    MPI_Group_translate_ranks(g_node, node_size, local.data(), g_all, node_ranks.data());
+    MPI_Group_free(&g_node);
+    MPI_Group_free(&g_all);
+  }
+  MPI_Comm_free(&node);
+  bool with_root = false;
+  for (int r : node_ranks) with_root |= r == 0;
+
+  if (with_root) {
+    fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    sockaddr_un a;
+    socklen_t len = address_of(token_, rank, a);
+    if (fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&a), len) != 0) {
+      PXF_LOG(debug, kLog) << "doorbell: bind failed (" << std::strerror(errno) << "); polling instead";
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
+
+  // Test rings, rank 0 <-> each node peer, between two barriers (all bound before, all sent after).
+  MPI_Barrier(comm);
+  if (fd_ >= 0) {
+    if (rank == 0) {
+      for (int r : node_ranks)
+        if (r != 0) reach_[static_cast<std::size_t>(r)] = send_to(r, kMessage);
+    } else {
+      reach_[0] = send_to(0, kMessage);
+    }
+  }
+  MPI_Barrier(comm);
+  int heard = 0;
+  if (fd_ >= 0) {
+    char c;
+    while (::recv(fd_, &c, 1, 0) == 1) ++heard;
+  }
+  woken_by_rings_ = rank == 0 ? heard == size - 1 : heard >= 1;
+  int mine = woken_by_rings_ ? 1 : 0, all = 0;
+  MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_SUM, comm);
+  if (rank == 0)
+    PXF_LOG(debug, kLog) << "doorbells: " << all << " of " << size << " ranks woken by rings"
+                         << (all == size ? "" : " (the others poll)");
+}
+
+Doorbells::~Doorbells() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+bool Doorbells::send_to(int rank, char kind) {
+  sockaddr_un a;
+  socklen_t len = address_of(token_, rank, a);
+  return ::sendto(fd_, &kind, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&a), len) == 1;
+}
+
+void Doorbells::ring(int rank, Kind kind) {
+  if (!reaches(rank)) return;
+  if (!send_to(rank, kind) && errno != EAGAIN && errno != EWOULDBLOCK)
+    reach_[static_cast<std::size_t>(rank)] = false;  // gone (ECONNREFUSED): stop trying
+}
+
+Doorbells::Rung Doorbells::drain() {
+  Rung r;
+  if (fd_ < 0) return r;
+  char c;
+  while (::recv(fd_, &c, 1, 0) == 1) {
+    if (c == kBroadcast) ++r.broadcasts;
+    else ++r.messages;
+  }
+  return r;
+}
+
+} // namespace pxf::mpi
