@@ -12,6 +12,8 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <string>
+#include <cstdlib>
 
 namespace pxf::mpi {
 
@@ -30,13 +32,13 @@ socklen_t address_of(std::uint64_t token, int rank, sockaddr_un& a) {
 
 Doorbells::Doorbells(MPI_Comm comm, int rank, int size) : rank_(rank), reach_(static_cast<std::size_t>(size), false) {
   if (size <= 1) return;
-  if (rank == 0) {
+  if (rank == 0 && !(std::getenv("PXF_FABRIC_DOORBELLS") && std::string(std::getenv("PXF_FABRIC_DOORBELLS")) == "0")) {
     std::random_device rd;
     token_ = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
              static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
              (static_cast<std::uint64_t>(::getpid()) << 16);
   }
-  MPI_Bcast(&token_, 1, MPI_UINT64_T, 0, comm);
+  MPI_Bcast(&token_, 1, MPI_UINT64_T, 0, comm);  // 0: turned off on rank 0 ($PXF_FABRIC_DOORBELLS=0)
 
   // Which ranks share rank 0's node: only those can be rung (abstract sockets are node-local).
   MPI_Comm node;
@@ -58,7 +60,7 @@ Doorbells::Doorbells(MPI_Comm comm, int rank, int size) : rank_(rank), reach_(st
   bool with_root = false;
   for (int r : node_ranks) with_root |= r == 0;
 
-  if (with_root) {
+  if (with_root && token_ != 0) {
     fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     sockaddr_un a;
     socklen_t len = address_of(token_, rank, a);

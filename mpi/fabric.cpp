@@ -23,7 +23,9 @@ constexpr const char* kLog = "fabric";
 constexpr int kTagFrames = 1;
 constexpr std::uint64_t kBcastExit = 1;
 constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
-constexpr std::size_t kInPlaceSendBytes = 256 * 1024;  // larger messages are sent without packing
+constexpr int kTagBulk = 2;  // bulk frames of the last kTagFrames packet from the same source
+constexpr std::size_t kBulkSendBytes = 256 * 1024;   // messages this large send big frames apart
+constexpr std::size_t kBulkFrameBytes = 64 * 1024;   // ... frames this large
 constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic (default)
 constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: <=1 ms added latency
 constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
@@ -64,6 +66,13 @@ extern "C" void on_termination_signal(int sig) {
     std::uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(g_term_wake_fd, &one, sizeof one);
   }
+}
+
+std::size_t bulk_bytes(const Frames& frames) {
+  std::size_t n = 0;
+  for (const auto& f : frames)
+    if (f.size() >= kBulkFrameBytes) n += f.size();
+  return n;
 }
 
 std::int64_t now_us() {
@@ -118,46 +127,33 @@ void Fabric::post(Frames&& frames) {
 void Fabric::isend(int dest, Frames&& frames) {
   std::size_t total = 4 + 8 * frames.size();
   for (const auto& f : frames) total += f.size();
-  if (total > static_cast<std::size_t>(INT_MAX)) {
-    PXF_LOG(error, kLog) << "message of " << total << " bytes exceeds the 2 GiB MPI message limit; dropped";
+  std::size_t packet_bytes = total >= kBulkSendBytes ? total - bulk_bytes(frames) : total;
+  if (packet_bytes > static_cast<std::size_t>(INT_MAX)) {
+    PXF_LOG(error, kLog) << "message of " << total << " bytes has more than 2 GiB in small frames; dropped";
     return;
   }
   Send s;
   s.reqs.resize(1);
-  if (total < kInPlaceSendBytes) {
+  if (total < kBulkSendBytes) {
     auto data = std::make_shared<std::vector<char>>(pack_frames(frames));
     MPI_Isend(data->data(), static_cast<int>(data->size()), MPI_BYTE, dest, kTagFrames, p2p_, &s.reqs[0]);
     s.data = std::move(data);
   } else {
-    // Large: the same packet layout, described by an hindexed datatype over the frames
-    // themselves (MPI reads them in place; no packing copy). The receiver sees plain bytes.
-    auto head = std::make_shared<std::vector<char>>(4 + 8 * frames.size());
-    auto n = static_cast<std::uint32_t>(frames.size());
-    std::memcpy(head->data(), &n, 4);
-    for (std::size_t i = 0; i < frames.size(); ++i) {
-      std::uint64_t sz = frames[i].size();
-      std::memcpy(head->data() + 4 + 8 * i, &sz, 8);
-    }
-    std::vector<int> lens;
-    std::vector<MPI_Aint> displs;
-    lens.reserve(frames.size() + 1);
-    displs.reserve(frames.size() + 1);
-    MPI_Aint a;
-    MPI_Get_address(head->data(), &a);
-    lens.push_back(static_cast<int>(head->size()));
-    displs.push_back(a);
+    // Large: frames of kBulkFrameBytes or more leave the packet and follow it as contiguous
+    // messages of their own, sent from the frames in place (no packing copy), which MPI moves
+    // with one copy (CMA) instead of a fragment pipeline that needs this thread's progress.
+    auto data = std::make_shared<std::vector<char>>(pack_frames(frames, kBulkFrameBytes));
+    MPI_Isend(data->data(), static_cast<int>(data->size()), MPI_BYTE, dest, kTagFrames, p2p_, &s.reqs[0]);
     for (auto& f : frames) {
-      if (f.size() == 0) continue;
-      MPI_Get_address(f.data(), &a);
-      lens.push_back(static_cast<int>(f.size()));
-      displs.push_back(a);
+      if (f.size() < kBulkFrameBytes) continue;
+      auto* p = static_cast<char*>(f.data());
+      for (std::size_t off = 0; off < f.size(); off += kChunk) {
+        int n = static_cast<int>(std::min<std::size_t>(kChunk, f.size() - off));
+        s.reqs.emplace_back();
+        MPI_Isend(p + off, n, MPI_BYTE, dest, kTagBulk, p2p_, &s.reqs.back());
+      }
     }
-    MPI_Datatype type;
-    MPI_Type_create_hindexed(static_cast<int>(lens.size()), lens.data(), displs.data(), MPI_BYTE, &type);
-    MPI_Type_commit(&type);
-    MPI_Isend(MPI_BOTTOM, 1, type, dest, kTagFrames, p2p_, &s.reqs[0]);
-    MPI_Type_free(&type);  // released by MPI once the send completes
-    s.data = std::move(head);
+    s.data = std::move(data);
     s.frames = std::move(frames);
   }
   sends_.push_back(std::move(s));
@@ -236,14 +232,23 @@ bool Fabric::progress_recv() {
     auto buf = std::make_shared<Packet>(static_cast<std::size_t>(count));
     MPI_Mrecv(buf->data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
     any = true;
-    double received = mono_seconds();
     Frames frames;
+    std::vector<std::size_t> bulk;
     try {
-      frames = unpack_frames(buf);
+      frames = unpack_frames(buf, &bulk);
     } catch (const std::exception& e) {
       PXF_LOG(error, kLog) << "bad packet from rank " << st.MPI_SOURCE << ": " << e.what();
       continue;
     }
+    // Its bulk frames follow from the same source, in order (MPI keeps per-source order).
+    for (std::size_t i : bulk) {
+      auto* p = static_cast<char*>(frames[i].data());
+      for (std::size_t off = 0; off < frames[i].size(); off += kChunk) {
+        int n = static_cast<int>(std::min<std::size_t>(kChunk, frames[i].size() - off));
+        MPI_Recv(p + off, n, MPI_BYTE, st.MPI_SOURCE, kTagBulk, p2p_, MPI_STATUS_IGNORE);
+      }
+    }
+    double received = mono_seconds();
     if (rank_ == 0) {
       gw_->from_rank(std::move(frames), *this);
     } else if (!ending_) {

@@ -53,6 +53,19 @@ TEST(Packet, LargeFramesShareTheReceivedBufferAndKeepItAlive) {
   EXPECT_TRUE(weak.expired());
 }
 
+TEST(Packet, BulkFramesLeaveThePacketAndComeBackAllocatedInOrder) {
+  Frames in = sample();
+  Packet p = pack_frames(in, kShareFrameBytes);  // frame 2 is bulk, 3 (one byte less) is not
+  EXPECT_EQ(p.size(), 4 + 8 * in.size() + 3 + 0 + (kShareFrameBytes - 1));
+  EXPECT_THROW(unpack_frames(p.data(), p.size()), std::runtime_error);  // bulk needs a caller that fetches it
+  std::vector<std::size_t> bulk;
+  Frames out = unpack_frames(p.data(), p.size(), nullptr, &bulk);
+  ASSERT_EQ(bulk, std::vector<std::size_t>{2});
+  ASSERT_EQ(out.size(), in.size());
+  EXPECT_EQ(out[2].size(), kShareFrameBytes);  // allocated for the bulk receive
+  for (std::size_t i : {0, 1, 3}) EXPECT_EQ(view(out[i]), view(in[i])) << i;
+}
+
 TEST(Packet, RejectsTruncatedAndLyingPackets) {
   Packet p = pack_frames(sample());
   EXPECT_THROW(unpack_frames(p.data(), 3), std::runtime_error);
