@@ -4,11 +4,11 @@ namespace pxf::wire {
 
 bool ReplayGuard::accept(std::string_view signature) {
   if (capacity_ == 0) return true;
-  if (seen(signature)) return false;
-  auto it = set_.emplace(signature).first;
-  order_.push_back(&*it);
+  std::uint64_t fp = fingerprint(signature);
+  if (!set_.insert(fp).second) return false;
+  order_.push_back(fp);
   if (order_.size() > capacity_) {
-    set_.erase(set_.find(*order_.front()));  // by iterator: the key must not alias the erased node
+    set_.erase(order_.front());
     order_.pop_front();
   }
   return true;

@@ -54,6 +54,15 @@ TEST(Clock, IsoFormatBeforeEpochBorrowsASecond) {
   EXPECT_EQ(pxf::iso_format(system_clock::time_point{} - microseconds(1500000)), "1969-12-31T23:59:58.500000Z");
 }
 
+TEST(Clock, IsoFormatAcrossSecondsWithTheCachedPrefix) {
+  // The date-time prefix is reused within one second: changing seconds (either way) re-formats.
+  auto t = at(2026y / 12 / 31, 23h, 59min, 59s, 999999us);
+  EXPECT_EQ(pxf::iso_format(t), "2026-12-31T23:59:59.999999Z");
+  EXPECT_EQ(pxf::iso_format(t + microseconds(1)), "2027-01-01T00:00:00.000000Z");
+  EXPECT_EQ(pxf::iso_format(t - microseconds(999999)), "2026-12-31T23:59:59.000000Z");
+  EXPECT_EQ(pxf::iso_format(t + microseconds(12)), "2027-01-01T00:00:00.000011Z");
+}
+
 TEST(Clock, IsoNowMatchesJupyterClientFormatAndIsNow) {
   static const std::regex re(R"(^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$)");
   auto before = pxf::iso_format(system_clock::now());
