@@ -71,21 +71,40 @@ Doorbells::Doorbells(MPI_Comm comm, int rank, int size) : rank_(rank), reach_(st
     }
   }
 
-  // Test rings, rank 0 <-> each node peer, between two barriers (all bound before, all sent after).
+  // Test rings, rank 0 <-> each node peer: all bound before the first is sent; rank 0 drains its
+  // queue (10 datagrams by default) while the peers' rings come in, until every peer is done.
   MPI_Barrier(comm);
-  if (fd_ >= 0) {
-    if (rank == 0) {
-      for (int r : node_ranks)
-        if (r != 0) reach_[static_cast<std::size_t>(r)] = send_to(r, kMessage);
-    } else {
-      reach_[0] = send_to(0, kMessage);
+  auto send_retrying = [&](int to) {
+    for (int tries = 0; tries < 20000; ++tries) {  // ~2 s at most
+      if (send_to(to, kMessage)) return true;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) return false;
+      ::usleep(100);
     }
-  }
-  MPI_Barrier(comm);
+    return false;
+  };
   int heard = 0;
-  if (fd_ >= 0) {
+  auto drain_count = [&] {
     char c;
-    while (::recv(fd_, &c, 1, 0) == 1) ++heard;
+    while (fd_ >= 0 && ::recv(fd_, &c, 1, 0) == 1) ++heard;
+  };
+  if (rank == 0) {
+    if (fd_ >= 0)
+      for (int r : node_ranks)
+        if (r != 0) reach_[static_cast<std::size_t>(r)] = send_retrying(r);
+    MPI_Request done;
+    MPI_Ibarrier(comm, &done);
+    for (int flag = 0; !flag;) {
+      drain_count();
+      MPI_Test(&done, &flag, MPI_STATUS_IGNORE);
+      if (!flag) ::usleep(100);
+    }
+    drain_count();
+  } else {
+    if (fd_ >= 0) reach_[0] = send_retrying(0);
+    MPI_Request done;
+    MPI_Ibarrier(comm, &done);
+    MPI_Wait(&done, MPI_STATUS_IGNORE);  // rank 0 rang before entering it
+    drain_count();
   }
   woken_by_rings_ = rank == 0 ? heard == size - 1 : heard >= 1;
   int mine = woken_by_rings_ ? 1 : 0, all = 0;
@@ -105,10 +124,12 @@ bool Doorbells::send_to(int rank, char kind) {
   return ::sendto(fd_, &kind, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&a), len) == 1;
 }
 
-void Doorbells::ring(int rank, Kind kind) {
-  if (!reaches(rank)) return;
-  if (!send_to(rank, kind) && errno != EAGAIN && errno != EWOULDBLOCK)
-    reach_[static_cast<std::size_t>(rank)] = false;  // gone (ECONNREFUSED): stop trying
+bool Doorbells::ring(int rank, Kind kind) {
+  if (!reaches(rank)) return true;
+  if (send_to(rank, kind)) return true;
+  if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+  reach_[static_cast<std::size_t>(rank)] = false;  // gone (ECONNREFUSED): stop trying
+  return true;
 }
 
 Doorbells::Rung Doorbells::drain() {

@@ -12,7 +12,7 @@
 //
 // Rings are checked once at start-up: rank 0 rings every node peer and each peer rings rank 0;
 // a direction counts only if the test ring arrived. Local unix datagrams are delivered
-// synchronously or refused, so the check is exact.
+// synchronously, refused, or (queue full) retried, so the check is exact.
 #include <mpi.h>
 
 #include <cstdint>
@@ -42,8 +42,9 @@ class Doorbells {
   // was started, which may reach this rank through relays (other ranks' progress), so the rank
   // keeps polling until it has completed one more broadcast.
   enum Kind : char { kMessage = 'm', kBroadcast = 'b' };
-  // Best effort, non-blocking: a full socket buffer means rings are already waiting there.
-  void ring(int rank, Kind kind = kMessage);
+  // Non-blocking. False when the ring did not go out but may later (the receiver's queue is full:
+  // net.unix.max_dgram_qlen, 10 by default); the caller retries, since receivers count rings.
+  bool ring(int rank, Kind kind = kMessage);
   struct Rung {
     int messages = 0, broadcasts = 0;
     bool any() const { return messages + broadcasts > 0; }

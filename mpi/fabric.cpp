@@ -31,7 +31,6 @@ constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: 
 constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
 constexpr std::int64_t kIdleSleepUs = 10000;    // cap once idle: ~100 wake-ups/s, <=10 ms latency
 // With doorbells (every incoming message rings): poll only around traffic, then sleep until rung.
-constexpr std::int64_t kRungWindowUs = 300;     // keep polling this long after traffic (belt and braces)
 constexpr std::int64_t kRungMinSleepUs = 20;
 constexpr std::int64_t kRungIdleUs = 100000;    // a safety net only: rings wake the rank
 
@@ -157,7 +156,14 @@ void Fabric::isend(int dest, Frames&& frames) {
     s.frames = std::move(frames);
   }
   sends_.push_back(std::move(s));
-  bells_.ring(dest);
+  ring(dest, Doorbells::kMessage);
+}
+
+void Fabric::ring(int rank, Doorbells::Kind kind) {
+  if (!unrung_.empty() || !bells_.ring(rank, kind)) {
+    unrung_.emplace_back(rank, kind);  // keep order
+    ++rings_retried_;
+  }
 }
 
 void Fabric::ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags) {
@@ -174,7 +180,7 @@ void Fabric::ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t 
   }
   s.data = std::move(data);
   sends_.push_back(std::move(s));
-  for (int r = 1; r < size_; ++r) bells_.ring(r, Doorbells::kBroadcast);
+  for (int r = 1; r < size_; ++r) ring(r, Doorbells::kBroadcast);
 }
 
 void Fabric::to_rank(int rank, Frames&& frames) {
@@ -232,6 +238,7 @@ bool Fabric::progress_recv() {
     auto buf = std::make_shared<Packet>(static_cast<std::size_t>(count));
     MPI_Mrecv(buf->data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE);
     any = true;
+    ++msgs_received_;
     Frames frames;
     std::vector<std::size_t> bulk;
     try {
@@ -313,7 +320,7 @@ void Fabric::wait(std::int64_t timeout_us) {
     fds[n++] = {gw_->fd(), POLLIN, 0};
   }
   timespec ts{static_cast<time_t>(timeout_us / 1000000), static_cast<long>(timeout_us % 1000000) * 1000};
-  ::ppoll(fds, static_cast<nfds_t>(n), &ts, nullptr);
+  if (::ppoll(fds, static_cast<nfds_t>(n), &ts, nullptr) == 0) timed_out_ = true;
   if (fds[0].revents & POLLIN) {
     std::uint64_t v;
     [[maybe_unused]] auto r = ::read(wake_fd_, &v, sizeof v);
@@ -321,18 +328,23 @@ void Fabric::wait(std::int64_t timeout_us) {
   if (bell >= 0 && (fds[bell].revents & POLLIN)) {
     auto r = bells_.drain();
     bcasts_rung_ += static_cast<std::uint64_t>(r.broadcasts);
+    msgs_rung_ += static_cast<std::uint64_t>(r.messages);
     rung_ = r.any();
   }
 }
 
-// Rings and completions count the same broadcasts, in order; a ring drained after its broadcast
-// completed leaves them equal. A lost ring (full socket buffer) only means polling on the timer.
-bool Fabric::in_flight() const { return !sends_.empty() || !in_data_reqs_.empty() || bcasts_rung_ > bcasts_done_; }
+// Rings count the messages and broadcasts sent to this rank, one each; a ring can come before
+// MPI shows its message (a first probe after it often finds nothing), so the rank polls until
+// it has received as many as it was rung for. A ring drained after its message was received
+// leaves the counts equal; a lost ring (full socket buffer) only means the safety-net timeout.
+bool Fabric::in_flight() const {
+  return !sends_.empty() || !unrung_.empty() || !in_data_reqs_.empty() || bcasts_rung_ > bcasts_done_ || msgs_rung_ > msgs_received_;
+}
 
 // How long to sleep after `idle_us` without traffic (see fabric.hpp, "Waiting").
 std::int64_t Fabric::next_wait_us(std::int64_t idle_us) const {
   if (bells_.woken_by_rings()) {
-    if (in_flight() || idle_us < kRungWindowUs)
+    if (in_flight())
       return std::clamp<std::int64_t>(idle_us / 2, kRungMinSleepUs, kActiveSleepUs);
     static const std::int64_t cap = [] {
       const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
@@ -359,9 +371,21 @@ void Fabric::run() {
       else isend(0, std::move(f));
     }
     busy |= !out.empty();
-    busy |= progress_sends();
-    busy |= progress_recv();
-    if (rank_ != 0 && size_ > 1) busy |= progress_bcast_in();
+    // Each MPI call that finds nothing makes Open MPI sched_yield (mpi_yield_when_idle), a
+    // context switch on a busy node: a rank that is rung calls MPI only when a ring came, when
+    // something of its own is in flight, or when its safety-net timeout expired.
+    bool rung = std::exchange(rung_, false);
+    if (!unrung_.empty()) {  // receivers count rings: every one must go out
+      std::size_t k = 0;
+      while (k < unrung_.size() && bells_.ring(unrung_[k].first, unrung_[k].second)) ++k;
+      unrung_.erase(unrung_.begin(), unrung_.begin() + static_cast<std::ptrdiff_t>(k));
+    }
+    if (!bells_.woken_by_rings() || rung || in_flight() || std::exchange(timed_out_, false)) {
+      busy |= progress_sends();
+      busy |= progress_recv();
+      if (rank_ != 0 && size_ > 1) busy |= progress_bcast_in();
+    }
+    busy |= rung;  // what was rung for is arriving: poll again at once, then at growing intervals
     if (rank_ == 0 && !ending_) {
       if (int sig = g_term_signal.load()) {
         // No MPI from here on: the other ranks may be dead already.
@@ -377,7 +401,6 @@ void Fabric::run() {
       gw_->tick(*this);
     }
     if (ending_) break;
-    busy |= std::exchange(rung_, false);  // a ring: something is on its way (maybe via a relay)
     std::int64_t now = now_us();
     if (busy) {
       last = now;
@@ -388,6 +411,7 @@ void Fabric::run() {
     else wait(next_wait_us(idle));
   }
   drain_and_quiesce();
+  PXF_LOG(debug, kLog) << "rings retried (receiver's queue full): " << rings_retried_;
   if (gw_) gw_->close("job exit");
   local_.job_ended(exit_code_);
 }

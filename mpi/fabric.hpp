@@ -8,9 +8,10 @@
 //              chunks (flags kBcastExit: job ends, len = exit code, no data)
 // Waiting: ppoll on an eventfd (outgoing work), the doorbell socket (doorbell.hpp) and, on rank 0,
 // the link socket's ZMQ_FD. A rank whose incoming messages all come with a ring polls MPI only
-// while its own operations are in flight (sends, or a broadcast it was rung for and has not
-// completed: Ibcast data may arrive through relays) and for 0.3 ms after traffic (timeouts idle/2,
-// 20 us to 1 ms), then sleeps until rung (100 ms at most). Other ranks poll on a timer: 200 us of
+// while its own operations are in flight (sends, or a message or broadcast it was rung for and
+// has not received yet: Ibcast data may arrive through relays), with timeouts idle/2 from 20 us to 1 ms, and
+// otherwise sleeps until rung (100 ms at most); it makes MPI calls only then (each MPI call that
+// finds nothing is a sched_yield under mpi_yield_when_idle). Other ranks poll on a timer: 200 us of
 // sched_yield after traffic, then idle/8 capped at 1 ms, and 10 ms after 200 ms of quiet.
 #include "gateway/gateway.hpp"
 #include "mpi/doorbell.hpp"
@@ -93,8 +94,14 @@ class Fabric final : public gateway::Sink {
   int wake_fd_ = -1;
   Doorbells bells_;
   bool rung_ = false;                  // a ring arrived during the last wait
+  bool timed_out_ = false;             // the last wait ended by its timeout
   std::uint64_t bcasts_rung_ = 0;      // broadcast rings received (non-root)
   std::uint64_t bcasts_done_ = 0;      // broadcasts completed (non-root)
+  std::uint64_t msgs_rung_ = 0;        // message rings received
+  std::uint64_t msgs_received_ = 0;    // packets received (tag kTagFrames)
+  std::vector<std::pair<int, Doorbells::Kind>> unrung_;  // rings to retry (receiver's queue full)
+  void ring(int rank, Doorbells::Kind kind);
+  std::uint64_t rings_retried_ = 0;
 
   std::mutex mu_;
   std::deque<Frames> outbox_;

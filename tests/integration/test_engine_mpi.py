@@ -336,3 +336,47 @@ def test_connection_info_from_environment(tmp_path):
         assert j.wait_job(timeout=60) == 0, j.logs()
     finally:
         j.stop()
+
+
+@interactive
+def chatter(n):
+    import sys
+    for i in range(n):
+        print(f"line {i}")
+        sys.stdout.flush()  # one IOPub message (and one ring of rank 0) per line
+    return n
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("doorbells", ["rung", "polling"])
+def test_ranks_woken_by_rings_or_polling(tmp_path, doorbells):
+    """Both ways of waking a rank (doorbells.hpp) carry every kind of traffic: direct requests,
+    broadcasts (Ibcast, relayed through ranks), bulk frames, and bursts of messages to rank 0
+    faster than its ring queue (10 datagrams) drains."""
+    import numpy as np
+    j = engine_job.EngineJob(tmp_path, N)
+    j.engine_extra = ["--log-level=10"]  # the doorbell summary is a debug line of rank 0
+    if doorbells == "polling":
+        j.env["PXF_FABRIC_DOORBELLS"] = "0"
+    try:
+        j.start_or_fail()
+        rc = j.client()
+        dv = rc[:]
+        dv.block = True
+        for _ in range(20):
+            assert dv.apply(mpi_rank) == list(range(N))
+        bv = rc.broadcast_view()
+        for _ in range(20):
+            assert sorted(bv.apply_sync(mpi_rank)) == list(range(N))
+        arr = np.arange(2_000_000, dtype="i8")
+        dv.scatter("x", arr)
+        np.testing.assert_array_equal(dv.gather("x"), arr)
+        ar = dv.apply_async(chatter, 300)
+        assert ar.get(timeout=120) == [300] * N
+        ar.wait_for_output(timeout=60)  # output may trail the replies (other socket), as on stock
+        for out in ar.stdout:
+            assert out.splitlines() == [f"line {i}" for i in range(300)]
+        want = f"doorbells: {N if doorbells == 'rung' else 0} of {N} ranks woken by rings"
+        assert want in j.engine_log.read_text(), j.logs()
+    finally:
+        j.stop()
