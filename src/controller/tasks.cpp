@@ -54,7 +54,12 @@ json Controller::request_header(const Message& m) {
 // Client submits: [C, DELIM, ...]. The hub resubmits with a private identity.
 void Controller::on_task_submit(Frames&& frames, bool from_hub) {
   Message m;
-  if (!decode("task_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
+  // What read_task_metadata reads; a plain submission has them all empty and needs no DOM.
+  static constexpr std::array<std::string_view, 5> kTaskMetadata{"after", "follow", "targets", "timeout", "retries"};
+  if (!decode("task_in", std::move(frames), m,
+              {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
+               .metadata_skip_if_trivial = kTaskMetadata}))
+    return;
   if (m.identities.empty()) return;
   Task t;
   t.msg_id = m.msg_id();
@@ -78,7 +83,7 @@ void Controller::on_task_submit(Frames&& frames, bool from_hub) {
 }
 
 void Controller::read_task_metadata(Task& t, const json& md) {
-  if (!md.is_object()) return;
+  if (!md.is_object()) return;  // null: decode found every field empty (the defaults)
   if (auto it = md.find("targets"); it != md.end() && !it->is_null()) {
     if (!it->is_array()) throw DependencyError("TypeError", std::string("'") + py_type(*it) + "' object is not iterable");
     for (auto& u : *it) {

@@ -28,6 +28,7 @@ class Scanner {
     ws();
     return i_ < s_.size() ? s_[i_] : '\0';
   }
+  std::size_t pos() const { return i_; }
 
   // A string token at the cursor: its raw contents (between the quotes) and whether it holds
   // escapes. Control characters are rejected, as JSON requires.
@@ -132,6 +133,7 @@ bool scan_object(std::string_view text, std::span<ScanField> fields) {
   for (auto& f : fields) {
     f.value.reset();
     f.boolean.reset();
+    f.raw = {};
     f.present = false;
   }
   Scanner sc(text);
@@ -161,13 +163,16 @@ bool scan_object(std::string_view text, std::span<ScanField> fields) {
         want->value = std::string(raw);
       }
       want->boolean.reset();
+      want->raw = {};
       want->present = true;
     } else {
       char first = sc.peek();
+      std::size_t start = sc.pos();
       if (!sc.skip_value()) return false;
       if (want) {
         want->value.reset();
         want->boolean.reset();
+        want->raw = text.substr(start, sc.pos() - start);
         if (first == 't') want->boolean = true;  // skip_value accepted a literal: true or false
         else if (first == 'f') want->boolean = false;
         want->present = true;

@@ -19,6 +19,7 @@ struct ScanField {
   std::optional<std::string> value;  // set when the member exists and is a string
   bool present = false;              // the member exists (of any type)
   std::optional<bool> boolean;       // set when the member exists and is true or false
+  std::string_view raw;              // a non-string member's JSON text (points into the input)
 };
 
 // Scans `text` (one JSON object) for the top-level members named in `fields`. Returns false

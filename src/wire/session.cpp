@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 
 namespace pxf::wire {
@@ -143,7 +144,19 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
         parent_done = true;
       }
     }
-    if (opts.parse_metadata && !opts.metadata_fields.empty() && opts.metadata_fields.size() <= 8) {
+    if (opts.parse_metadata && !opts.metadata_skip_if_trivial.empty() && opts.metadata_skip_if_trivial.size() <= 8) {
+      std::array<ScanField, 8> mf;
+      for (std::size_t i = 0; i < opts.metadata_skip_if_trivial.size(); ++i) mf[i].key = opts.metadata_skip_if_trivial[i];
+      auto fields = std::span(mf).first(opts.metadata_skip_if_trivial.size());
+      auto trivial = [](const ScanField& f) {
+        return !f.present || (!f.value && (f.raw == "null" || f.raw == "[]" || f.raw == "{}" || f.raw == "0" ||
+                                           f.raw == "false"));
+      };
+      if (scan_object(view(m), fields) && std::all_of(fields.begin(), fields.end(), trivial) &&
+          !nests_deeper_than(view(m), limits_.max_json_depth))
+        metadata_done = true;  // stays null
+    }
+    if (opts.parse_metadata && !metadata_done && !opts.metadata_fields.empty() && opts.metadata_fields.size() <= 8) {
       std::array<ScanField, 8> mf;
       for (std::size_t i = 0; i < opts.metadata_fields.size(); ++i) mf[i].key = opts.metadata_fields[i];
       auto fields = std::span(mf).first(opts.metadata_fields.size());

@@ -41,6 +41,10 @@ struct DecodeOptions {
   // top-level members, those that are strings or booleans (read by the scanner; a frame it
   // does not accept is parsed fully). A task reply needs only status, dependencies_met, engine.
   std::span<const std::string_view> metadata_fields{};
+  // With header_fields_only and parse_metadata: when every one of these members is absent or
+  // null, [], {}, 0 or false (and the frame is an object within the depth limit), the metadata
+  // is not parsed and stays null: a plain task submission needs no DOM.
+  std::span<const std::string_view> metadata_skip_if_trivial{};
 };
 
 // Result of decode(): a message, or the reason it was refused and a human detail.

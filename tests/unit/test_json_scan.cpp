@@ -71,6 +71,17 @@ TEST(JsonScan, ReadsBooleans) {
   EXPECT_EQ(f[2].value, "yes");
 }
 
+TEST(JsonScan, GivesTheRawTextOfOtherValues) {
+  std::array<ScanField, 5> f{{ScanField("after"), ScanField("timeout"), ScanField("retries"), ScanField("x"), ScanField("s")}};
+  ASSERT_TRUE(scan_object(R"({"after": [ ], "timeout": null, "retries": 3, "x": {"a": [1, {}]}, "s": "str"})", f));
+  EXPECT_EQ(f[0].raw, "[ ]");
+  EXPECT_EQ(f[1].raw, "null");
+  EXPECT_EQ(f[2].raw, "3");
+  EXPECT_EQ(f[3].raw, R"({"a": [1, {}]})");
+  EXPECT_TRUE(f[4].raw.empty());
+  EXPECT_EQ(f[4].value, "str");
+}
+
 TEST(JsonScan, LastDuplicateWinsLikeNlohmann) {
   const std::string text = R"({"msg_id": "first", "msg_id": "second"})";
   Three t;

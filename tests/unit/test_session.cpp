@@ -678,3 +678,36 @@ TEST(SessionDecodeFast, BadFramesStillGetTheFullParsersVerdict) {
   EXPECT_EQ(d.msg->parent_msg_id(), "");
 }
 } // namespace
+
+namespace {
+using pxf::wire::DecodeOptions;
+constexpr std::array<std::string_view, 3> kTaskKeys{"after", "targets", "retries"};
+DecodeOptions task_opts() {
+  return {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
+          .metadata_skip_if_trivial = kTaskKeys};
+}
+}  // namespace
+
+TEST(SessionDecode, TrivialMetadataIsLeftUnparsedAndEverythingElseParsed) {
+  const std::string h = R"({"msg_id": "t_1", "msg_type": "apply_request"})";
+  Session s(keyed());
+  // every wanted member empty (or absent; other members do not matter): no DOM
+  Decoded d = s.decode(raw_message({}, h, "{}", R"({"after": [], "targets": null, "retries": 0, "x": [1, {"y": 2}]})", "{}"), task_opts());
+  ASSERT_TRUE(d) << d.detail;
+  EXPECT_TRUE(d.msg->metadata.is_null());
+  // one member with a value: parsed as usual
+  Decoded e = s.decode(raw_message({}, R"({"msg_id": "t_2", "msg_type": "apply_request"})", "{}", R"({"after": ["a"], "retries": 0})", "{}"), task_opts());
+  ASSERT_TRUE(e) << e.detail;
+  EXPECT_EQ(e.msg->metadata["after"], json::array({"a"}));
+  // what the full parser refuses is still refused, with its reasons
+  Decoded bad = s.decode(raw_message({}, R"({"msg_id": "t_3", "msg_type": "apply_request"})", "{}", R"({"after": [})", "{}"), task_opts());
+  EXPECT_FALSE(bad);
+  EXPECT_EQ(bad.reason, Drop::invalid_json);
+  Decoded arr = s.decode(raw_message({}, R"({"msg_id": "t_4", "msg_type": "apply_request"})", "{}", "[]", "{}"), task_opts());
+  EXPECT_FALSE(arr);
+  EXPECT_EQ(arr.reason, Drop::not_an_object);
+  std::string deep = R"({"after": [], "x": )" + std::string(1100, '[') + std::string(1100, ']') + "}";
+  Decoded d2 = s.decode(raw_message({}, R"({"msg_id": "t_5", "msg_type": "apply_request"})", "{}", deep, "{}"), task_opts());
+  EXPECT_FALSE(d2);
+  EXPECT_EQ(d2.reason, Drop::invalid_json);
+}
