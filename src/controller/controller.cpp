@@ -230,6 +230,12 @@ void Controller::setup_event_loop() {
       throw std::system_error(errno, std::generic_category(), "epoll_ctl");
     maybe_readable_[i] = true;
   }
+  records_.set_copier(&copier_);
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.u32 = kCopierEvent;
+  if (::epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, copier_.fd(), &ev) != 0)
+    throw std::system_error(errno, std::generic_category(), "epoll_ctl");
 }
 
 void Controller::mark_sent(const zmq::socket_t& s) {
@@ -243,13 +249,21 @@ void Controller::mark_sent(const zmq::socket_t& s) {
 void Controller::poll_once(long timeout_ms) {
   const auto& names = kSourceNames;
   bool pending = std::any_of(maybe_readable_.begin(), maybe_readable_.end(), [](bool b) { return b; });
-  std::array<epoll_event, kSources + 1> evs{};
+  std::array<epoll_event, kSources + 2> evs{};
   int n = ::epoll_wait(epoll_fd_, evs.data(), static_cast<int>(evs.size()), pending ? 0 : static_cast<int>(timeout_ms));
   if (n < 0) {
     if (errno == EINTR) return;
     throw std::system_error(errno, std::generic_category(), "epoll_wait");
   }
-  for (int k = 0; k < n; ++k) maybe_readable_[evs[static_cast<std::size_t>(k)].data.u32] = true;
+  for (int k = 0; k < n; ++k) {
+    std::uint32_t tag = evs[static_cast<std::size_t>(k)].data.u32;
+    if (tag == kCopierEvent) {
+      for (auto& job : copier_.take_done())
+        records_.adopt_copy(job.msg_id, job.result, job.index, job.gen, std::move(job.copy));
+      continue;
+    }
+    maybe_readable_[tag] = true;
+  }
   if (n == 0 && !pending && timeout_ms > 0) maybe_readable_.fill(true);  // belt and braces, once per idle wait
 
   if (maybe_readable_[kMonitor]) {

@@ -7,6 +7,7 @@
 #include "conn/connection_file.hpp"
 #include "conn/profile.hpp"
 #include "controller/engines.hpp"
+#include "controller/buffer_copier.hpp"
 #include "controller/dependency.hpp"
 #include "controller/load_balancer.hpp"
 #include "controller/options.hpp"
@@ -218,6 +219,7 @@ class Controller {
   std::size_t tasks_since_trim_ = 0;  // tasks finished since the last malloc_trim
   std::int64_t trim_at_ms_ = 0;  // malloc_trim then, if the scheduler is still idle
   std::unordered_map<std::string, Broadcast> broadcasts_;
+  BufferCopier copier_;  // before records_: they hold a pointer to it
   TaskRecords records_;
   std::unordered_map<std::string, Job> jobs_;
   // uuid -> job of engines unregistered recently: their last replies (e.g. the control reply
@@ -240,6 +242,7 @@ class Controller {
   // So a socket stays "maybe readable" until a recv on it returned EAGAIN, and every send on
   // a polled socket marks it again (mark_sent).
   static constexpr std::size_t kMonitor = kSources;            // index of fabric_monitor_
+  static constexpr std::uint32_t kCopierEvent = 1000;            // epoll tag of copier_.fd()
   std::array<zmq::socket_t*, kSources + 1> polled_{};
   std::array<bool, kSources + 1> maybe_readable_{};
   int epoll_fd_ = -1;

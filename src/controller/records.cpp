@@ -1,5 +1,7 @@
 #include "controller/records.hpp"
 
+#include "controller/buffer_copier.hpp"
+
 #include "controller/db_query.hpp"
 #include "util/clock.hpp"
 
@@ -47,7 +49,32 @@ TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, 
     r.bytes += b.size();
   }
   bytes_ += r.bytes;
+  copy_later(msg_id, false, r.buffers, ++r.buffers_gen);
   return r;
+}
+
+void TaskRecords::copy_later(const std::string& msg_id, bool result, wire::Frames& frames, std::uint64_t gen) {
+  if (!copier_) return;
+  for (std::size_t i = 0; i < frames.size(); ++i) {
+    if (frames[i].size() < kCopyAsyncBytes) continue;
+    BufferCopier::Job job;
+    job.msg_id = msg_id;
+    job.result = result;
+    job.index = i;
+    job.gen = gen;
+    job.shared = wire::share(frames[i]);
+    copier_->submit(std::move(job));
+  }
+}
+
+bool TaskRecords::adopt_copy(const std::string& msg_id, bool result, std::size_t index, std::uint64_t gen,
+                             zmq::message_t&& copy) {
+  TaskRecord* r = find(msg_id);
+  if (!r || gen != (result ? r->result_gen : r->buffers_gen)) return false;
+  auto& frames = result ? r->result_buffers : r->buffers;
+  if (index >= frames.size() || frames[index].size() != copy.size()) return false;
+  frames[index] = std::move(copy);
+  return true;
 }
 
 TaskRecord* TaskRecords::find(const std::string& msg_id) {
@@ -75,6 +102,7 @@ void TaskRecords::complete(const std::string& msg_id, wire::Message& reply) {
     r->bytes += b.size();
     bytes_ += b.size();
   }
+  copy_later(msg_id, true, r->result_buffers, ++r->result_gen);
   maybe_cull();
 }
 

@@ -9,6 +9,7 @@
 #include "wire/message.hpp"
 
 #include <cstddef>
+#include <cstdint>
 #include <deque>
 #include <optional>
 #include <string>
@@ -16,6 +17,8 @@
 #include <vector>
 
 namespace pxf::controller {
+
+class BufferCopier;
 
 using wire::json;
 
@@ -41,11 +44,19 @@ struct TaskRecord {
   json execute_input, execute_result, error;  // from iopub (null when none)
   std::string out, err;        // stdout / stderr from iopub
   std::size_t bytes = 0;       // buffer bytes held (request and result)
+  std::uint64_t buffers_gen = 0, result_gen = 0;  // bumped when buffers / result_buffers are replaced
 };
 
 class TaskRecords {
  public:
   explicit TaskRecords(RecordLimits limits = {}) : limits_(limits) {}
+  // Buffers of kCopyAsyncBytes or more are shared at first and replaced by a private copy made
+  // on `copier`'s thread (adopt_copy), so records do not pin received frames (buffer_copier.hpp).
+  static constexpr std::size_t kCopyAsyncBytes = 1 << 20;
+  void set_copier(BufferCopier* copier) { copier_ = copier; }
+  // Swaps in a copy made by the copier; false if the record or that buffer is gone or replaced.
+  bool adopt_copy(const std::string& msg_id, bool result, std::size_t index, std::uint64_t gen,
+                  zmq::message_t&& copy);
 
   // A new record of `request` (its JSON frames and buffers are copied, large buffers shared).
   TaskRecord& add(const std::string& msg_id, wire::Message& request, const char* queue);
@@ -81,6 +92,8 @@ class TaskRecords {
 
  private:
   void maybe_cull();
+  void copy_later(const std::string& msg_id, bool result, wire::Frames& frames, std::uint64_t gen);
+  BufferCopier* copier_ = nullptr;
   void erase(std::unordered_map<std::string, TaskRecord>::iterator it);
   void compact();
 

@@ -344,6 +344,28 @@ def test_resubmit(cluster, rc, lview):
     assert excinfo.value.ename == "KeyError"
 
 
+@interactive
+def scaled(a, k):
+    return a * k
+
+
+def test_large_buffers_in_records_survive(cluster, rc, lview):
+    # Buffers of 1 MiB or more: records first share the frames, then swap in private copies
+    # made on another thread (pxcontroller); the hub must serve the same bytes either way.
+    a = np.random.default_rng(7).random(400_000)  # 3.2 MB request buffer, 3.2 MB result
+    ar = lview.apply_async(scaled, a, 3.0)
+    np.testing.assert_array_equal(ar.get(timeout=30), a * 3.0)
+    hub_done(rc, ar.msg_ids)
+    rc2 = cluster.client()
+    try:
+        for _ in range(3):  # before and after the copies are swapped in
+            np.testing.assert_array_equal(rc2.get_result(ar.msg_ids[0]).get(timeout=30), a * 3.0)
+    finally:
+        cluster.close_client(rc2)
+    again = rc.resubmit(ar)  # the request's buffers, from the record
+    np.testing.assert_array_equal(again.get(timeout=60)[0], a * 3.0)
+
+
 def test_resubmit_a_failed_task_fails_again(rc, lview):
     ar = lview.apply_async(fail, "twice")
     with pytest.raises(RemoteError):
