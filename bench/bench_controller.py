@@ -78,23 +78,7 @@ class Runner:
                 "client": me, "other_cluster": self.other.all_procs()}
 
     def clean(self) -> None:
-        """Identical client-side clean-up for both kinds before every rep: drop the client's
-        local caches of results (every AsyncResult of the previous rep has been .get()'d).
-
-        Not rc.wait() + rc.purge_everything(): (1) the stock 7.1 client never removes a
-        non-coalescing BroadcastView request's own msg_id from rc.outstanding, so rc.wait()
-        without arguments never returns True and purge_local_results('all') raises once a
-        broadcast was sent; (2) (historical) pxcontroller once lacked purge_request, and purging
-        only the stock hub's records would favour stock. Hub-side records grow on both."""
-        rc = self.rc
-        rc.outstanding.clear()
-        rc._outstanding_dict.clear()
-        rc.results.clear()
-        rc.metadata.clear()
-        rc._futures.clear()
-        rc._output_futures.clear()
-        rc.history = []
-        rc.session.digest_history.clear()
+        H.clear_client_caches(self.rc)
 
     # ---- one call of each latency workload
 

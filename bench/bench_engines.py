@@ -147,17 +147,7 @@ class Lifecycle:
                 "client": [psutil.Process(os.getpid())]}
 
     def clean(self) -> None:
-        """Drop the client's local result caches (see bench_controller.Runner.clean: the stock
-        7.1 client never clears a BroadcastView request from rc.outstanding). Same on both."""
-        rc = self.rc
-        rc.outstanding.clear()
-        rc._outstanding_dict.clear()
-        rc.results.clear()
-        rc.metadata.clear()
-        rc._futures.clear()
-        rc._output_futures.clear()
-        rc.history = []
-        rc.session.digest_history.clear()
+        H.clear_client_caches(self.rc)  # same on both kinds
 
     def timed_calls(self, name: str, calls: int, fn) -> list:
         self.clean()

@@ -53,17 +53,6 @@ class SchemeCluster(H.Cluster):
         return super().controller_argv() + self.extra_args
 
 
-def clean(rc):
-    rc.outstanding.clear()
-    rc._outstanding_dict.clear()
-    rc.results.clear()
-    rc.metadata.clear()
-    rc._futures.clear()
-    rc._output_futures.clear()
-    rc.history = []
-    rc.session.digest_history.clear()
-
-
 def run_plain(lv, n, timeout):
     res = lv.map_async(f, range(n), chunksize=1).get(timeout=timeout)
     assert list(res) == list(range(n))
@@ -103,7 +92,7 @@ def run_deps(lv, n, timeout):
 def rep(cluster, other, workload, n):
     rc = cluster.client
     lv = rc.load_balanced_view()
-    clean(rc)
+    H.clear_client_caches(rc)
     groups = {"controller": cluster.controller_procs(), "engines": cluster.engine_procs(),
               "client": [H.psutil.Process(os.getpid())], "other_cluster": other.all_procs()}
     s0 = H.CpuSnapshot(groups)

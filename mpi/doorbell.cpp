@@ -2,8 +2,6 @@
 
 #include "util/log.hpp"
 
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -12,8 +10,8 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <string>
 #include <cstdlib>
+#include <string_view>
 
 namespace pxf::mpi {
 
@@ -30,9 +28,11 @@ socklen_t address_of(std::uint64_t token, int rank, sockaddr_un& a) {
 }
 } // namespace
 
-Doorbells::Doorbells(MPI_Comm comm, int rank, int size) : rank_(rank), reach_(static_cast<std::size_t>(size), false) {
+Doorbells::Doorbells(MPI_Comm comm, int rank, int size)
+    : addr_(static_cast<std::size_t>(size)), reach_(static_cast<std::size_t>(size), false) {
   if (size <= 1) return;
-  if (rank == 0 && !(std::getenv("PXF_FABRIC_DOORBELLS") && std::string(std::getenv("PXF_FABRIC_DOORBELLS")) == "0")) {
+  const char* off = std::getenv("PXF_FABRIC_DOORBELLS");
+  if (rank == 0 && !(off && std::string_view(off) == "0")) {
     std::random_device rd;
     token_ = (static_cast<std::uint64_t>(rd()) << 32) ^ rd() ^
              static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
@@ -58,13 +58,16 @@ Doorbells::Doorbells(MPI_Comm comm, int rank, int size) : rank_(rank), reach_(st
   }
   MPI_Comm_free(&node);
   bool with_root = false;
-  for (int r : node_ranks) with_root |= r == 0;
+  for (int r : node_ranks) {
+    with_root |= r == 0;
+    auto& a = addr_[static_cast<std::size_t>(r)];
+    a.len = address_of(token_, r, a.sun);
+  }
 
   if (with_root && token_ != 0) {
     fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    sockaddr_un a;
-    socklen_t len = address_of(token_, rank, a);
-    if (fd_ >= 0 && ::bind(fd_, reinterpret_cast<sockaddr*>(&a), len) != 0) {
+    const auto& a = addr_[static_cast<std::size_t>(rank)];
+    if (fd_ >= 0 && ::bind(fd_, reinterpret_cast<const sockaddr*>(&a.sun), a.len) != 0) {
       PXF_LOG(debug, kLog) << "doorbell: bind failed (" << std::strerror(errno) << "); polling instead";
       ::close(fd_);
       fd_ = -1;
@@ -119,9 +122,8 @@ Doorbells::~Doorbells() {
 }
 
 bool Doorbells::send_to(int rank, char kind) {
-  sockaddr_un a;
-  socklen_t len = address_of(token_, rank, a);
-  return ::sendto(fd_, &kind, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&a), len) == 1;
+  const auto& a = addr_[static_cast<std::size_t>(rank)];
+  return ::sendto(fd_, &kind, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<const sockaddr*>(&a.sun), a.len) == 1;
 }
 
 bool Doorbells::ring(int rank, Kind kind) {

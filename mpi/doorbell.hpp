@@ -14,6 +14,8 @@
 // a direction counts only if the test ring arrived. Local unix datagrams are delivered
 // synchronously, refused, or (queue full) retried, so the check is exact.
 #include <mpi.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 #include <cstdint>
 #include <vector>
@@ -55,9 +57,13 @@ class Doorbells {
  private:
   bool send_to(int rank, char kind);
 
+  struct Address {
+    sockaddr_un sun{};
+    socklen_t len = 0;
+  };
   int fd_ = -1;
-  int rank_ = 0;
   std::uint64_t token_ = 0;
+  std::vector<Address> addr_;  // of the node's ranks (formatted once: rings are on the hot path)
   std::vector<bool> reach_;
   bool woken_by_rings_ = false;
 };

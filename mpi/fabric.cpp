@@ -13,8 +13,8 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <utility>
 #include <cstdlib>
+#include <utility>
 
 namespace pxf::mpi {
 
@@ -34,24 +34,30 @@ constexpr std::int64_t kIdleSleepUs = 10000;    // cap once idle: ~100 wake-ups/
 constexpr std::int64_t kRungMinSleepUs = 20;
 constexpr std::int64_t kRungIdleUs = 100000;    // a safety net only: rings wake the rank
 
-// MPI cannot wake a sleeping rank, so an idle rank polls: every <=1 ms while requests are
-// flowing (a task stream, a %px loop), every <=10 ms after 200 ms of quiet (a person reading
-// output). Rank 0 also wakes at once for the link socket and for its own rank's replies.
-// $PXF_FABRIC_MAX_SLEEP_US overrides the idle cap (benchmarks, tuning).
-std::int64_t spin_us() {
-  static const std::int64_t v = [] {
-    const char* s = std::getenv("PXF_FABRIC_SPIN_US");
-    return s && *s ? static_cast<std::int64_t>(std::atoll(s)) : kSpinUs;
-  }();
-  return v;
+// $name as a count of microseconds, or `fallback` when unset (or not positive, if `positive`).
+std::int64_t env_us(const char* name, std::int64_t fallback, bool positive) {
+  const char* s = std::getenv(name);
+  if (!s || !*s) return fallback;
+  long long n = std::atoll(s);
+  return positive && n <= 0 ? fallback : static_cast<std::int64_t>(n);
 }
 
+// Tuning knobs, read once: busy polling after traffic, and the longest sleep.
+std::int64_t spin_us() {
+  static const std::int64_t v = env_us("PXF_FABRIC_SPIN_US", kSpinUs, false);
+  return v;
+}
+std::int64_t max_sleep_us(std::int64_t fallback) {
+  static const std::int64_t v = env_us("PXF_FABRIC_MAX_SLEEP_US", 0, true);
+  return v > 0 ? v : fallback;
+}
+
+// MPI cannot wake a sleeping rank, so a rank that is not rung (doorbell.hpp) polls: every <=1 ms
+// while requests are flowing (a task stream, a %px loop), every <=10 ms after 200 ms of quiet (a
+// person reading output). Rank 0 also wakes at once for the link socket and for its own rank's
+// replies. $PXF_FABRIC_MAX_SLEEP_US overrides the idle cap (benchmarks, tuning).
 std::int64_t sleep_cap_us(std::int64_t idle_us) {
-  static const std::int64_t idle_cap = [] {
-    const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
-    long long n = s ? std::atoll(s) : 0;
-    return n > 0 ? static_cast<std::int64_t>(n) : kIdleSleepUs;
-  }();
+  std::int64_t idle_cap = max_sleep_us(kIdleSleepUs);
   return idle_us < kRecentUs ? std::min(kActiveSleepUs, idle_cap) : idle_cap;
 }
 
@@ -65,13 +71,6 @@ extern "C" void on_termination_signal(int sig) {
     std::uint64_t one = 1;
     [[maybe_unused]] auto n = ::write(g_term_wake_fd, &one, sizeof one);
   }
-}
-
-std::size_t bulk_bytes(const Frames& frames) {
-  std::size_t n = 0;
-  for (const auto& f : frames)
-    if (f.size() >= kBulkFrameBytes) n += f.size();
-  return n;
 }
 
 std::int64_t now_us() {
@@ -124,9 +123,12 @@ void Fabric::post(Frames&& frames) {
 }
 
 void Fabric::isend(int dest, Frames&& frames) {
-  std::size_t total = 4 + 8 * frames.size();
-  for (const auto& f : frames) total += f.size();
-  std::size_t packet_bytes = total >= kBulkSendBytes ? total - bulk_bytes(frames) : total;
+  std::size_t total = 4 + 8 * frames.size(), bulk = 0;
+  for (const auto& f : frames) {
+    total += f.size();
+    if (f.size() >= kBulkFrameBytes) bulk += f.size();
+  }
+  std::size_t packet_bytes = total >= kBulkSendBytes ? total - bulk : total;
   if (packet_bytes > static_cast<std::size_t>(INT_MAX)) {
     PXF_LOG(error, kLog) << "message of " << total << " bytes has more than 2 GiB in small frames; dropped";
     return;
@@ -346,12 +348,7 @@ std::int64_t Fabric::next_wait_us(std::int64_t idle_us) const {
   if (bells_.woken_by_rings()) {
     if (in_flight())
       return std::clamp<std::int64_t>(idle_us / 2, kRungMinSleepUs, kActiveSleepUs);
-    static const std::int64_t cap = [] {
-      const char* s = std::getenv("PXF_FABRIC_MAX_SLEEP_US");
-      long long n = s ? std::atoll(s) : 0;
-      return n > 0 ? static_cast<std::int64_t>(n) : kRungIdleUs;
-    }();
-    return cap;
+    return max_sleep_us(kRungIdleUs);
   }
   return std::min(sleep_cap_us(idle_us), idle_us / 8);
 }

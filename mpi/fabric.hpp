@@ -82,6 +82,7 @@ class Fabric final : public gateway::Sink {
   void post_bcast_header();
   void isend(int dest, Frames&& frames);
   void ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags);
+  void ring(int rank, Doorbells::Kind kind);
   void wait(std::int64_t timeout_us);
   std::int64_t next_wait_us(std::int64_t idle_us) const;
   bool in_flight() const;
@@ -100,7 +101,6 @@ class Fabric final : public gateway::Sink {
   std::uint64_t msgs_rung_ = 0;        // message rings received
   std::uint64_t msgs_received_ = 0;    // packets received (tag kTagFrames)
   std::vector<std::pair<int, Doorbells::Kind>> unrung_;  // rings to retry (receiver's queue full)
-  void ring(int rank, Doorbells::Kind kind);
   std::uint64_t rings_retried_ = 0;
 
   std::mutex mu_;

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -149,44 +150,27 @@ void release_sent_buffers() {
   }
 }
 
-Frames share_buffers(const py::handle& buffers) {
+// Python buffer objects as frames: those of `zero_copy_from` bytes or more hold a Py_buffer on
+// the object until sent (queue_release); the others are copied (the caller may mutate them
+// after we return). Non-contiguous buffers are copied through bytes.
+Frames frames_of_buffers(const py::handle& buffers, std::size_t zero_copy_from) {
   Frames out;
   if (buffers.is_none()) return out;
   for (auto item : buffers) {
-    auto* b = new Py_buffer;
-    if (PyObject_GetBuffer(item.ptr(), b, PyBUF_SIMPLE) == 0) {
-      if (static_cast<std::size_t>(b->len) >= kZeroCopyBytes) {
-        out.emplace_back(b->buf, static_cast<std::size_t>(b->len), &queue_release, b);
-        continue;
-      }
-      out.emplace_back(b->buf, static_cast<std::size_t>(b->len));
-      PyBuffer_Release(b);
-      delete b;
-    } else {
-      delete b;
-      PyErr_Clear();  // non-contiguous: let Python make the bytes
-      py::object bytes = py::module_::import("builtins").attr("memoryview")(item).attr("tobytes")();
-      std::string s = bytes.cast<std::string>();
+    auto b = std::make_unique<Py_buffer>();
+    if (PyObject_GetBuffer(item.ptr(), b.get(), PyBUF_SIMPLE) != 0) {
+      PyErr_Clear();
+      std::string s = py::module_::import("builtins").attr("memoryview")(item).attr("tobytes")().cast<std::string>();
       out.emplace_back(s.data(), s.size());
+      continue;
     }
-  }
-  return out;
-}
-
-// Copies Python buffer objects into frames (the caller may mutate them after we return).
-Frames copy_buffers(const py::handle& buffers) {
-  Frames out;
-  if (buffers.is_none()) return out;
-  for (auto item : buffers) {
-    Py_buffer view_;
-    if (PyObject_GetBuffer(item.ptr(), &view_, PyBUF_SIMPLE) == 0) {
-      out.emplace_back(view_.buf, static_cast<std::size_t>(view_.len));
-      PyBuffer_Release(&view_);
+    auto len = static_cast<std::size_t>(b->len);
+    if (len >= zero_copy_from) {
+      void* data = b->buf;
+      out.emplace_back(data, len, &queue_release, b.release());
     } else {
-      PyErr_Clear();  // non-contiguous: let Python make the bytes
-      py::object b = py::module_::import("builtins").attr("memoryview")(item).attr("tobytes")();
-      std::string s = b.cast<std::string>();
-      out.emplace_back(s.data(), s.size());
+      out.emplace_back(b->buf, len);
+      PyBuffer_Release(b.get());
     }
   }
   return out;
@@ -260,7 +244,7 @@ void PyHost::publish(py::object msg_type, py::object content, py::object parent,
   std::string type = py::str(msg_type).cast<std::string>();
   std::string tp = topic.is_none() ? std::string("engine." + std::to_string(cfg_.engine_id) + ".iopub")
                                    : to_bytes(topic);
-  Frames bufs = copy_buffers(buffers);
+  Frames bufs = frames_of_buffers(buffers, SIZE_MAX);  // publish copies (any thread may call it)
   Frames route;
   route.push_back(frame("iopub"));
   route.push_back(frame(tp));
@@ -390,7 +374,7 @@ void PyHost::run_shell(Work& w) {
   py::object reply = res[0];
   if (!reply.is_none()) {
     py::tuple r = reply;
-    send_reply(std::move(w.route), w.parent, r[0].cast<std::string>(), r[1], r[2], share_buffers(r[3]));
+    send_reply(std::move(w.route), w.parent, r[0].cast<std::string>(), r[1], r[2], frames_of_buffers(r[3], kZeroCopyBytes));
   }
   if (res[1].cast<bool>()) rank_down("exit requested");
 }

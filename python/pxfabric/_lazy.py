@@ -104,7 +104,6 @@ def defer(name: str) -> bool:
             raise AttributeError(f"module {name!r} has no attribute {attr!r}") from None
 
     mod.__getattr__ = __getattr__  # type: ignore[attr-defined]
-    mod.__pxf_complete__ = complete  # type: ignore[attr-defined]
     completed[name] = False
     sys.modules[name] = mod
     return True
@@ -179,11 +178,3 @@ def prepare_engine() -> None:
     jupyter_client.session.extract_dates = lambda obj: obj
     if completed.get("ipyparallel") is False:
         _defer_dependent_canning()
-
-
-def complete(name: str) -> None:
-    """Run a deferred package's real ``__init__`` now (no-op otherwise)."""
-    mod = sys.modules.get(name)
-    fn = getattr(mod, "__pxf_complete__", None) if isinstance(mod, ModuleType) else None
-    if fn is not None:
-        fn()

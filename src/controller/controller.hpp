@@ -127,6 +127,7 @@ class Controller {
   // Answers a task in the scheduler's name (InvalidDependency, ImpossibleDependency,
   // TaskTimeout, bad metadata): no engine frame, metadata {}; counts as failed for dependents.
   void fail_unreachable(Task&& t, const json& content);
+  void fail_task(Task&& t, int engine_id, const std::string& engine_uuid, const json& content, const json& metadata);
   // Re-examines what `done` unblocks, then gives engines with room the first runnable tasks.
   void settle();
   void dispatch_runnable();

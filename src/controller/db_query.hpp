@@ -6,11 +6,12 @@
 // other, and an ordering between unrelated types is a TypeError.
 //
 // Difference from stock: "$gt" means greater-than (stock DictDB compares it backwards).
+#include "controller/errors.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
 #include <optional>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -18,10 +19,7 @@ namespace pxf::controller {
 
 // A query the hub cannot run; becomes an error reply with this ename (KeyError for an unknown
 // operator, TypeError for values Python would not compare, AttributeError for a non-dict).
-struct QueryError : std::runtime_error {
-  QueryError(std::string ename, const std::string& evalue) : std::runtime_error(evalue), ename(std::move(ename)) {}
-  std::string ename;
-};
+using QueryError = PyError;
 
 // Microseconds since the epoch (UTC) of an ISO 8601 date as jupyter_client writes them
 // ("2024-01-02T03:04:05.678901Z", offset or no zone allowed; no zone = UTC); nullopt otherwise.

@@ -41,7 +41,11 @@ TaskOutcomes::Slot* TaskOutcomes::slot(TaskKey k, bool insert) {
 }
 
 namespace {
-
+// pred over every id (all) or some id (any).
+template <class Pred>
+bool holds(const std::vector<TaskKey>& ids, bool all, Pred pred) {
+  return all ? std::all_of(ids.begin(), ids.end(), pred) : std::any_of(ids.begin(), ids.end(), pred);
+}
 } // namespace
 
 Dependency Dependency::parse(const json& j, bool falsy_is_empty) {
@@ -83,7 +87,7 @@ bool Dependency::met(const TaskOutcomes& o) const {
     auto r = o.find(k);
     return r && counts(r->state);
   };
-  return all ? std::all_of(ids.begin(), ids.end(), ok) : std::any_of(ids.begin(), ids.end(), ok);
+  return holds(ids, all, ok);
 }
 
 bool Dependency::met_on(const TaskOutcomes& o, int engine) const {
@@ -92,7 +96,7 @@ bool Dependency::met_on(const TaskOutcomes& o, int engine) const {
     auto r = o.find(k);
     return r && r->engine == engine && counts(r->state);
   };
-  return all ? std::all_of(ids.begin(), ids.end(), ok) : std::any_of(ids.begin(), ids.end(), ok);
+  return holds(ids, all, ok);
 }
 
 bool Dependency::unreachable(const TaskOutcomes& o) const {
@@ -101,7 +105,7 @@ bool Dependency::unreachable(const TaskOutcomes& o) const {
     auto r = o.find(k);
     return r && blocks(r->state);
   };
-  return all ? std::any_of(ids.begin(), ids.end(), bad) : std::all_of(ids.begin(), ids.end(), bad);
+  return holds(ids, !all, bad);  // `all` fails with one blocked id, `any` only with all of them
 }
 
 void Dependency::prune_met(const TaskOutcomes& o) {

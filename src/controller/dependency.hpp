@@ -4,10 +4,11 @@
 //
 // Tasks are known by a 64-bit hash of their msg_id (TaskKey): the outcome of every task the
 // scheduler has seen costs a few bytes, not a string.
+#include "controller/errors.hpp"
+
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -58,11 +59,7 @@ class TaskOutcomes {
 };
 
 // A dependency the scheduler cannot read; becomes an error reply with this ename.
-struct DependencyError : std::runtime_error {
-  DependencyError(std::string ename, const std::string& evalue)
-      : std::runtime_error(evalue), ename(std::move(ename)) {}
-  std::string ename;
-};
+using DependencyError = PyError;
 
 struct Dependency {
   std::vector<TaskKey> ids;  // distinct

@@ -16,11 +16,8 @@ using wire::view;
 namespace {
 constexpr const char* kLog = "hub";
 
-// A request the hub cannot serve; becomes a hub_error reply with this ename/evalue.
-struct BadRequest : std::runtime_error {
-  BadRequest(std::string ename, const std::string& evalue) : std::runtime_error(evalue), ename(std::move(ename)) {}
-  std::string ename;
-};
+// A request the hub cannot serve; becomes an error reply with this ename/evalue.
+using BadRequest = PyError;
 
 // Engine ids from a queue_request's `targets`: null = all, an int, an engine uuid, or a list.
 std::vector<int> validate_targets(const json& targets, EngineTable& engines) {
@@ -124,11 +121,7 @@ void Controller::on_query(Frames&& frames) {
     if (type == "become_dask_request" || type == "stop_distributed_request")
       throw BadRequest("NotImplementedError", "pxcontroller does not run a dask scheduler");
     throw BadRequest("KeyError", "Bad Message Type: '" + type + "'");
-  } catch (const BadRequest& e) {
-    ++counters_["query.error"];
-    PXF_LOG(info, kLog) << type << ": " << e.ename << ": " << e.what();
-    reply(ident, m, error_reply_type(type), error_content(e.ename, e.what(), ""));
-  } catch (const QueryError& e) {
+  } catch (const PyError& e) {  // BadRequest, and a db_request's QueryError
     ++counters_["query.error"];
     PXF_LOG(info, kLog) << type << ": " << e.ename << ": " << e.what();
     reply(ident, m, error_reply_type(type), error_content(e.ename, e.what(), ""));

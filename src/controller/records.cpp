@@ -17,14 +17,6 @@ json parse_or_string(const std::string& s) {
   json j = json::parse(s, nullptr, false);
   return j.is_discarded() ? json(s) : j;
 }
-// A frame to keep for long. Small frames are copied: a received frame may point into a
-// receive buffer that libzmq shares between messages, and keeping it would pin the whole buffer.
-zmq::message_t keep(zmq::message_t& m) {
-  constexpr std::size_t kCopyBelow = 16384;
-  if (m.size() < kCopyBelow) return zmq::message_t(m.data(), m.size());
-  return wire::share(m);
-}
-
 json parse_or_null(const std::string& s) {
   if (s.empty()) return json();
   return parse_or_string(s);
@@ -41,28 +33,37 @@ TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, 
   r.header = std::string(view(request.header_frame));
   r.metadata = std::string(view(request.metadata_frame));
   r.content = std::string(view(request.content_frame));
-  bytes_ -= r.bytes;
-  r.bytes = 0;
-  r.buffers.clear();
-  for (auto& b : request.buffers) {
-    r.buffers.push_back(keep(b));
-    r.bytes += b.size();
-  }
-  bytes_ += r.bytes;
-  copy_later(msg_id, false, r.buffers, ++r.buffers_gen);
+  keep_buffers(msg_id, r, false, request.buffers);
   return r;
 }
 
-void TaskRecords::copy_later(const std::string& msg_id, bool result, wire::Frames& frames, std::uint64_t gen) {
-  if (!copier_) return;
-  for (std::size_t i = 0; i < frames.size(); ++i) {
-    if (frames[i].size() < kCopyAsyncBytes) continue;
+// Replaces the record's request (or result) buffers with `from`'s: small ones copied now (a
+// received frame may point into a receive buffer libzmq shares between messages), large ones
+// shared and, from kCopyAsyncBytes, copied on the copier's thread (adopt_copy swaps them in).
+void TaskRecords::keep_buffers(const std::string& msg_id, TaskRecord& r, bool result, wire::Frames& from) {
+  constexpr std::size_t kCopyBelow = 16384;
+  wire::Frames& to = result ? r.result_buffers : r.buffers;
+  std::uint64_t gen = ++(result ? r.result_gen : r.buffers_gen);
+  for (auto& b : to) {
+    r.bytes -= b.size();
+    bytes_ -= b.size();
+  }
+  to.clear();
+  for (auto& b : from) {
+    r.bytes += b.size();
+    bytes_ += b.size();
+    if (b.size() < kCopyBelow) {
+      to.emplace_back(b.data(), b.size());
+      continue;
+    }
+    to.push_back(wire::share(b));
+    if (!copier_ || b.size() < kCopyAsyncBytes) continue;
     BufferCopier::Job job;
     job.msg_id = msg_id;
     job.result = result;
-    job.index = i;
+    job.index = to.size() - 1;
     job.gen = gen;
-    job.shared = wire::share(frames[i]);
+    job.shared = wire::share(b);
     copier_->submit(std::move(job));
   }
 }
@@ -92,17 +93,7 @@ void TaskRecords::complete(const std::string& msg_id, wire::Message& reply) {
   r->result_content = std::string(view(reply.content_frame));
   r->received = iso_now();
   if (r->engine_uuid.empty()) r->engine_uuid = wire::get_or<std::string>(reply.metadata, "engine", "");
-  for (auto& b : r->result_buffers) {
-    r->bytes -= b.size();
-    bytes_ -= b.size();
-  }
-  r->result_buffers.clear();
-  for (auto& b : reply.buffers) {
-    r->result_buffers.push_back(keep(b));
-    r->bytes += b.size();
-    bytes_ += b.size();
-  }
-  copy_later(msg_id, true, r->result_buffers, ++r->result_gen);
+  keep_buffers(msg_id, *r, true, reply.buffers);
   maybe_cull();
 }
 
@@ -176,20 +167,23 @@ void TaskRecords::compact() {
     std::erase_if(finished_, [&](const std::string& id) { return !records_.count(id); });
 }
 
-std::size_t TaskRecords::drop_completed() {
+template <class Pred>
+std::size_t TaskRecords::drop_if(Pred pred) {
   std::size_t n = 0;
   for (auto it = records_.begin(); it != records_.end();) {
-    if (it->second.completed) {
-      auto next = std::next(it);
+    auto next = std::next(it);
+    if (pred(it->second)) {
       erase(it);
-      it = next;
       ++n;
-    } else {
-      ++it;
     }
+    it = next;
   }
   compact();
   return n;
+}
+
+std::size_t TaskRecords::drop_completed() {
+  return drop_if([](const TaskRecord& r) { return r.completed; });
 }
 
 std::size_t TaskRecords::drop(const std::vector<std::string>& ids) {
@@ -204,19 +198,7 @@ std::size_t TaskRecords::drop(const std::vector<std::string>& ids) {
 }
 
 std::size_t TaskRecords::drop_engine(const std::string& engine_uuid) {
-  std::size_t n = 0;
-  for (auto it = records_.begin(); it != records_.end();) {
-    if (it->second.completed && it->second.engine_uuid == engine_uuid) {
-      auto next = std::next(it);
-      erase(it);
-      it = next;
-      ++n;
-    } else {
-      ++it;
-    }
-  }
-  compact();
-  return n;
+  return drop_if([&](const TaskRecord& r) { return r.completed && r.engine_uuid == engine_uuid; });
 }
 
 std::vector<std::string> TaskRecords::history() const {

@@ -92,7 +92,9 @@ class TaskRecords {
 
  private:
   void maybe_cull();
-  void copy_later(const std::string& msg_id, bool result, wire::Frames& frames, std::uint64_t gen);
+  void keep_buffers(const std::string& msg_id, TaskRecord& r, bool result, wire::Frames& from);
+  template <class Pred>
+  std::size_t drop_if(Pred pred);
   BufferCopier* copier_ = nullptr;
   void erase(std::unordered_map<std::string, TaskRecord>::iterator it);
   void compact();

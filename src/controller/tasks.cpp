@@ -23,23 +23,8 @@ using wire::view;
 
 namespace {
 constexpr const char* kLog = "scheduler";
-constexpr std::string_view kHubIdentity = "pxf-hub-resubmit";
 
 json scheduler_error(const char* ename) { return error_content(ename, "", "ipyparallel.error"); }
-
-// Frames sharing the message's data, prefixed by `ids` (the message itself stays intact).
-Frames shared_frames(Message& m, Frames ids) {
-  Frames out = std::move(ids);
-  out.reserve(out.size() + 6 + m.buffers.size());
-  out.push_back(wire::frame(wire::kDelimiter));
-  out.push_back(wire::share(m.signature));
-  out.push_back(wire::share(m.header_frame));
-  out.push_back(wire::share(m.parent_frame));
-  out.push_back(wire::share(m.metadata_frame));
-  out.push_back(wire::share(m.content_frame));
-  for (auto& b : m.buffers) out.push_back(wire::share(b));
-  return out;
-}
 
 } // namespace
 
@@ -192,7 +177,7 @@ void Controller::submit_to(Task&& t, Engine& e) {
   ids.push_back(wire::frame(e.uuid));
   ids.push_back(wire::share(t.msg.identities.front()));
   // The task keeps its frames while in flight: an unmet @depend or a retry sends it again.
-  send_to_engine("task", e, shared_frames(t.msg, std::move(ids)));
+  send_to_engine("task", e, wire::Session::forward_shared(t.msg, std::move(ids)));
   t.engine = e.id;
   TaskKey k = t.key;
   in_flight_.insert_or_assign(k, std::move(t));
@@ -229,12 +214,21 @@ Controller::Task Controller::unpark(std::unordered_map<TaskKey, Task>::iterator 
 void Controller::fail_unreachable(Task&& t, const json& content) {
   ++counters_["task.failed_by_scheduler"];
   PXF_LOG(debug, kLog) << "task " << t.msg_id << " failed by the scheduler: " << content.value("ename", "");
-  outcomes_.finish(t.key, false, -1);
+  fail_task(std::move(t), -1, "", content, json::object());
+}
+
+// Answers `t` with a failure the scheduler builds (routed [C] or, from an engine, [C, E]),
+// records it and lets its dependents see the outcome.
+void Controller::fail_task(Task&& t, int engine_id, const std::string& engine_uuid, const json& content,
+                           const json& metadata) {
+  outcomes_.finish(t.key, false, engine_id);
   Frames ids;
   ids.push_back(std::move(t.msg.identities.front()));
-  Frames out = session_->build(std::move(ids), "apply_reply", content, request_header(t.msg), json::object());
-  // [C, DELIM, sig, header, parent, metadata, content]
-  records_.complete(t.msg_id, std::string(view(out[3])), std::string(view(out[5])), std::string(view(out[6])), "");
+  if (!engine_uuid.empty()) ids.push_back(wire::frame(engine_uuid));
+  std::size_t h = ids.size() + 2;  // [ids..., DELIM, sig, header, parent, metadata, content]
+  Frames out = session_->build(std::move(ids), "apply_reply", content, request_header(t.msg), metadata);
+  records_.complete(t.msg_id, std::string(view(out[h])), std::string(view(out[h + 2])),
+                    std::string(view(out[h + 3])), engine_uuid);
   if (!t.hub) send(task_in_, std::move(out), "task_in");
   done_.push_back(t.key);
 }
@@ -401,16 +395,7 @@ void Controller::strand_tasks(int engine_id, const std::string& uuid, const std:
     }
     ++counters_["task.engine_lost"];
     json content = error_content("EngineError", "Engine '" + uuid + "' died while running task '" + msg_id + "'");
-    json md = {{"status", "error"}, {"engine", uuid}, {"date", iso_now()}};
-    outcomes_.finish(t.key, false, engine_id);
-    Frames ids;
-    ids.push_back(std::move(t.msg.identities.front()));
-    ids.push_back(wire::frame(uuid));
-    Frames out = session_->build(std::move(ids), "apply_reply", content, request_header(t.msg), md);
-    // [C, E, DELIM, sig, header, parent, metadata, content]
-    records_.complete(t.msg_id, std::string(view(out[4])), std::string(view(out[6])), std::string(view(out[7])), uuid);
-    if (!t.hub) send(task_in_, std::move(out), "task_in");
-    done_.push_back(t.key);
+    fail_task(std::move(t), engine_id, uuid, content, {{"status", "error"}, {"engine", uuid}, {"date", iso_now()}});
   }
 }
 

@@ -63,6 +63,17 @@ bool nests_deeper_than(std::string_view s, std::size_t limit) {
 }
 
 // Parses one JSON frame into `out`; returns an error text or "" on success.
+// Scans `text` for `keys` (at most 8; more are not scanned) and returns use(fields), or false
+// when the scanner does not accept `text`.
+template <class Use>
+bool scan_keys(std::string_view text, std::span<const std::string_view> keys, Use use) {
+  if (keys.size() > 8) return false;
+  std::array<ScanField, 8> buf;
+  for (std::size_t i = 0; i < keys.size(); ++i) buf[i].key = keys[i];
+  auto fields = std::span(buf).first(keys.size());
+  return scan_object(text, fields) && use(fields);
+}
+
 std::string parse_object(const zmq::message_t& f, const char* name, std::size_t max_depth, json& out, Drop& why) {
   auto v = view(f);
   if (nests_deeper_than(v, max_depth)) {
@@ -144,30 +155,24 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
         parent_done = true;
       }
     }
-    if (opts.parse_metadata && !opts.metadata_skip_if_trivial.empty() && opts.metadata_skip_if_trivial.size() <= 8) {
-      std::array<ScanField, 8> mf;
-      for (std::size_t i = 0; i < opts.metadata_skip_if_trivial.size(); ++i) mf[i].key = opts.metadata_skip_if_trivial[i];
-      auto fields = std::span(mf).first(opts.metadata_skip_if_trivial.size());
+    if (opts.parse_metadata && !opts.metadata_skip_if_trivial.empty()) {
       auto trivial = [](const ScanField& f) {
         return !f.present || (!f.value && (f.raw == "null" || f.raw == "[]" || f.raw == "{}" || f.raw == "0" ||
                                            f.raw == "false"));
       };
-      if (scan_object(view(m), fields) && std::all_of(fields.begin(), fields.end(), trivial) &&
-          !nests_deeper_than(view(m), limits_.max_json_depth))
-        metadata_done = true;  // stays null
+      metadata_done = scan_keys(view(m), opts.metadata_skip_if_trivial, [&](std::span<ScanField> fields) {
+        return std::all_of(fields.begin(), fields.end(), trivial) && !nests_deeper_than(view(m), depth);
+      });  // metadata stays null
     }
-    if (opts.parse_metadata && !metadata_done && !opts.metadata_fields.empty() && opts.metadata_fields.size() <= 8) {
-      std::array<ScanField, 8> mf;
-      for (std::size_t i = 0; i < opts.metadata_fields.size(); ++i) mf[i].key = opts.metadata_fields[i];
-      auto fields = std::span(mf).first(opts.metadata_fields.size());
-      if (scan_object(view(m), fields)) {
+    if (opts.parse_metadata && !metadata_done && !opts.metadata_fields.empty()) {
+      metadata_done = scan_keys(view(m), opts.metadata_fields, [&](std::span<ScanField> fields) {
         msg.metadata = json::object();
         for (auto& f : fields) {
           if (f.value) msg.metadata[std::string(f.key)] = std::move(*f.value);
           else if (f.boolean) msg.metadata[std::string(f.key)] = *f.boolean;
         }
-        metadata_done = true;
-      }
+        return true;
+      });
     }
   }
   if (!header_done) err = parse_object(h, "header", depth, msg.header, why);
@@ -255,6 +260,19 @@ Frames Session::forward(Message&& msg) {
   out.push_back(std::move(msg.metadata_frame));
   out.push_back(std::move(msg.content_frame));
   for (auto& b : msg.buffers) out.push_back(std::move(b));
+  return out;
+}
+
+Frames Session::forward_shared(Message& m, Frames ids) {
+  Frames out = std::move(ids);
+  out.reserve(out.size() + 6 + m.buffers.size());
+  out.push_back(frame(kDelimiter));
+  out.push_back(share(m.signature));
+  out.push_back(share(m.header_frame));
+  out.push_back(share(m.parent_frame));
+  out.push_back(share(m.metadata_frame));
+  out.push_back(share(m.content_frame));
+  for (auto& b : m.buffers) out.push_back(share(b));
   return out;
 }
 

@@ -75,6 +75,8 @@ class Session {
 
   // Forwards a message unchanged: original JSON frames and signature, m.identities in front.
   static Frames forward(Message&& m);
+  // The same layout prefixed by `ids`, sharing `m`'s frames (zmq reference counts; `m` stays intact).
+  static Frames forward_shared(Message& m, Frames ids);
 
   // A new header: unique msg_id "<session>_<pid>_<n>", ISO date with 'Z', version "5.3".
   json make_header(std::string_view msg_type) const;
