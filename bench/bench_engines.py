@@ -23,6 +23,7 @@ Workloads (stock ipyparallel.Client calls; dv = rc[:], after `from mpi4py import
   broadcast       rc.broadcast_view().apply_sync(lambda: 1)                         ms/call
   push            dv.push({"x": <8 MB float64 array>}, block=True)                  ms/push
   scatter_gather  dv.scatter("a", np.arange(10_000_000)); dv.gather("a", block=True) ms
+                  (push and scatter send different data each call: arange + call number)
   lb_map          lview.map_async(f, range(2000)).get()                             tasks/s
   startup         controller launched -> N engines registered -> first apply to all  s
   idle            after ~5 s idle, CPU % of one core per engine rank (and of the
@@ -240,9 +241,12 @@ class Lifecycle:
 
         if "push" in names:
             x = np.arange(cfg.push_mb * 1024 * 1024 // 8, dtype=np.float64)
+            # A different array for every push (made before timing): pxcontroller keeps an
+            # identical record buffer once, and the same array pushed again would be a repeat.
+            fresh = iter([x + i for i in range(max(1, cfg.warmup) + cfg.pushes)])
 
             def push():
-                self.dv.push({"x": x}, block=False).get(timeout=T())
+                self.dv.push({"x": next(fresh)}, block=False).get(timeout=T())
             for _ in range(max(1, cfg.warmup)):
                 push()  # warm-up (the first pushes into fresh engines are slower on both)
             ms = self.timed_calls("push", cfg.pushes, push)
@@ -254,6 +258,7 @@ class Lifecycle:
 
         if "scatter_gather" in names:
             arr = np.arange(cfg.scatter_n)
+            arrs = [arr + i for i in range(cfg.scatters)]  # different data every time, as for push
             small = np.arange(max(n, cfg.scatter_n // 10))
             self.dv.scatter("a", small, block=False).get(timeout=T())  # warm-up
             self.dv.gather("a", block=False).get(timeout=T())
@@ -261,7 +266,7 @@ class Lifecycle:
             g = self.groups()
             s0 = H.CpuSnapshot(g)
             sc, ga = [], []
-            for _ in range(cfg.scatters):
+            for arr in arrs:
                 t = time.perf_counter()
                 self.dv.scatter("a", arr, block=False).get(timeout=T())
                 t1 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 #include "mpi/packet.hpp"
 #include "util/log.hpp"
+#include "util/memory.hpp"
 
 #include <poll.h>
 #include <sched.h>
@@ -26,6 +27,7 @@ constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
 constexpr int kTagBulk = 2;  // bulk frames of the last kTagFrames packet from the same source
 constexpr std::size_t kBulkSendBytes = 256 * 1024;   // messages this large send big frames apart
 constexpr std::size_t kBulkFrameBytes = 64 * 1024;   // ... frames this large
+constexpr std::int64_t kTrimAfterIdleUs = 1'000'000;  // quiet this long: malloc_trim
 constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic (default)
 constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: <=1 ms added latency
 constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
@@ -356,6 +358,7 @@ std::int64_t Fabric::next_wait_us(std::int64_t idle_us) const {
 void Fabric::run() {
   if (rank_ != 0 && size_ > 1) post_bcast_header();
   std::int64_t last = now_us();
+  bool trim_due = false;
   while (!ending_) {
     bool busy = false;
     std::deque<Frames> out;
@@ -401,9 +404,14 @@ void Fabric::run() {
     std::int64_t now = now_us();
     if (busy) {
       last = now;
+      trim_due = true;
       continue;
     }
     std::int64_t idle = now - last;
+    if (trim_due && idle >= kTrimAfterIdleUs) {  // freed heap back to the system (util/memory.hpp)
+      trim_due = false;
+      if (memory::keeping()) memory::trim_heap();
+    }
     if (!bells_.woken_by_rings() && idle < spin_us()) sched_yield();
     else wait(next_wait_us(idle));
   }

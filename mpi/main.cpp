@@ -8,6 +8,7 @@
 #include "mpi/pyhost.hpp"
 #include "util/ids.hpp"
 #include "util/log.hpp"
+#include "util/memory.hpp"
 
 #include <mpi.h>
 #include <unistd.h>
@@ -105,6 +106,7 @@ std::string find_connection_info(const mpi::EngineOptions& o, const conn::Profil
 } // namespace
 
 int main(int argc, char** argv) {
+  memory::keep_freed_memory();  // before MPI, ZeroMQ or Python start threads
   mpi::EngineOptions opts;
   try {
     opts = mpi::parse_options(argc, argv);

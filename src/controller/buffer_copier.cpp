@@ -3,7 +3,11 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
+
+#include "wire/message.hpp"
 
 namespace pxf::controller {
 
@@ -49,7 +53,7 @@ void BufferCopier::run() {
       job = std::move(todo_.front());
       todo_.pop_front();
     }
-    job.copy = zmq::message_t(job.shared.data(), job.shared.size());
+    job.copy = copy_or_reuse(job.shared);
     job.shared = zmq::message_t();  // the frame may now be freed (and its memory reused) once sent
     {
       std::lock_guard lock(mu_);
@@ -58,6 +62,35 @@ void BufferCopier::run() {
     std::uint64_t one = 1;
     [[maybe_unused]] auto w = ::write(fd_, &one, sizeof one);
   }
+}
+
+namespace {
+bool same_bytes(const zmq::message_t& a, const zmq::message_t& b) {
+  std::size_t n = a.size();
+  if (n != b.size()) return false;
+  const auto* p = static_cast<const unsigned char*>(a.data());
+  const auto* q = static_cast<const unsigned char*>(b.data());
+  std::size_t edge = std::min<std::size_t>(n, 4096);
+  // Different data of one size (scatter's partitions) mostly differs at either end.
+  if (std::memcmp(p, q, edge) != 0 || std::memcmp(p + n - edge, q + n - edge, edge) != 0) return false;
+  return std::memcmp(p, q, n) == 0;
+}
+} // namespace
+
+zmq::message_t BufferCopier::copy_or_reuse(zmq::message_t& m) {
+  for (auto& r : recent_)
+    if (same_bytes(r, m)) {
+      ++reused_;
+      return wire::share(r);
+    }
+  zmq::message_t copy(m.data(), m.size());
+  recent_.push_front(wire::share(copy));
+  std::size_t bytes = 0;
+  std::size_t keep = 0;
+  while (keep < recent_.size() && keep < kRecent && bytes + recent_[keep].size() <= kRecentBytes)
+    bytes += recent_[keep++].size();
+  recent_.resize(std::max<std::size_t>(keep, 1));
+  return copy;
 }
 
 } // namespace pxf::controller

@@ -218,7 +218,10 @@ class Controller {
   std::uint64_t task_seq_ = 0;
   bool settling_ = false;
   std::size_t tasks_since_trim_ = 0;  // tasks finished since the last malloc_trim
-  std::int64_t trim_at_ms_ = 0;  // malloc_trim then, if the scheduler is still idle
+  std::int64_t trim_at_ms_ = 0;  // malloc_trim then, if nothing arrived meanwhile
+  static constexpr std::uint64_t kTrimAfterBytes = 64u << 20;
+  std::uint64_t rx_bytes_since_trim_ = 0;  // bytes received since the last malloc_trim
+  std::uint64_t rx_since_trim_check_ = 0;  // total_received() when the deadline was last set
   std::unordered_map<std::string, Broadcast> broadcasts_;
   BufferCopier copier_;  // before records_: they hold a pointer to it
   TaskRecords records_;
@@ -236,6 +239,11 @@ class Controller {
   static constexpr std::size_t kSources = 12;                   // sockets poll_once reads
   static const std::array<const char*, kSources> kSourceNames;
   std::array<std::uint64_t, kSources> received_{};              // messages read per socket
+  std::uint64_t total_received() const {
+    std::uint64_t n = 0;
+    for (auto r : received_) n += r;
+    return n;
+  }
 
   // Event loop: one epoll set over the sockets' ZMQ_FDs (zmq_poll over 13 sockets costs two
   // syscalls per socket per call). A ZMQ_FD only signals new *commands*: a socket may hold

@@ -381,6 +381,7 @@ void Controller::on_stats_request(const zmq::message_t& ident, const Message& m)
   }
   json counters = counters_;
   for (std::size_t i = 0; i < kSources; ++i) counters[std::string("in.") + kSourceNames[i]] = received_[i];
+  counters["record_buffers.shared_identical"] = copier_.reused();
   reply(ident, m, "pxf_stats_reply",
         {{"status", "ok"},
          {"drops", drops},

@@ -1,6 +1,7 @@
 // pxcontroller: a drop-in replacement for ipcontroller.
 #include "controller/controller.hpp"
 #include "util/log.hpp"
+#include "util/memory.hpp"
 
 #include <csignal>
 #include <iostream>
@@ -13,6 +14,7 @@ extern "C" void on_signal(int) {
 } // namespace
 
 int main(int argc, char** argv) {
+  pxf::memory::keep_freed_memory();  // before ZeroMQ starts its threads
   pxf::log::set_name("pxcontroller");
   std::vector<std::string> args(argv + 1, argv + argc);
   std::optional<pxf::controller::Options> opts;

@@ -11,6 +11,7 @@
 #include "controller/errors.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
+#include "util/memory.hpp"
 
 #include <algorithm>
 #include <cstdlib>
@@ -323,17 +324,28 @@ void Controller::settle() {
     dispatch_runnable();
   } while (!done_.empty());
   settling_ = false;
-  // After a burst of tasks, hand the memory they held back to the system once the scheduler
-  // has been idle for a second (glibc keeps freed heap otherwise): see maybe_trim.
-  if (tasks_since_trim_ >= 4096) trim_at_ms_ = parked_.empty() && in_flight_.empty() ? mono_ms() + 1000 : 0;
+  if (tasks_since_trim_ >= 4096) trim_at_ms_ = mono_ms() + 1000;
 }
 
+// After a burst of tasks or of data, hand the freed heap back to the system once nothing has
+// arrived for a second and no task is in flight (glibc keeps it otherwise, by our choice while
+// busy: util/memory.hpp). The next message pushes the deadline on.
 void Controller::maybe_trim(std::int64_t now) {
+  if (!trim_at_ms_ && rx_bytes_since_trim_ >= kTrimAfterBytes) trim_at_ms_ = now + 1000;
   if (!trim_at_ms_ || now < trim_at_ms_) return;
+  if (rx_since_trim_check_ != total_received()) {  // not quiet yet
+    rx_since_trim_check_ = total_received();
+    trim_at_ms_ = now + 1000;
+    return;
+  }
+  if (!parked_.empty() || !in_flight_.empty()) {
+    trim_at_ms_ = now + 1000;
+    return;
+  }
   trim_at_ms_ = 0;
-  if (!parked_.empty() || !in_flight_.empty()) return;
   tasks_since_trim_ = 0;
-  ::malloc_trim(0);
+  rx_bytes_since_trim_ = 0;
+  memory::trim_heap();
   ++counters_["malloc_trim"];
 }
 

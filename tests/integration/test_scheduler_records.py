@@ -366,6 +366,31 @@ def test_large_buffers_in_records_survive(cluster, rc, lview):
     np.testing.assert_array_equal(again.get(timeout=60)[0], a * 3.0)
 
 
+def test_identical_large_buffers_kept_apart_from_different_ones(cluster, rc, lview, controller_kind):
+    # pxcontroller keeps a large buffer identical to a recent one once (a push to every engine
+    # carries the same array N times); one that differs only in the middle must stay itself.
+    rng = np.random.default_rng(11)
+    a = rng.random(300_000)  # 2.4 MB
+    b = a.copy()
+    b[150_000] += 1.0  # same size, same first and last pages
+    sent = (a, a, b, a)
+    ars = [lview.apply_async(echo, x) for x in sent]
+    for ar, x in zip(ars, sent):
+        np.testing.assert_array_equal(ar.get(timeout=30), x)
+    hub_done(rc, [ar.msg_ids[0] for ar in ars])
+    if controller_kind == "pxfabric":  # a's request and result, twice more each, are shared
+        wait_until(lambda: cluster.query("pxf_stats_request", {}, 10)["content"]["counters"]
+                   .get("record_buffers.shared_identical", 0) >= 4, 10, what="the copies to be made")
+    rc2 = cluster.client()
+    try:
+        for ar, x in zip(ars, sent):  # result buffers from the records
+            np.testing.assert_array_equal(rc2.get_result(ar.msg_ids[0]).get(timeout=30), x)
+    finally:
+        cluster.close_client(rc2)
+    for ar, x in zip(ars, sent):  # request buffers from the records
+        np.testing.assert_array_equal(rc.resubmit(ar).get(timeout=60)[0], x)
+
+
 def test_resubmit_a_failed_task_fails_again(rc, lview):
     ar = lview.apply_async(fail, "twice")
     with pytest.raises(RemoteError):
