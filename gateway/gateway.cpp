@@ -52,12 +52,11 @@ Gateway::Gateway(zmq::context_t& ctx, GatewayOptions opts)
 
 int Gateway::fd() { return sock_.get(zmq::sockopt::fd); }
 
-bool Gateway::readable() { return (sock_.get(zmq::sockopt::events) & ZMQ_POLLIN) != 0; }
-
 void Gateway::send(Frames&& frames) {
   // SNDHWM 0: a send never blocks (the link is the job's only path; we do not drop).
   if (!zmq::send_multipart(sock_, frames))
     PXF_LOG(error, kLog) << "link send failed (would block); message dropped";
+  maybe_readable_ = true;
 }
 
 void Gateway::send_link(std::string_view msg_type, const json& content) {
@@ -136,10 +135,13 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
 
 int Gateway::poll_link(Sink& sink) {
   int n = 0;
-  for (;;) {
+  while (maybe_readable_) {
     Frames frames;
     auto got = zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait);
-    if (!got) break;
+    if (!got) {
+      maybe_readable_ = false;
+      break;
+    }
     ++n;
     if (frames.size() < 2) {
       PXF_LOG(warning, kLog) << "dropped a link message of " << frames.size() << " frames";

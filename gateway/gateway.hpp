@@ -69,9 +69,13 @@ class Gateway {
   std::vector<int> register_job(const std::vector<RankInfo>& ranks);
 
   int hb_period_ms() const { return hb_period_ms_; }
-  // ZMQ_FD of the link socket, and whether a message can be read now (check before sleeping).
+  // ZMQ_FD of the link socket, and whether a message may be waiting (check before sleeping).
+  // As in the controller's loop: after a receive found nothing, only the fd's edge (told with
+  // fd_signalled) or a send of ours (which can consume that edge) makes it worth asking libzmq
+  // again; every asking costs a poll() and a getpid() in libzmq.
   int fd();
-  bool readable();
+  bool maybe_readable() const { return maybe_readable_; }
+  void fd_signalled() { maybe_readable_ = true; }
 
   // Receives and routes everything that is waiting on the link. Returns the number of messages.
   int poll_link(Sink& sink);
@@ -113,6 +117,7 @@ class Gateway {
   GatewayOptions opts_;
   wire::Session session_;
   zmq::socket_t sock_;
+  bool maybe_readable_ = true;
   std::vector<std::string> uuids_;
   std::vector<int> ids_;
   std::unordered_map<std::string, int> rank_of_;  // uuid -> rank
