@@ -121,14 +121,18 @@ Doorbells::~Doorbells() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-bool Doorbells::send_to(int rank, char kind) {
+bool Doorbells::send_to(int rank, char kind, int count) {
   const auto& a = addr_[static_cast<std::size_t>(rank)];
-  return ::sendto(fd_, &kind, 1, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<const sockaddr*>(&a.sun), a.len) == 1;
+  unsigned char b[3] = {static_cast<unsigned char>(kind), static_cast<unsigned char>(count & 0xff),
+                        static_cast<unsigned char>((count >> 8) & 0xff)};
+  std::size_t n = count > 1 ? 3 : 1;
+  return ::sendto(fd_, b, n, MSG_DONTWAIT | MSG_NOSIGNAL, reinterpret_cast<const sockaddr*>(&a.sun), a.len) ==
+         static_cast<ssize_t>(n);
 }
 
-bool Doorbells::ring(int rank, Kind kind) {
+bool Doorbells::ring(int rank, Kind kind, int count) {
   if (!reaches(rank)) return true;
-  if (send_to(rank, kind)) return true;
+  if (send_to(rank, kind, count)) return true;
   if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
   reach_[static_cast<std::size_t>(rank)] = false;  // gone (ECONNREFUSED): stop trying
   return true;
@@ -137,10 +141,13 @@ bool Doorbells::ring(int rank, Kind kind) {
 Doorbells::Rung Doorbells::drain() {
   Rung r;
   if (fd_ < 0) return r;
-  char c;
-  while (::recv(fd_, &c, 1, 0) == 1) {
-    if (c == kBroadcast) ++r.broadcasts;
-    else ++r.messages;
+  unsigned char b[4];
+  for (;;) {
+    auto n = ::recv(fd_, b, sizeof b, 0);
+    if (n < 1) break;
+    int count = n >= 3 ? (b[1] | (b[2] << 8)) : 1;
+    if (b[0] == kBroadcast) r.broadcasts += count;
+    else r.messages += count;
   }
   return r;
 }

@@ -46,7 +46,9 @@ class Doorbells {
   enum Kind : char { kMessage = 'm', kBroadcast = 'b' };
   // Non-blocking. False when the ring did not go out but may later (the receiver's queue is full:
   // net.unix.max_dgram_qlen, 10 by default); the caller retries, since receivers count rings.
-  bool ring(int rank, Kind kind = kMessage);
+  // `count` messages at once: one datagram, the kind byte then the count (uint16, little-endian)
+  // when above 1.
+  bool ring(int rank, Kind kind = kMessage, int count = 1);
   struct Rung {
     int messages = 0, broadcasts = 0;
     bool any() const { return messages + broadcasts > 0; }
@@ -55,7 +57,7 @@ class Doorbells {
   Rung drain();
 
  private:
-  bool send_to(int rank, char kind);
+  bool send_to(int rank, char kind, int count = 1);
 
   struct Address {
     sockaddr_un sun{};

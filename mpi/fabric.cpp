@@ -115,16 +115,27 @@ void Fabric::join() {
   if (thread_.joinable()) thread_.join();
 }
 
-void Fabric::post(Frames&& frames) {
+void Fabric::post(Frames&& frames, bool wake) {
   {
     std::lock_guard lock(mu_);
     outbox_.push_back(std::move(frames));
+    quiet_posts_ = !wake;
+  }
+  if (!wake) return;
+  std::uint64_t one = 1;
+  [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+}
+
+void Fabric::wake_if_quiet_posts() {
+  {
+    std::lock_guard lock(mu_);
+    if (!std::exchange(quiet_posts_, false)) return;
   }
   std::uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
 }
 
-void Fabric::isend(int dest, Frames&& frames) {
+void Fabric::isend(int dest, Frames&& frames, bool ring_now) {
   std::size_t total = 4 + 8 * frames.size(), bulk = 0;
   for (const auto& f : frames) {
     total += f.size();
@@ -160,12 +171,12 @@ void Fabric::isend(int dest, Frames&& frames) {
     s.frames = std::move(frames);
   }
   sends_.push_back(std::move(s));
-  ring(dest, Doorbells::kMessage);
+  if (ring_now) ring(dest, Doorbells::kMessage);
 }
 
-void Fabric::ring(int rank, Doorbells::Kind kind) {
-  if (!unrung_.empty() || !bells_.ring(rank, kind)) {
-    unrung_.emplace_back(rank, kind);  // keep order
+void Fabric::ring(int rank, Doorbells::Kind kind, int count) {
+  if (!unrung_.empty() || !bells_.ring(rank, kind, count)) {
+    unrung_.push_back({rank, kind, count});  // keep order
     ++rings_retried_;
   }
 }
@@ -229,9 +240,10 @@ bool Fabric::progress_sends() {
   return any;
 }
 
-bool Fabric::progress_recv() {
+bool Fabric::progress_recv(bool owed_only) {
   bool any = false;
   for (int i = 0; i < 64; ++i) {
+    if (owed_only && msgs_received_ >= msgs_rung_) break;  // no last probe that finds nothing
     int flag = 0;
     MPI_Message msg;
     MPI_Status st;
@@ -372,9 +384,16 @@ void Fabric::run() {
       std::lock_guard lock(mu_);
       out.swap(outbox_);
     }
-    for (auto& f : out) {
-      if (rank_ == 0) gw_->from_rank(std::move(f), *this);
-      else isend(0, std::move(f));
+    if (rank_ == 0) {
+      for (auto& f : out) gw_->from_rank(std::move(f), *this);
+    } else if (!out.empty()) {
+      // One ring for all of them (rank 0 counts messages, not datagrams).
+      int n = 0;
+      for (auto& f : out) {
+        isend(0, std::move(f), false);
+        ++n;
+      }
+      for (; n > 0; n -= 0xffff) ring(0, Doorbells::kMessage, std::min(n, 0xffff));
     }
     busy |= !out.empty();
     // Each MPI call that finds nothing makes Open MPI sched_yield (mpi_yield_when_idle), a
@@ -383,7 +402,7 @@ void Fabric::run() {
     bool rung = std::exchange(rung_, false);
     if (!unrung_.empty()) {  // receivers count rings: every one must go out
       std::size_t k = 0;
-      while (k < unrung_.size() && bells_.ring(unrung_[k].first, unrung_[k].second)) ++k;
+      while (k < unrung_.size() && bells_.ring(unrung_[k].rank, unrung_[k].kind, unrung_[k].count)) ++k;
       unrung_.erase(unrung_.begin(), unrung_.begin() + static_cast<std::ptrdiff_t>(k));
     }
     if (!bells_.woken_by_rings() || std::exchange(timed_out_, false)) {
@@ -395,7 +414,7 @@ void Fabric::run() {
       // messages are probed for only while rung for more than were received, the broadcast
       // tested only while one is rung for or under way (14 yields per execute before).
       if (!sends_.empty()) busy |= progress_sends();
-      if (msgs_rung_ > msgs_received_) busy |= progress_recv();
+      if (msgs_rung_ > msgs_received_) busy |= progress_recv(true);
       if (rank_ != 0 && size_ > 1 && (bcasts_rung_ > bcasts_done_ || !in_data_reqs_.empty()))
         busy |= progress_bcast_in();
     }

@@ -51,7 +51,12 @@ class Fabric final : public gateway::Sink {
   ~Fabric() override;
 
   // Queues a message from this rank for the gateway (replies, iopub, internal). Any thread.
-  void post(Frames&& frames);
+  // wake=false leaves the fabric thread asleep: the message goes with the next one posted with
+  // a wake-up (or at the thread's next timeout, at most 100 ms), e.g. a request's status
+  // messages with its reply: one wake-up, one MPI round, one ring instead of three.
+  void post(Frames&& frames, bool wake = true);
+  // Wakes the fabric thread if messages were posted without a wake-up since the last one.
+  void wake_if_quiet_posts();
   void start();
   void join();
   int exit_code() const { return exit_code_.load(); }
@@ -77,12 +82,12 @@ class Fabric final : public gateway::Sink {
 
   void run();
   bool progress_sends();
-  bool progress_recv();
+  bool progress_recv(bool owed_only = false);
   bool progress_bcast_in();
   void post_bcast_header();
-  void isend(int dest, Frames&& frames);
+  void isend(int dest, Frames&& frames, bool ring_now = true);
   void ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags);
-  void ring(int rank, Doorbells::Kind kind);
+  void ring(int rank, Doorbells::Kind kind, int count = 1);
   void wait(std::int64_t timeout_us);
   std::int64_t next_wait_us(std::int64_t idle_us) const;
   bool in_flight() const;
@@ -100,7 +105,13 @@ class Fabric final : public gateway::Sink {
   std::uint64_t bcasts_done_ = 0;      // broadcasts completed (non-root)
   std::uint64_t msgs_rung_ = 0;        // message rings received
   std::uint64_t msgs_received_ = 0;    // packets received (tag kTagFrames)
-  std::vector<std::pair<int, Doorbells::Kind>> unrung_;  // rings to retry (receiver's queue full)
+  struct Unrung {
+    int rank;
+    Doorbells::Kind kind;
+    int count;
+  };
+  std::vector<Unrung> unrung_;  // rings to retry (receiver's queue full)
+  bool quiet_posts_ = false;    // under mu_: posted without waking the thread
   std::uint64_t rings_retried_ = 0;
 
   std::mutex mu_;

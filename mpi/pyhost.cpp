@@ -42,6 +42,8 @@ constexpr const char* kLog = "engine";
 // unregisters the engine on that message (as the stock hub does) would otherwise drop the
 // control reply that follows it on the link.
 thread_local std::vector<Frames>* t_deferred = nullptr;
+// On the main thread while a shell request runs (see publish).
+thread_local bool t_in_shell = false;
 
 // Python half of the bridge: JSON in and out exactly as jupyter_client packs it, and the calls
 // into the runtime, so the C++ side only moves bytes.
@@ -250,8 +252,16 @@ void PyHost::publish(py::object msg_type, py::object content, py::object parent,
   route.push_back(frame(tp));
   auto frames = session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header(type))),
                                        frame(p), frame(m), frame(c), std::move(bufs));
-  if (t_deferred) t_deferred->push_back(std::move(frames));
-  else fabric_->post(std::move(frames));
+  if (t_deferred) {
+    t_deferred->push_back(std::move(frames));
+  } else {
+    // Inside a shell request on the main thread, what always comes right before the reply
+    // (status, the input echo, the result or error) waits for the reply's wake-up: one round
+    // through the fabric per request instead of one per message. Outputs go at once.
+    bool quiet = t_in_shell && (type == "status" || type == "execute_input" || type == "execute_result" ||
+                                type == "error");
+    fabric_->post(std::move(frames), !quiet);
+  }
 }
 
 void PyHost::send_reply(Frames route, const std::string& parent, const std::string& msg_type, py::bytes content,
@@ -359,6 +369,14 @@ void PyHost::rank_down(const char* why) {
 }
 
 void PyHost::run_shell(Work& w) {
+  struct InShell {
+    Fabric* f;
+    explicit InShell(Fabric* fab) : f(fab) { t_in_shell = true; }
+    ~InShell() {
+      t_in_shell = false;
+      if (f) f->wake_if_quiet_posts();  // no reply (an exception): the held messages go now
+    }
+  } in_shell(fabric_);
   // Writable memoryviews straight onto the received frames (no copy; see FrameBuffer).
   py::list bufs;
   for (auto& b : w.buffers) {
