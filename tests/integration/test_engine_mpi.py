@@ -170,6 +170,44 @@ def test_large_messages_cross_mpi_intact(rc):
     assert max(grown) < 200_000, grown  # KiB; kept, 40 replies would be 640 MB per rank
 
 
+@pytest.mark.timeout(60)
+def test_status_reaches_clients_while_a_cell_runs(job, rc):
+    # A rank holds a request's status messages for its reply (one fabric round per request),
+    # but no longer than its fabric thread's 100 ms timeout: `busy` arrives while the cell runs.
+    import json as _json
+    import zmq
+    from jupyter_client.session import Session
+
+    info = _json.loads((job.profile_dir / "security" / "ipcontroller-client.json").read_text())
+    session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"{info['interface']}:{info['iopub']}")
+    try:
+        time.sleep(1.0)  # the subscription reaches the controller's PUB
+        t0 = time.monotonic()
+        ar = rc[1].execute("import time; time.sleep(3)", block=False)
+        seen = []
+        while not ar.ready() and time.monotonic() - t0 < 2.5:
+            if not sub.poll(100):
+                continue
+            _, frames = session.feed_identities(sub.recv_multipart())
+            msg = session.deserialize(frames)
+            if msg["parent_header"].get("msg_id") == ar.msg_ids[0]:
+                seen.append((msg["header"]["msg_type"], msg["content"].get("execution_state")))
+                if seen[-1] == ("status", "busy"):
+                    break
+        assert seen and seen[-1] == ("status", "busy"), seen
+        assert time.monotonic() - t0 < 2.0  # not held until the reply (3 s)
+        assert not ar.ready()
+        ar.get(timeout=30)
+    finally:
+        sub.close()
+        ctx.term()
+
+
 @pytest.mark.timeout(90)
 def test_load_balanced_map(rc):
     lv = rc.load_balanced_view()
