@@ -239,10 +239,9 @@ void PyHost::create_runtime() {
 
 void PyHost::publish(py::object msg_type, py::object content, py::object parent, py::object metadata,
                      py::object buffers, py::object topic) {
-  py::object pack = glue_.attr("pack");
-  std::string c = pack(content).cast<std::string>();
-  std::string p = pack(parent.is_none() ? py::dict() : parent).cast<std::string>();
-  std::string m = pack(metadata.is_none() ? py::dict() : metadata).cast<std::string>();
+  std::string c = glue_.attr("pack")(content).cast<std::string>();
+  std::string p = parent.is_none() ? std::string("{}") : pack_cached(parent, parent_cache_);
+  std::string m = metadata.is_none() ? std::string("{}") : pack_cached(metadata, metadata_cache_);
   std::string type = py::str(msg_type).cast<std::string>();
   std::string tp = topic.is_none() ? std::string("engine." + std::to_string(cfg_.engine_id) + ".iopub")
                                    : to_bytes(topic);
@@ -262,6 +261,32 @@ void PyHost::publish(py::object msg_type, py::object content, py::object parent,
                                 type == "error");
     fabric_->post(std::move(frames), !quiet);
   }
+}
+
+std::string PyHost::pack_cached(py::handle d, PackCache& cache) {
+  PyObject* o = d.ptr();
+  bool cacheable = PyDict_CheckExact(o);
+  if (cacheable) {
+    PyObject *k, *v;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(o, &pos, &k, &v))
+      if (!PyUnicode_CheckExact(k) || !PyUnicode_CheckExact(v)) {  // str == str is JSON-exact
+        cacheable = false;
+        break;
+      }
+  }
+  if (cacheable && cache.key && PyObject_RichCompareBool(o, cache.key.ptr(), Py_EQ) == 1) return cache.json;
+  std::string json = glue_.attr("pack")(d).cast<std::string>();
+  if (cacheable) {
+    PyObject* copy = PyDict_Copy(o);  // immune to later changes of the caller's dict
+    if (copy) {
+      cache.key = py::reinterpret_steal<py::object>(copy);
+      cache.json = json;
+    } else {
+      PyErr_Clear();
+    }
+  }
+  return json;
 }
 
 void PyHost::send_reply(Frames route, const std::string& parent, const std::string& msg_type, py::bytes content,

@@ -73,6 +73,14 @@ class PyHost final : public LocalRank {
   Fabric* fabric_ = nullptr;
 
   py::object glue_, rt_;
+  // The last JSON packed for a dict of str values (a request's parent header, the engine's
+  // metadata: each published again with every message of a request), keyed by a copy of it.
+  struct PackCache {
+    py::object key;
+    std::string json;
+  };
+  PackCache parent_cache_, metadata_cache_;  // under the GIL
+  std::string pack_cached(py::handle dict, PackCache& cache);
 
   std::mutex mu_;
   std::condition_variable cv_;
