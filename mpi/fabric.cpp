@@ -174,11 +174,22 @@ void Fabric::isend(int dest, Frames&& frames, bool ring_now) {
   if (ring_now) ring(dest, Doorbells::kMessage);
 }
 
+// A datagram carries a count of up to 0xffff; rings that do not go out (the receiver's queue
+// is full) wait in unrung_, in order, and go first next time: receivers count them.
 void Fabric::ring(int rank, Doorbells::Kind kind, int count) {
-  if (!unrung_.empty() || !bells_.ring(rank, kind, count)) {
-    unrung_.push_back({rank, kind, count});  // keep order
-    ++rings_retried_;
+  for (; count > 0; count -= 0xffff) {
+    int n = std::min(count, 0xffff);
+    if (!unrung_.empty() || !bells_.ring(rank, kind, n)) {
+      unrung_.push_back({rank, kind, n});
+      ++rings_retried_;
+    }
   }
+}
+
+void Fabric::retry_rings() {
+  std::size_t k = 0;
+  while (k < unrung_.size() && bells_.ring(unrung_[k].rank, unrung_[k].kind, unrung_[k].count)) ++k;
+  unrung_.erase(unrung_.begin(), unrung_.begin() + static_cast<std::ptrdiff_t>(k));
 }
 
 void Fabric::ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags) {
@@ -387,37 +398,24 @@ void Fabric::run() {
     if (rank_ == 0) {
       for (auto& f : out) gw_->from_rank(std::move(f), *this);
     } else if (!out.empty()) {
-      // One ring for all of them (rank 0 counts messages, not datagrams).
-      int n = 0;
-      for (auto& f : out) {
-        isend(0, std::move(f), false);
-        ++n;
-      }
-      for (; n > 0; n -= 0xffff) ring(0, Doorbells::kMessage, std::min(n, 0xffff));
+      for (auto& f : out) isend(0, std::move(f), false);
+      ring(0, Doorbells::kMessage, static_cast<int>(out.size()));  // one ring for the batch
     }
     busy |= !out.empty();
     // Each MPI call that finds nothing makes Open MPI sched_yield (mpi_yield_when_idle), a
     // context switch on a busy node: a rank that is rung calls MPI only when a ring came, when
     // something of its own is in flight, or when its safety-net timeout expired.
     bool rung = std::exchange(rung_, false);
-    if (!unrung_.empty()) {  // receivers count rings: every one must go out
-      std::size_t k = 0;
-      while (k < unrung_.size() && bells_.ring(unrung_[k].rank, unrung_[k].kind, unrung_[k].count)) ++k;
-      unrung_.erase(unrung_.begin(), unrung_.begin() + static_cast<std::ptrdiff_t>(k));
-    }
-    if (!bells_.woken_by_rings() || std::exchange(timed_out_, false)) {
-      busy |= progress_sends();
-      busy |= progress_recv();
-      if (rank_ != 0 && size_ > 1) busy |= progress_bcast_in();
-    } else {
-      // Rung: only what is owed. A probe or test that finds nothing is a sched_yield, so
-      // messages are probed for only while rung for more than were received, the broadcast
-      // tested only while one is rung for or under way (14 yields per execute before).
-      if (!sends_.empty()) busy |= progress_sends();
-      if (msgs_rung_ > msgs_received_) busy |= progress_recv(true);
-      if (rank_ != 0 && size_ > 1 && (bcasts_rung_ > bcasts_done_ || !in_data_reqs_.empty()))
-        busy |= progress_bcast_in();
-    }
+    if (!unrung_.empty()) retry_rings();
+    // A rung rank makes only the calls it is owed: messages are probed for only while it was
+    // rung for more than it received, the broadcast tested only while one is rung for or under
+    // way (14 yields per execute before). Polling ranks, and any rank after its safety-net
+    // timeout, make them all.
+    bool all = !bells_.woken_by_rings() || std::exchange(timed_out_, false);
+    if (all || !sends_.empty()) busy |= progress_sends();
+    if (all || msgs_rung_ > msgs_received_) busy |= progress_recv(!all);
+    if (rank_ != 0 && size_ > 1 && (all || bcasts_rung_ > bcasts_done_ || !in_data_reqs_.empty()))
+      busy |= progress_bcast_in();
     busy |= rung;  // what was rung for is arriving: poll again at once, then at growing intervals
     if (rank_ == 0 && !ending_) {
       if (int sig = g_term_signal.load()) {
@@ -443,7 +441,7 @@ void Fabric::run() {
     std::int64_t idle = now - last;
     if (trim_due && idle >= kTrimAfterIdleUs) {  // freed heap back to the system (util/memory.hpp)
       trim_due = false;
-      if (memory::keeping()) memory::trim_heap();
+      if (memory::worth_trimming()) memory::trim_heap();
     }
     if (!bells_.woken_by_rings() && idle < spin_us()) sched_yield();
     else wait(next_wait_us(idle));

@@ -88,6 +88,7 @@ class Fabric final : public gateway::Sink {
   void isend(int dest, Frames&& frames, bool ring_now = true);
   void ibcast_root(std::shared_ptr<std::vector<char>> data, std::uint64_t len, std::uint64_t flags);
   void ring(int rank, Doorbells::Kind kind, int count = 1);
+  void retry_rings();
   void wait(std::int64_t timeout_us);
   std::int64_t next_wait_us(std::int64_t idle_us) const;
   bool in_flight() const;

@@ -5,7 +5,6 @@
 #include "util/ids.hpp"
 #include "util/log.hpp"
 
-#include <cstdlib>
 #include <sys/epoll.h>
 #include <unistd.h>
 
@@ -290,7 +289,6 @@ void Controller::poll_once(long timeout_ms) {
       }
       if (!got) break;
       ++received_[i];
-      for (const auto& f : frames) rx_bytes_since_trim_ += f.size();
       // Each handler is an edge: whatever it throws becomes a logged, counted error, and the
       // loop goes on serving the next message.
       try {

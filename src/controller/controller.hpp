@@ -218,10 +218,9 @@ class Controller {
   std::uint64_t task_seq_ = 0;
   bool settling_ = false;
   std::size_t tasks_since_trim_ = 0;  // tasks finished since the last malloc_trim
-  std::int64_t trim_at_ms_ = 0;  // malloc_trim then, if nothing arrived meanwhile
-  static constexpr std::uint64_t kTrimAfterBytes = 64u << 20;
-  std::uint64_t rx_bytes_since_trim_ = 0;  // bytes received since the last malloc_trim
-  std::uint64_t rx_since_trim_check_ = 0;  // total_received() when the deadline was last set
+  std::int64_t trim_at_ms_ = 0;            // next once-a-second look (maybe_trim)
+  std::uint64_t rx_at_trim_check_ = 0;     // work_received() at the last look
+  bool active_since_trim_ = false;         // messages arrived since the last trim
   std::unordered_map<std::string, Broadcast> broadcasts_;
   BufferCopier copier_;  // before records_: they hold a pointer to it
   TaskRecords records_;
@@ -239,9 +238,12 @@ class Controller {
   static constexpr std::size_t kSources = 12;                   // sockets poll_once reads
   static const std::array<const char*, kSources> kSourceNames;
   std::array<std::uint64_t, kSources> received_{};              // messages read per socket
-  std::uint64_t total_received() const {
+  static constexpr std::size_t kPongSource = 10;                // "hb": heartbeats, not work
+  // Messages read on every socket but the heartbeat's (which is never quiet while engines live).
+  std::uint64_t work_received() const {
     std::uint64_t n = 0;
-    for (auto r : received_) n += r;
+    for (std::size_t i = 0; i < kSources; ++i)
+      if (i != kPongSource) n += received_[i];
     return n;
   }
 

@@ -4,10 +4,10 @@
 #include "controller/errors.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
+#include "util/memory.hpp"
 
 #include <algorithm>
 
-#include <malloc.h>
 
 namespace pxf::controller {
 
@@ -371,7 +371,7 @@ void Controller::on_shutdown_request(const zmq::message_t& ident, const Message&
 void Controller::on_stats_request(const zmq::message_t& ident, const Message& m) {
   // {"trim": true}: give freed heap back to the system first (for memory measurements).
   if (wire::get_or<bool>(m.content, "trim", false)) {
-    ::malloc_trim(0);
+    memory::trim_heap();
     ++counters_["malloc_trim"];
   }
   json drops = json::object();

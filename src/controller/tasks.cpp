@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <cstdlib>
 
-#include <malloc.h>
 
 namespace pxf::controller {
 
@@ -324,27 +323,24 @@ void Controller::settle() {
     dispatch_runnable();
   } while (!done_.empty());
   settling_ = false;
-  if (tasks_since_trim_ >= 4096) trim_at_ms_ = mono_ms() + 1000;
 }
 
-// After a burst of tasks or of data, hand the freed heap back to the system once nothing has
-// arrived for a second and no task is in flight (glibc keeps it otherwise, by our choice while
-// busy: util/memory.hpp). The next message pushes the deadline on.
+// Once a second, off the message path: after a quiet second (nothing received, no task waiting
+// or in flight) that follows activity, hand freed heap back to the system when a burst of tasks
+// or of data left some (glibc keeps it otherwise, by our choice while busy: util/memory.hpp).
 void Controller::maybe_trim(std::int64_t now) {
-  if (!trim_at_ms_ && rx_bytes_since_trim_ >= kTrimAfterBytes) trim_at_ms_ = now + 1000;
-  if (!trim_at_ms_ || now < trim_at_ms_) return;
-  if (rx_since_trim_check_ != total_received()) {  // not quiet yet
-    rx_since_trim_check_ = total_received();
-    trim_at_ms_ = now + 1000;
+  if (now < trim_at_ms_) return;
+  trim_at_ms_ = now + 1000;
+  std::uint64_t rx = work_received();
+  if (rx != rx_at_trim_check_) {  // not quiet
+    rx_at_trim_check_ = rx;
+    active_since_trim_ = true;
     return;
   }
-  if (!parked_.empty() || !in_flight_.empty()) {
-    trim_at_ms_ = now + 1000;
-    return;
-  }
-  trim_at_ms_ = 0;
+  if (!active_since_trim_ || !parked_.empty() || !in_flight_.empty()) return;
+  active_since_trim_ = false;
+  if (tasks_since_trim_ < 4096 && !memory::worth_trimming()) return;
   tasks_since_trim_ = 0;
-  rx_bytes_since_trim_ = 0;
   memory::trim_heap();
   ++counters_["malloc_trim"];
 }

@@ -10,6 +10,7 @@ extern char** environ;
 namespace pxf::memory {
 namespace {
 bool g_keeping = false;
+constexpr int kTopPad = 64 << 20;  // the heap grows in steps this large
 
 bool user_tuned_malloc() {
   for (char** e = environ; e && *e; ++e)
@@ -26,12 +27,14 @@ bool keep_freed_memory() {
   mallopt(M_ARENA_MAX, 1);
   mallopt(M_MMAP_MAX, 0);                    // large blocks from the heap, reused after free
   mallopt(M_TRIM_THRESHOLD, 1 << 30);        // keep up to 1 GiB of free heap top
-  mallopt(M_TOP_PAD, 64 << 20);              // grow the heap in 64 MiB steps
+  mallopt(M_TOP_PAD, kTopPad);               // grow the heap in 64 MiB steps
   g_keeping = true;
   return true;
 }
 
-bool keeping() { return g_keeping; }
+bool worth_trimming() {
+  return g_keeping && mallinfo2().fordblks >= (std::size_t{32} << 20);
+}
 
 void trim_heap() { ::malloc_trim(0); }
 

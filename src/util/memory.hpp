@@ -14,8 +14,9 @@ namespace pxf::memory {
 // Call first thing in main(), before any thread exists. Returns whether it applied.
 bool keep_freed_memory();
 
-// Whether keep_freed_memory() applied (trimming only matters then).
-bool keeping();
+// Whether freed memory is being kept and enough of it (32 MiB) lies free to be worth a trim.
+// Cheap enough for a once-a-second check, not for every message.
+bool worth_trimming();
 
 // malloc_trim(0): hand free heap pages back to the kernel.
 void trim_heap();
