@@ -406,6 +406,60 @@ def analyse(lifecycles: list, ns: list) -> dict:
     return out
 
 
+# Timed workloads whose CPU per call is recorded by process group (Lifecycle.timed_calls).
+CEILING_WORKLOADS = ["px_allreduce", "px_execute", "px_magic", "broadcast", "push", "scatter_gather"]
+
+
+def ceiling(lifecycles: list, ns: list, ncpu: int) -> dict:
+    """How far the unchanged client lets pxfabric get, per workload at the largest N.
+
+    The stock client runs on the same cores and spends the same CPU whatever it talks to, so
+    even a pxfabric whose processes took no CPU at all would not beat stock's wall time by
+    more than stock wall / (px side's client CPU per call): the ceiling. The px side's total
+    CPU per call over the machine's cores is a floor for its wall time on this machine."""
+    top = max(ns)
+    by = {(lc["n"], lc["rep"], lc["kind"]): lc for lc in lifecycles}
+    out = {}
+    for w in CEILING_WORKLOADS:
+        rows = []
+        for r in sorted({r for (n, r, _) in by if n == top}):
+            px, st = by.get((top, r, "px")), by.get((top, r, "stock"))
+            if not px or not st or w not in px.get("cpu", {}) or not px["calls"].get(w) \
+                    or not st["calls"].get(w):
+                continue
+            k = len(px["calls"][w])
+            client_ms = px["cpu"][w]["client"] / k * 1e3
+            machine_ms = px["cpu"][w]["machine"] / k * 1e3
+            stock_wall = H.median(st["calls"][w])
+            rows.append({"stock_wall_ms": stock_wall, "px_wall_ms": H.median(px["calls"][w]),
+                         "px_client_cpu_ms": client_ms, "px_machine_cpu_ms": machine_ms,
+                         "px_wall_floor_ms": machine_ms / ncpu,
+                         "ceiling": stock_wall / client_ms if client_ms > 0 else None})
+        if rows:
+            out[w] = {"n": top, "reps": rows,
+                      **{f"{key}_median": H.median([x[key] for x in rows if x[key] is not None])
+                         for key in ("stock_wall_ms", "px_wall_ms", "px_client_cpu_ms",
+                                     "px_machine_cpu_ms", "px_wall_floor_ms", "ceiling")}}
+    return out
+
+
+def print_ceiling(C: dict, ncpu: int) -> None:
+    if not C:
+        return
+    print()
+    print(f"what the client leaves (N={next(iter(C.values()))['n']}, medians over reps; CPU per call "
+          f"of the px side's processes):")
+    print(f"{'workload':<16} {'stock wall':>10} {'px wall':>8} {'client CPU':>10} {'all CPU':>8} "
+          f"{'all CPU/' + str(ncpu):>9} {'ceiling':>8}")
+    for w, c in C.items():
+        print(f"{w:<16} {fmt(c['stock_wall_ms_median']):>10} {fmt(c['px_wall_ms_median']):>8} "
+              f"{fmt(c['px_client_cpu_ms_median']):>10} {fmt(c['px_machine_cpu_ms_median']):>8} "
+              f"{fmt(c['px_wall_floor_ms_median']):>9} {fmt(c['ceiling_median']):>7}x")
+    print("ceiling = stock wall / the stock client's own CPU per call on the px side: the best "
+          "ratio possible if pxfabric's processes took no CPU at all (the client shares the cores). "
+          "all CPU/cores: a floor for px's wall time at the CPU the px side spent.")
+
+
 def verdict(A: dict, ns: list) -> dict:
     """Goals at the largest N (the issue's N=8), plus 'nothing worse' at every N."""
     top = str(max(ns))
@@ -532,7 +586,10 @@ def main() -> int:
         ns_ = res["config"]["ns"]
         res["analysis"] = analyse(res["lifecycles"], ns_)
         res["verdict"] = verdict(res["analysis"], ns_)
+        ncpu = res["machine"]["before"]["ncpu"]
+        res["ceiling"] = ceiling(res["lifecycles"], ns_, ncpu)
         print_report(res)
+        print_ceiling(res["ceiling"], ncpu)
         print(f"\nrun took {res['run_wall_s'] / 60:.1f} min (started {res['started_utc']})")
         return 0
     for k, v in (quick if a.quick else full).items():
@@ -710,8 +767,10 @@ def main() -> int:
     res["lifecycles"] = lifecycles
     res["analysis"] = analyse(lifecycles, ns)
     res["verdict"] = verdict(res["analysis"], ns)
+    res["ceiling"] = ceiling(lifecycles, ns, res["machine"]["before"]["ncpu"])
     if res["analysis"]:
         print_report(res)
+        print_ceiling(res["ceiling"], res["machine"]["before"]["ncpu"])
     print(f"\nrun took {res['run_wall_s'] / 60:.1f} min; machine load after: {res['machine']['after']}")
     errs = [lc for lc in lifecycles if "error" in lc]
     for lc in errs:
