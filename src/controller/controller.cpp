@@ -32,7 +32,7 @@ std::string hostname() {
 
 Controller::Controller(Options opts)
     : opts_(std::move(opts)), balancer_(opts_.scheme, opts_.hwm),
-      records_(RecordLimits{opts_.record_limit, opts_.size_limit, opts_.cull_fraction}) {
+      records_(RecordLimits{opts_.record_limit, opts_.size_limit, opts_.cull_fraction, opts_.keep_records}) {
   location_ = conn::resolve_profile(opts_.profile);
   port_pool_ = opts_.ports;
   if (opts_.location.empty()) opts_.location = hostname();
@@ -172,6 +172,11 @@ void Controller::start() {
 
   write_connection_files();
   for (auto& w : opts_.warnings) PXF_LOG(warning, kLog) << w;
+  if (opts_.keep_records)
+    PXF_LOG(info, kLog) << "task records: in memory (DictDB), up to " << opts_.record_limit << " records and "
+                        << opts_.size_limit << " buffer bytes";
+  else
+    PXF_LOG(info, kLog) << "task records: none kept (NoDB)";
   next_beat_ms_ = mono_ms() + opts_.ping_ms;
   PXF_LOG(info, kLog) << "listening on " << client_info_.interface << " (registration port " << reg
                       << "); connection files in " << location_.security_dir().string();

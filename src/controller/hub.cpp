@@ -214,6 +214,15 @@ void Controller::on_queue_request(const zmq::message_t& ident, const Message& m)
   reply(ident, m, "queue_reply", out);
 }
 
+namespace {
+// Stock's NoDB raises this from every record lookup (ipyparallel.controller.dictdb.NoData).
+[[noreturn]] void no_data() {
+  throw BadRequest("NoData",
+                   "NoDB backend doesn't store any data. Start the Controller with a DB backend to "
+                   "enable resubmission / result persistence.");
+}
+} // namespace
+
 void Controller::on_result_request(const zmq::message_t& ident, const Message& m) {
   auto ids_it = m.content.find("msg_ids");
   if (ids_it == m.content.end() || !ids_it->is_array()) throw BadRequest("KeyError", "result_request needs 'msg_ids'");
@@ -225,10 +234,15 @@ void Controller::on_result_request(const zmq::message_t& ident, const Message& m
   std::sort(ids.begin(), ids.end());
   ids.erase(std::unique(ids.begin(), ids.end()), ids.end());
   bool status_only = wire::get_or<bool>(m.content, "status_only", false);
+  if (!records_.keeps() && !status_only) no_data();
   json out = {{"status", "ok"}, {"pending", json::array()}, {"completed", json::array()}};
   Frames buffers;
   for (auto& id : ids) {
     TaskRecord* r = records_.find(id);
+    if (!r && records_.finished_unkept(id)) {  // NoDB: known finished, nothing kept
+      out["completed"].push_back(id);
+      continue;
+    }
     if (!r) throw BadRequest("KeyError", "'No such message: " + id + "'");
     if (!r->completed) {
       out["pending"].push_back(id);
@@ -244,10 +258,12 @@ void Controller::on_result_request(const zmq::message_t& ident, const Message& m
 }
 
 void Controller::on_history_request(const zmq::message_t& ident, const Message& m) {
+  if (!records_.keeps()) no_data();
   reply(ident, m, "history_reply", {{"status", "ok"}, {"history", records_.history()}});
 }
 
 void Controller::on_db_request(const zmq::message_t& ident, const Message& m) {
+  if (!records_.keeps()) no_data();
   // The query's key order matters (tests stop at the first failure): read it again, ordered.
   auto cv = view(m.content_frame);
   auto ordered = nlohmann::ordered_json::parse(cv.begin(), cv.end(), nullptr, false);
@@ -328,6 +344,7 @@ void Controller::on_resubmit_request(const zmq::message_t& ident, const Message&
   auto it = m.content.find("msg_ids");
   if (it == m.content.end()) throw BadRequest("KeyError", "'msg_ids'");
   if (!it->is_array()) throw BadRequest("TypeError", "msg_ids must be a list of msg_ids, not " + it->dump());
+  if (!records_.keeps()) no_data();
   std::vector<std::string> ids, missing;
   for (auto& id : *it) {
     if (!id.is_string()) throw BadRequest("TypeError", "msg_ids must be strings, not " + id.dump());

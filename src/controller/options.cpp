@@ -2,6 +2,7 @@
 
 #include "util/log.hpp"
 
+#include <cctype>
 #include <charconv>
 #include <cstdlib>
 #include <functional>
@@ -32,7 +33,9 @@ ipengines, and the MPI engine jobs of pxfabric.
                           the oldest finished records are culled
   --size-limit BYTES      request and result buffer bytes kept (DictDB.size_limit, 1 GiB)
   --log-level LEVEL       10/DEBUG, 20/INFO (default), 30/WARN, 40/ERROR
-  --dictdb                accepted for compatibility (the in-memory store is the only one)
+  --dictdb                keep task records in memory (the default, stock's DictDB)
+  --nodb                  keep no task records (stock's NoDB): less memory; results of
+                          finished tasks, history, db queries and resubmit are unavailable
   --Class.trait=value     ipcontroller config options; applied where they mean
                           something here (TaskScheduler.scheme_name, TaskScheduler.hwm,
                           DictDB.record_limit, DictDB.size_limit, DictDB.cull_fraction,
@@ -51,6 +54,24 @@ int to_int(const std::string& opt, const std::string& v) {
   if (ec != std::errc() || p != v.data() + v.size())
     throw UsageError("option " + opt + " expects an integer, got '" + v + "'");
   return out;
+}
+
+// IPController.db_class: stock's shortcuts (any case) or class paths. Only the in-memory
+// store exists here; SQLiteDB and MongoDB are accepted as it, with a warning.
+void set_db_class(Options& o, const std::string& opt, const std::string& v) {
+  std::string s;
+  for (char c : v) s += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (s == "nodb" || s == "ipyparallel.controller.dictdb.nodb") {
+    o.keep_records = false;
+  } else if (s == "dictdb" || s == "ipyparallel.controller.dictdb.dictdb") {
+    o.keep_records = true;
+  } else if (s == "sqlitedb" || s == "mongodb" || s == "ipyparallel.controller.sqlitedb.sqlitedb" ||
+             s == "ipyparallel.controller.mongodb.mongodb") {
+    o.keep_records = true;
+    o.warnings.push_back(opt + "=" + v + ": pxcontroller keeps task records in memory (as DictDB)");
+  } else {
+    throw UsageError("option " + opt + ": unknown DB class '" + v + "' (NoDB, DictDB, SQLiteDB or MongoDB)");
+  }
 }
 
 std::size_t to_size(const std::string& opt, const std::string& v) {
@@ -148,6 +169,8 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
       {"DictDB.size_limit", [&](auto& k, auto& v) { o.size_limit = to_size(k, v); }},
       {"DictDB.cull_fraction", [&](auto& k, auto& v) { o.cull_fraction = to_double(k, v); }},
       {"record-limit", [&](auto& k, auto& v) { o.record_limit = to_size(k, v); }},
+      {"IPController.db_class", [&](auto& k, auto& v) { set_db_class(o, k, unquote(v)); }},
+      {"HubFactory.db_class", [&](auto& k, auto& v) { set_db_class(o, k, unquote(v)); }},
       {"size-limit", [&](auto& k, auto& v) { o.size_limit = to_size(k, v); }},
       {"Session.key",
        [&](auto&, auto& v) {
@@ -165,8 +188,10 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
   };
   std::map<std::string, std::function<void()>> flags = {
       {"reuse", [&] { o.reuse = true; }},
-      {"dictdb", [] {}},  // the in-memory record store is the only one, as with --dictdb
-      {"nodb", [&] { o.warnings.push_back("--nodb: task records are kept in memory anyway"); }},
+      {"dictdb", [&] { o.keep_records = true; }},
+      {"nodb", [&] { o.keep_records = false; }},  // stock's NoDB: no task records at all
+      {"sqlitedb", [&] { o.warnings.push_back("--sqlitedb: pxcontroller keeps task records in memory (as --dictdb)"); }},
+      {"mongodb", [&] { o.warnings.push_back("--mongodb: pxcontroller keeps task records in memory (as --dictdb)"); }},
       {"secure", [] {}},
       {"no-secure",
        [&] {

@@ -23,6 +23,7 @@ struct Options {
   int log_level = 20;
   std::string scheme = "leastload";   // TaskScheduler.scheme_name
   int hwm = 1;                        // TaskScheduler.hwm, 0 = unlimited
+  bool keep_records = true;           // false: --nodb (stock's NoDB)
   std::size_t record_limit = 1024;    // DictDB.record_limit: task records kept
   std::size_t size_limit = std::size_t{1} << 30;  // DictDB.size_limit: buffer bytes kept
   double cull_fraction = 0.1;         // DictDB.cull_fraction

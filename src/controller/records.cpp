@@ -30,6 +30,7 @@ TaskRecord& TaskRecords::add(const std::string& msg_id, wire::Message& request, 
   if (fresh) order_.push_back(msg_id);
   TaskRecord& r = it->second;
   r.queue = queue;
+  if (!limits_.keep) return r;  // NoDB: a bare record while the task is pending
   r.header = std::string(view(request.header_frame));
   r.metadata = std::string(view(request.metadata_frame));
   r.content = std::string(view(request.content_frame));
@@ -86,6 +87,7 @@ TaskRecord* TaskRecords::find(const std::string& msg_id) {
 void TaskRecords::complete(const std::string& msg_id, wire::Message& reply) {
   TaskRecord* r = find(msg_id);
   if (!r) return;
+  if (!limits_.keep) return forget(msg_id);
   if (!r->completed) finished_.push_back(msg_id);
   r->completed = true;
   r->result_header = std::string(view(reply.header_frame));
@@ -101,6 +103,7 @@ void TaskRecords::complete(const std::string& msg_id, std::string header, std::s
                            const std::string& engine_uuid) {
   TaskRecord* r = find(msg_id);
   if (!r) return;
+  if (!limits_.keep) return forget(msg_id);
   if (!r->completed) finished_.push_back(msg_id);
   r->completed = true;
   r->result_header = std::move(header);
@@ -111,7 +114,14 @@ void TaskRecords::complete(const std::string& msg_id, std::string header, std::s
   maybe_cull();
 }
 
+void TaskRecords::forget(const std::string& msg_id) {
+  if (auto it = records_.find(msg_id); it != records_.end()) erase(it);
+  unkept_.insert(msg_id);
+  compact();
+}
+
 void TaskRecords::add_output(const std::string& parent_id, const std::string& msg_type, const json& content) {
+  if (!limits_.keep) return;
   TaskRecord* r = find(parent_id);
   if (!r) return;
   if (msg_type == "stream") {
@@ -183,16 +193,19 @@ std::size_t TaskRecords::drop_if(Pred pred) {
 }
 
 std::size_t TaskRecords::drop_completed() {
+  unkept_.clear();
   return drop_if([](const TaskRecord& r) { return r.completed; });
 }
 
 std::size_t TaskRecords::drop(const std::vector<std::string>& ids) {
   std::size_t n = 0;
-  for (auto& id : ids)
+  for (auto& id : ids) {
     if (auto it = records_.find(id); it != records_.end()) {
       erase(it);
       ++n;
     }
+    n += unkept_.erase(id);
+  }
   compact();
   return n;
 }

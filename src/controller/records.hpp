@@ -6,6 +6,9 @@
 // are culled (cull_fraction of the limit at a time); past the size limit (request and result
 // buffer bytes), the oldest finished ones go until the total is under (1 - cull_fraction) of it.
 // Unlike DictDB, a record still pending is never culled.
+// With `keep` off (ipcontroller --nodb, stock's NoDB) nothing of a task is stored: a pending
+// task has a bare record (for purge and status queries) and a finished one leaves only its
+// msg_id, as stock's hub keeps its set of completed ids; record queries answer NoData.
 #include "wire/message.hpp"
 
 #include <cstddef>
@@ -14,6 +17,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace pxf::controller {
@@ -26,6 +30,7 @@ struct RecordLimits {
   std::size_t record_limit = 1024;                 // DictDB.record_limit
   std::size_t size_limit = std::size_t{1} << 30;   // DictDB.size_limit (bytes)
   double cull_fraction = 0.1;                      // DictDB.cull_fraction
+  bool keep = true;                                // false: NoDB (--nodb)
 };
 
 struct TaskRecord {
@@ -81,6 +86,9 @@ class TaskRecords {
     for (auto& id : order_)
       if (auto it = records_.find(id); it != records_.end()) f(id, it->second);
   }
+  // NoDB: finished tasks, by msg_id only.
+  bool finished_unkept(const std::string& msg_id) const { return unkept_.count(msg_id) != 0; }
+  bool keeps() const { return limits_.keep; }
   std::size_t size() const { return records_.size(); }
   std::size_t bytes() const { return bytes_; }
   const RecordLimits& limits() const { return limits_; }
@@ -92,10 +100,12 @@ class TaskRecords {
 
  private:
   void maybe_cull();
+  void forget(const std::string& msg_id);  // NoDB: a finished task leaves its msg_id only
   void keep_buffers(const std::string& msg_id, TaskRecord& r, bool result, wire::Frames& from);
   template <class Pred>
   std::size_t drop_if(Pred pred);
   BufferCopier* copier_ = nullptr;
+  std::unordered_set<std::string> unkept_;  // NoDB: msg_ids of finished tasks
   void erase(std::unordered_map<std::string, TaskRecord>::iterator it);
   void compact();
 
