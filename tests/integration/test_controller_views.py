@@ -308,3 +308,11 @@ def test_queue_status_tracks_tasks(rc, tmp_path):
     verbose = rc.queue_status(verbose=True)
     assert ar.msg_ids[0] in verbose[2]["completed"]
     assert lar.msg_ids[0] in verbose[3]["completed"]
+
+
+def test_top_level_await_in_execute(rc):
+    # IPython's autoawait, as in the stock engine: a cell may await at top level.
+    dv = rc[:]
+    cell = "import asyncio\nasync def f():\n    await asyncio.sleep(0.01)\n    return 7\nv = await f()"
+    assert dv.execute(cell, block=True).successful()
+    assert dv.pull("v", block=True) == [7] * len(rc.ids)
