@@ -126,10 +126,11 @@ def engine_kind(setup_kind) -> str:
 
 @pytest.fixture(scope="module")
 def cluster(setup_kind, request, tmp_path_factory) -> harness.Cluster:
-    """A controller plus ``ENGINES`` (module attribute, default 4) engines, per module."""
+    """A controller plus ``ENGINES`` (module attribute, default 4) engines, per module;
+    ``CONTROLLER_ARGS`` (module attribute) are extra controller options, the same for both kinds."""
     n = getattr(request.module, "ENGINES", 4)
     workdir = tmp_path_factory.mktemp(f"{'-'.join(setup_kind)}-{request.module.__name__}")
-    c = _start(setup_kind, workdir, n)
+    c = _start(setup_kind, workdir, n, args=getattr(request.module, "CONTROLLER_ARGS", ()))
     yield c
     _stop(c)
 

@@ -4,7 +4,7 @@ Work runs and results reach the client that submitted it as usual; the hub still
 tasks are pending or finished (``result_status(status_only=True)``); everything that needs a
 stored record (get_result from another client, hub_history, db_query, resubmit) answers the
 stock ``NoData`` error; purging is accepted. Same client code, same answers from both
-controllers.
+controllers. The other spellings of the option are checked on pxcontroller alone.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import subprocess
 import pytest
 from ipyparallel import RemoteError, interactive
 
-from cluster import controller_command, wait_until
+from cluster import PXCONTROLLER, ProcessTracker, wait_until
+
+ENGINES = 2
+CONTROLLER_ARGS = ["--nodb"]
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -49,10 +52,7 @@ def hub_completed(rc, msg_ids, timeout=30):
     wait_until(done, timeout, 0.05, f"the hub to report {len(msg_ids)} task(s) completed")
 
 
-@pytest.mark.parametrize("flag", ["--nodb", "--IPController.db_class=NoDB"])
-def test_work_runs_and_nothing_is_kept(make_cluster, flag):
-    c = make_cluster(2, args=[flag])
-    rc = c.client()
+def test_work_runs_and_nothing_is_kept(cluster, rc):
     lview = rc.load_balanced_view()
     assert lview.map_sync(double, range(20)) == [2 * i for i in range(20)]
     direct = rc[1].apply_async(double, 21)
@@ -63,30 +63,31 @@ def test_work_runs_and_nothing_is_kept(make_cluster, flag):
     ids = [direct.msg_ids[0]] + list(ex.msg_ids)
     hub_completed(rc, ids)
 
-    other = c.client()  # has none of the results locally
-    with pytest.raises(RemoteError) as e:
-        other.get_result(direct.msg_ids[0], block=True)
-    assert_no_data(e)
-    with pytest.raises(RemoteError) as e:
-        other.hub_history()
-    assert_no_data(e)
-    with pytest.raises(RemoteError) as e:
-        other.db_query({"msg_id": {"$ne": None}})
-    assert_no_data(e)
-    with pytest.raises(RemoteError) as e:
-        other.resubmit(direct.msg_ids, block=True)
-    assert_no_data(e)
-    # Unknown ids are still unknown, status queries still answer
-    with pytest.raises(RemoteError) as e:
-        other.result_status(["no-such-task"], status_only=True)
-    assert e.value.ename == "KeyError"
-    other.purge_everything()
+    other = cluster.client()  # has none of the results locally
+    try:
+        with pytest.raises(RemoteError) as e:
+            other.get_result(direct.msg_ids[0], block=True)
+        assert_no_data(e)
+        with pytest.raises(RemoteError) as e:
+            other.hub_history()
+        assert_no_data(e)
+        with pytest.raises(RemoteError) as e:
+            other.db_query({"msg_id": {"$ne": None}})
+        assert_no_data(e)
+        with pytest.raises(RemoteError) as e:
+            other.resubmit(direct.msg_ids, block=True)
+        assert_no_data(e)
+        # Unknown ids are still unknown; status queries still answer
+        with pytest.raises(RemoteError) as e:
+            other.result_status(["no-such-task"], status_only=True)
+        assert e.value.ename == "KeyError"
+        other.purge_everything()
+    finally:
+        cluster.close_client(other)
     assert rc[0].apply_sync(double, 4) == 8  # and the cluster keeps working
 
 
-def test_pending_is_reported_while_running(make_cluster):
-    c = make_cluster(2, args=["--nodb"])
-    rc = c.client()
+def test_pending_is_reported_while_running(rc):
     slow = rc[0].apply_async(nap, 2.0)
 
     def pending():
@@ -100,10 +101,33 @@ def test_pending_is_reported_while_running(make_cluster):
     hub_completed(rc, slow.msg_ids)
 
 
-def test_bad_db_class_is_a_usage_error(tmp_path, controller_kind):
-    if controller_kind != "pxfabric":
-        pytest.skip("stock ipcontroller fails with an ImportError traceback here")
-    cmd = controller_command("pxfabric") + [f"--profile-dir={tmp_path}", "--IPController.db_class=NoSuchDB"]
+@pytest.mark.parametrize("flag, says", [
+    ("--IPController.db_class=NoDB", "task records: none kept (NoDB)"),
+    ("--HubFactory.db_class=ipyparallel.controller.dictdb.NoDB", "task records: none kept (NoDB)"),
+    ("--IPController.db_class=DictDB", "task records: in memory (DictDB)"),
+    ("--sqlitedb", "keeps task records in memory"),
+])
+def test_db_class_spellings(tmp_path, flag, says):
+    if not PXCONTROLLER.is_file():
+        pytest.skip("pxcontroller is not built")
+    log = tmp_path / "controller.log"
+    tracker = ProcessTracker()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([str(PXCONTROLLER), f"--profile-dir={tmp_path}", "--ip=127.0.0.1", flag],
+                                stdout=f, stderr=subprocess.STDOUT)
+    tracker.add_popen(proc, "controller")
+    try:
+        wait_until(lambda: says in log.read_text(errors="replace") or proc.poll() is not None, 20, 0.05,
+                   f"pxcontroller to log {says!r}")
+        assert says in log.read_text(errors="replace"), log.read_text(errors="replace")
+    finally:
+        tracker.stop()
+
+
+def test_bad_db_class_is_a_usage_error(tmp_path):
+    if not PXCONTROLLER.is_file():
+        pytest.skip("pxcontroller is not built")
+    cmd = [str(PXCONTROLLER), f"--profile-dir={tmp_path}", "--IPController.db_class=NoSuchDB"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert "unknown DB class 'NoSuchDB'" in res.stderr
