@@ -1,7 +1,7 @@
 """Scheduler stress: tens of thousands of tiny load-balanced tasks with a mix of dependencies
 complete, and pxcontroller's memory stays bounded by the record limit.
 
-pxcontroller with stock engines runs 50,000 tasks (PXF_STRESS_TASKS overrides); with MPI
+pxcontroller with stock engines runs 20,000 tasks (PXF_STRESS_TASKS overrides); with MPI
 engines, whose scheduler path is the same, 10,000 (PXF_STRESS_TASKS_MPI); the stock
 ipcontroller, which is much slower per task, 5,000 of the same mix (PXF_STRESS_TASKS_STOCK),
 so the suite stays within CI time on 2 cores. The mix, per batch (all submitted before any is awaited, so
@@ -38,7 +38,7 @@ def total_tasks(kind, engine_kind="ipengine"):
         return int(os.environ.get("PXF_STRESS_TASKS_STOCK", "5000"))
     if engine_kind == "mpi":
         return int(os.environ.get("PXF_STRESS_TASKS_MPI", "10000"))
-    return int(os.environ.get("PXF_STRESS_TASKS", "50000"))
+    return int(os.environ.get("PXF_STRESS_TASKS", "20000"))
 
 
 def run_batches(rc, n_tasks, batch, first_seq=0):
