@@ -498,6 +498,13 @@ def verdict(A: dict, ns: list) -> dict:
     return {"at_n": int(top), "rows": rows, "worse_anywhere": worse, "lines": lines}
 
 
+def summarise(res: dict, lifecycles: list, ns: list) -> None:
+    """The run's analysis, verdict and ceilings (also for --report on a saved JSON)."""
+    res["analysis"] = analyse(lifecycles, ns)
+    res["verdict"] = verdict(res["analysis"], ns)
+    res["ceiling"] = ceiling(lifecycles, ns, res["machine"]["before"]["ncpu"])
+
+
 def print_report(res: dict) -> None:
     A, V = res["analysis"], res["verdict"]
     cfg = res["config"]
@@ -542,6 +549,7 @@ def print_report(res: dict) -> None:
     print()
     for line in V["lines"]:
         print(line)
+    print_ceiling(res.get("ceiling", {}), res["machine"]["before"]["ncpu"])
 
 
 # ----------------------------------------------------------------------------- main
@@ -583,13 +591,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.report:
         res = json.loads(Path(a.report).read_text())
-        ns_ = res["config"]["ns"]
-        res["analysis"] = analyse(res["lifecycles"], ns_)
-        res["verdict"] = verdict(res["analysis"], ns_)
-        ncpu = res["machine"]["before"]["ncpu"]
-        res["ceiling"] = ceiling(res["lifecycles"], ns_, ncpu)
+        summarise(res, res["lifecycles"], res["config"]["ns"])
         print_report(res)
-        print_ceiling(res["ceiling"], ncpu)
         print(f"\nrun took {res['run_wall_s'] / 60:.1f} min (started {res['started_utc']})")
         return 0
     for k, v in (quick if a.quick else full).items():
@@ -765,12 +768,9 @@ def main() -> int:
                                     "foreign_pct_of_one_core_max": max(fr),
                                     "foreign_pct_of_one_core_per_lifecycle": fr}
     res["lifecycles"] = lifecycles
-    res["analysis"] = analyse(lifecycles, ns)
-    res["verdict"] = verdict(res["analysis"], ns)
-    res["ceiling"] = ceiling(lifecycles, ns, res["machine"]["before"]["ncpu"])
+    summarise(res, lifecycles, ns)
     if res["analysis"]:
         print_report(res)
-        print_ceiling(res["ceiling"], res["machine"]["before"]["ncpu"])
     print(f"\nrun took {res['run_wall_s'] / 60:.1f} min; machine load after: {res['machine']['after']}")
     errs = [lc for lc in lifecycles if "error" in lc]
     for lc in errs:

@@ -121,9 +121,7 @@ void Fabric::post(Frames&& frames, bool wake) {
     outbox_.push_back(std::move(frames));
     quiet_posts_ = !wake;
   }
-  if (!wake) return;
-  std::uint64_t one = 1;
-  [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
+  if (wake) wake_thread();
 }
 
 void Fabric::wake_if_quiet_posts() {
@@ -131,6 +129,10 @@ void Fabric::wake_if_quiet_posts() {
     std::lock_guard lock(mu_);
     if (!std::exchange(quiet_posts_, false)) return;
   }
+  wake_thread();
+}
+
+void Fabric::wake_thread() {
   std::uint64_t one = 1;
   [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
 }

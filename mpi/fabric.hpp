@@ -90,6 +90,7 @@ class Fabric final : public gateway::Sink {
   void ring(int rank, Doorbells::Kind kind, int count = 1);
   void retry_rings();
   void wait(std::int64_t timeout_us);
+  void wake_thread();  // the fabric thread's eventfd
   std::int64_t next_wait_us(std::int64_t idle_us) const;
   bool in_flight() const;
   void drain_and_quiesce();

@@ -56,8 +56,9 @@ int to_int(const std::string& opt, const std::string& v) {
   return out;
 }
 
-// IPController.db_class: stock's shortcuts (any case) or class paths. Only the in-memory
-// store exists here; SQLiteDB and MongoDB are accepted as it, with a warning.
+// IPController.db_class (and the --nodb/--dictdb/--sqlitedb/--mongodb flags): stock's shortcuts
+// (any case) or class paths. Only the in-memory store exists here; SQLiteDB and MongoDB are
+// accepted as it, with a warning naming `opt` as given.
 void set_db_class(Options& o, const std::string& opt, const std::string& v) {
   std::string s;
   for (char c : v) s += static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
@@ -68,7 +69,7 @@ void set_db_class(Options& o, const std::string& opt, const std::string& v) {
   } else if (s == "sqlitedb" || s == "mongodb" || s == "ipyparallel.controller.sqlitedb.sqlitedb" ||
              s == "ipyparallel.controller.mongodb.mongodb") {
     o.keep_records = true;
-    o.warnings.push_back(opt + "=" + v + ": pxcontroller keeps task records in memory (as DictDB)");
+    o.warnings.push_back(opt + ": pxcontroller keeps task records in memory (as DictDB)");
   } else {
     throw UsageError("option " + opt + ": unknown DB class '" + v + "' (NoDB, DictDB, SQLiteDB or MongoDB)");
   }
@@ -169,8 +170,8 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
       {"DictDB.size_limit", [&](auto& k, auto& v) { o.size_limit = to_size(k, v); }},
       {"DictDB.cull_fraction", [&](auto& k, auto& v) { o.cull_fraction = to_double(k, v); }},
       {"record-limit", [&](auto& k, auto& v) { o.record_limit = to_size(k, v); }},
-      {"IPController.db_class", [&](auto& k, auto& v) { set_db_class(o, k, unquote(v)); }},
-      {"HubFactory.db_class", [&](auto& k, auto& v) { set_db_class(o, k, unquote(v)); }},
+      {"IPController.db_class", [&](auto& k, auto& v) { set_db_class(o, k + "=" + v, unquote(v)); }},
+      {"HubFactory.db_class", [&](auto& k, auto& v) { set_db_class(o, k + "=" + v, unquote(v)); }},
       {"size-limit", [&](auto& k, auto& v) { o.size_limit = to_size(k, v); }},
       {"Session.key",
        [&](auto&, auto& v) {
@@ -188,10 +189,10 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
   };
   std::map<std::string, std::function<void()>> flags = {
       {"reuse", [&] { o.reuse = true; }},
-      {"dictdb", [&] { o.keep_records = true; }},
-      {"nodb", [&] { o.keep_records = false; }},  // stock's NoDB: no task records at all
-      {"sqlitedb", [&] { o.warnings.push_back("--sqlitedb: pxcontroller keeps task records in memory (as --dictdb)"); }},
-      {"mongodb", [&] { o.warnings.push_back("--mongodb: pxcontroller keeps task records in memory (as --dictdb)"); }},
+      {"dictdb", [&] { set_db_class(o, "--dictdb", "dictdb"); }},
+      {"nodb", [&] { set_db_class(o, "--nodb", "nodb"); }},  // stock's NoDB: no task records at all
+      {"sqlitedb", [&] { set_db_class(o, "--sqlitedb", "sqlitedb"); }},
+      {"mongodb", [&] { set_db_class(o, "--mongodb", "mongodb"); }},
       {"secure", [] {}},
       {"no-secure",
        [&] {
