@@ -1,5 +1,6 @@
 #include "gateway/gateway.hpp"
 
+#include "conn/address.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
 
@@ -47,7 +48,11 @@ Gateway::Gateway(zmq::context_t& ctx, GatewayOptions opts)
   sock_.set(zmq::sockopt::sndhwm, 0);
   sock_.set(zmq::sockopt::rcvhwm, 0);
   sock_.set(zmq::sockopt::linger, 2000);
-  sock_.connect(opts_.url);
+  try {
+    sock_.connect(opts_.url);
+  } catch (const zmq::error_t& e) {
+    throw GatewayError("cannot dial the controller at " + opts_.url + ": " + e.what());
+  }
 }
 
 int Gateway::fd() { return sock_.get(zmq::sockopt::fd); }
@@ -127,9 +132,18 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
                         << ", heartbeat " << hb_period_ms_ << " ms";
     return ids_;
   }
-  throw GatewayError("no registration reply from the controller at " + opts_.url + " within " +
-                     std::to_string(opts_.register_timeout_ms / 1000.0).substr(0, 4) +
-                     " s (is pxcontroller running, and does the key in the connection file match?)" +
+  // Say why: a TCP probe tells an unreachable address from a controller that did not answer.
+  auto [host, port] = conn::split_tcp_url(opts_.url);
+  std::string probe = conn::tcp_probe(host, port, 2000);
+  std::string secs = std::to_string(opts_.register_timeout_ms / 1000.0).substr(0, 4);
+  if (!probe.empty())
+    throw GatewayError("cannot reach the controller at " + opts_.url + " from this host: " + probe +
+                       ". Is pxcontroller running, and listening on an address this host can reach? (a "
+                       "controller started with --ip=127.0.0.1 serves only its own host: start it with "
+                       "--ip=* or --engine-ip=ADDR, or give the engines --location/--ssh)");
+  throw GatewayError("no registration reply from the controller at " + opts_.url + " within " + secs +
+                     " s, though a TCP connection works (is it a pxcontroller, and does the key in the "
+                     "connection file match?)" +
                      (last_problem.empty() ? "" : "; last problem: " + last_problem));
 }
 

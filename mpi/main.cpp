@@ -1,8 +1,10 @@
 // pxengine: `mpirun -n N pxengine [ipengine options]` makes every rank an ipyparallel engine.
 // Rank 0 also runs the gateway (the job's one ZeroMQ connection, docs/fabric-link.md).
+#include "conn/address.hpp"
 #include "conn/connection_file.hpp"
 #include "conn/profile.hpp"
 #include "gateway/gateway.hpp"
+#include "gateway/ssh_tunnel.hpp"
 #include "mpi/fabric.hpp"
 #include "mpi/options.hpp"
 #include "mpi/pyhost.hpp"
@@ -210,6 +212,7 @@ int main(int argc, char** argv) {
   sopts.signature_scheme = info.signature_scheme;
   std::unique_ptr<zmq::context_t> ctx;
   std::unique_ptr<gateway::Gateway> gw;
+  std::unique_ptr<gateway::SshTunnel> tunnel;
   std::vector<int> ids(static_cast<std::size_t>(size), -1);
   int status = 0;
   if (rank == 0) {
@@ -221,7 +224,18 @@ int main(int argc, char** argv) {
     try {
       ctx = std::make_unique<zmq::context_t>(1);
       gateway::GatewayOptions go;
-      go.url = conn::url(info.interface, *info.pxf_fabric);
+      // Where to dial, by ipengine's rules: a wildcard interface means the controller's
+      // `location`; an `ssh` server means through a forward from this host.
+      const std::string location = opts.location.value_or(info.location);
+      const std::string ssh = opts.sshserver.value_or(info.ssh);
+      go.url = conn::url(conn::disambiguate_interface(info.interface, location), *info.pxf_fabric);
+      if (!ssh.empty()) {
+        std::string host = go.url.substr(6, go.url.rfind(':') - 6);
+        tunnel = std::make_unique<gateway::SshTunnel>(ssh, opts.sshkey, host, *info.pxf_fabric, opts.timeout_s);
+        PXF_LOG(info, kLog) << "tunnelling " << go.url << " through " << ssh << " (127.0.0.1:" << tunnel->local_port()
+                            << ")";
+        go.url = tunnel->local_url();
+      }
       go.job_uuid = new_id();
       go.session = sopts;
       go.register_timeout_ms = static_cast<int>(opts.timeout_s * 1000);
@@ -237,6 +251,7 @@ int main(int argc, char** argv) {
   if (status) {
     gw.reset();
     if (ctx) ctx->close();
+    tunnel.reset();
     finish(status);
   }
   MPI_Bcast(ids.data(), size, MPI_INT, 0, coll);
@@ -273,6 +288,7 @@ int main(int argc, char** argv) {
   int code = fabric.exit_code();
   gw.reset();
   if (ctx) ctx->close();  // delivers what the gateway sent last (linger 2 s)
+  tunnel.reset();
   if (int sig = fabric.terminated_by()) {
     // Torn down from outside: no MPI_Finalize (other ranks may be gone); die of the signal.
     std::fflush(nullptr);

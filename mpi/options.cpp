@@ -20,6 +20,11 @@ Accepts the stock ipengine options that ipyparallel's launchers pass:
   --file=PATH             engine connection file (default:
                           <profile_dir>/security/ipcontroller[-<cluster_id>]-engine.json;
                           $IPP_CONNECTION_INFO, JSON text, beats both)
+  --location=HOST         the controller's host, for a file whose interface is tcp://*
+                          (default: the file's `location`; ipyparallel's rules)
+  --ssh=[USER@]HOST[:PORT]  reach the controller through this SSH server (default: the
+                          file's `ssh`); one `ssh -N -L` forward, BatchMode (no prompts)
+  --sshkey=FILE           private key for --ssh
   --log-level=N           10 debug, 20 info (default), 30 warning, ...
   --mpi[=mpi4py]          accepted and ignored (pxengine always runs under MPI)
   --no-capture-fds        do not send C-level output on fds 1/2 to the clients
@@ -68,6 +73,12 @@ EngineOptions parse_options(int argc, char** argv) {
       {"Application.log_level", [&](auto& k, auto& v) {
          if (!log::parse_level(v, o.log_level)) throw UsageError("invalid value for --" + k + ": '" + v + "'");
        }},
+      {"location", [&](auto&, auto& v) { o.location = v; }},
+      {"IPEngine.location", [&](auto&, auto& v) { o.location = v; }},
+      {"ssh", [&](auto&, auto& v) { o.sshserver = v; }},
+      {"IPEngine.sshserver", [&](auto&, auto& v) { o.sshserver = v; }},
+      {"sshkey", [&](auto&, auto& v) { o.sshkey = v; }},
+      {"IPEngine.sshkey", [&](auto&, auto& v) { o.sshkey = v; }},
       {"IPEngine.timeout", [&](auto& k, auto& v) { o.timeout_s = to_double(k, v); }},
       {"IPEngine.wait_for_url_file", [&](auto& k, auto& v) { o.wait_for_file_s = to_double(k, v); }},
       {"IPEngine.max_heartbeat_misses", [&](auto& k, auto& v) { o.max_heartbeat_misses = to_int(k, v); }},

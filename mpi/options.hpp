@@ -14,6 +14,9 @@ class UsageError : public std::runtime_error {
 
 struct EngineOptions {
   std::optional<std::string> profile, profile_dir, cluster_id, ipython_dir, file;
+  // Override the connection file's `location` and `ssh` (ipengine --location, --ssh, --sshkey).
+  std::optional<std::string> location, sshserver;
+  std::string sshkey;
   int log_level = 20;
   double timeout_s = 10.0;        // registration reply (IPEngine.timeout)
   double wait_for_file_s = 10.0;  // connection file (IPEngine.wait_for_url_file)

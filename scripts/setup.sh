@@ -17,6 +17,8 @@ PACKAGES=(
   python3-jupyter-client python3-psutil python3-pytest python3-pytest-timeout
   # process tools used by tests and pxcluster
   procps
+  # multi-host tests: real sshd in network namespaces (iproute2, util-linux for unshare)
+  openssh-server openssh-client iproute2 util-linux
 )
 
 missing=()

@@ -37,6 +37,7 @@ Controller::Controller(Options opts)
   port_pool_ = opts_.ports;
   if (opts_.location.empty()) opts_.location = hostname();
   if (opts_.engine_ip.empty()) opts_.engine_ip = opts_.ip;
+  if (opts_.client_ip.empty()) opts_.client_ip = opts_.ip;
   if (opts_.registration_timeout_s <= 0) opts_.registration_timeout_s = std::max(30.0, opts_.ping_ms / 100.0);
 }
 
@@ -101,24 +102,24 @@ void Controller::start() {
   // The registration socket serves clients and engines: one wildcard bind covers both when
   // either side listens everywhere; otherwise it binds on both addresses, as stock does.
   auto wildcard = [](const std::string& ip) { return ip == "*" || ip == "0.0.0.0"; };
-  bool any = wildcard(opts_.ip) || wildcard(opts_.engine_ip);
+  bool any = wildcard(opts_.client_ip) || wildcard(opts_.engine_ip);
   query_ = make_router(nullptr);
-  int reg = bind(query_, any ? "*" : opts_.ip);
-  if (!any && opts_.engine_ip != opts_.ip) query_.bind("tcp://" + opts_.engine_ip + ":" + std::to_string(reg));
+  int reg = bind(query_, any ? "*" : opts_.client_ip);
+  if (!any && opts_.engine_ip != opts_.client_ip) query_.bind("tcp://" + opts_.engine_ip + ":" + std::to_string(reg));
   mux_in_ = make_router("mux_in");
-  int mux_c = bind(mux_in_, opts_.ip);
+  int mux_c = bind(mux_in_, opts_.client_ip);
   mux_out_ = make_router("mux_out");
   int mux_e = bind(mux_out_, opts_.engine_ip);
   control_in_ = make_router("control_in");
-  int ctl_c = bind(control_in_, opts_.ip);
+  int ctl_c = bind(control_in_, opts_.client_ip);
   control_out_ = make_router("control_out");
   int ctl_e = bind(control_out_, opts_.engine_ip);
   task_in_ = make_router("task_in");
-  int task_c = bind(task_in_, opts_.ip);
+  int task_c = bind(task_in_, opts_.client_ip);
   task_out_ = make_router("task_out");
   int task_e = bind(task_out_, opts_.engine_ip);
   bcast_in_ = make_router("sub_scheduler_0");
-  int bc_c = bind(bcast_in_, opts_.ip);
+  int bc_c = bind(bcast_in_, opts_.client_ip);
   // One engine-facing broadcast socket bound on every leaf port: each engine connects to one.
   bcast_out_ = make_router("sub_scheduler_00");
   std::vector<int> bc_e;
@@ -127,9 +128,9 @@ void Controller::start() {
   iopub_in_.set(zmq::sockopt::subscribe, "");
   int iopub_e = bind(iopub_in_, opts_.engine_ip);
   iopub_out_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
-  int iopub_c = bind(iopub_out_, opts_.ip);
+  int iopub_c = bind(iopub_out_, opts_.client_ip);
   notifier_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
-  int notif = bind(notifier_, opts_.ip);
+  int notif = bind(notifier_, opts_.client_ip);
   hb_ping_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
   int ping = bind(hb_ping_, opts_.engine_ip);
   hb_pong_ = make_router(nullptr);
@@ -150,7 +151,8 @@ void Controller::start() {
     c.key = key;
     c.signature_scheme = opts_.signature_scheme;
   };
-  common(client_info_, opts_.ip);
+  common(client_info_, opts_.client_ip);
+  client_info_.ssh = opts_.ssh_server;
   client_info_.registration = reg;
   client_info_.control = ctl_c;
   client_info_.mux = mux_c;
@@ -160,6 +162,7 @@ void Controller::start() {
   client_info_.notification = notif;
   client_info_.broadcast = bc_c;
   common(engine_info_, opts_.engine_ip);
+  engine_info_.ssh = opts_.engine_ssh_server;
   engine_info_.registration = reg;
   engine_info_.control = ctl_e;
   engine_info_.mux = mux_e;

@@ -75,6 +75,8 @@ class Controller {
   void on_resubmit_request(const zmq::message_t& ident, const Message& m);
   void on_shutdown_request(const zmq::message_t& ident, const Message& m);
   void on_stats_request(const zmq::message_t& ident, const Message& m);
+  // pxf_engines_request: {id: {uuid, host, job, rank}} of registered engines (pxcluster list).
+  void on_engines_request(const zmq::message_t& ident, const Message& m);
   void finish_registration(Engine& e);
   void unregister(int id, const std::string& why);
   void notify(const char* type, const json& content, const json& parent = json::object());

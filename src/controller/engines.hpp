@@ -46,6 +46,8 @@ struct Engine {
   std::unordered_set<std::string> tasks;      // outstanding load-balanced tasks
   IdLog completed;                            // finished msg_ids, both queues
   std::string job;                            // fabric job uuid (MPI engines); "" = stock engine
+  std::string host;                           // MPI engines: the rank's hostname; stock: peer address
+  int rank = -1;                              // MPI engines: the rank in its job
 };
 
 class EngineTable {

@@ -145,10 +145,14 @@ void Controller::on_job_register(const std::string& job, const Message& m) {
   j.uuid = job;
   j.last_heard_ms = mono_ms();
   json ids = json::array();
-  for (auto& [uuid, rank] : ranks) {
+  const json hosts = wire::get_or<json>(m.content, "hostnames", json::array());
+  for (std::size_t i = 0; i < ranks.size(); ++i) {
+    auto& [uuid, rank] = ranks[i];
     int id = engines_.allocate_id(offset + rank);
     Engine& e = engines_.add(id, uuid);
     e.job = job;
+    e.rank = rank;
+    if (hosts.is_array() && i < hosts.size() && hosts[i].is_string()) e.host = hosts[i].get<std::string>();
     j.engine_ids.push_back(id);
     ids.push_back(id);
   }

@@ -115,6 +115,7 @@ void Controller::on_query(Frames&& frames) {
     if (type == "history_request") return on_history_request(ident, m);
     if (type == "shutdown_request") return on_shutdown_request(ident, m);
     if (type == "pxf_stats_request") return on_stats_request(ident, m);
+    if (type == "pxf_engines_request") return on_engines_request(ident, m);
     if (type == "db_request") return on_db_request(ident, m);
     if (type == "purge_request") return on_purge_request(ident, m);
     if (type == "resubmit_request") return on_resubmit_request(ident, m);
@@ -139,6 +140,16 @@ void Controller::on_connection_request(const zmq::message_t& ident, const Messag
   reply(ident, m, "connection_reply", {{"status", "ok"}, {"engines", engines}});
 }
 
+void Controller::on_engines_request(const zmq::message_t& ident, const Message& m) {
+  json engines = json::object();
+  for (auto& [id, e] : engines_.all()) {
+    if (!e.registered) continue;
+    engines[std::to_string(id)] = {{"uuid", e.uuid}, {"host", e.host}, {"job", e.job.empty() ? json() : json(e.job)},
+                                   {"rank", e.rank < 0 ? json() : json(e.rank)}};
+  }
+  reply(ident, m, "pxf_engines_reply", {{"status", "ok"}, {"engines", engines}});
+}
+
 void Controller::on_registration_request(const zmq::message_t& ident, const Message& m) {
   auto it = m.content.find("uuid");
   if (it == m.content.end() || !it->is_string()) throw BadRequest("KeyError", "registration_request needs a 'uuid'");
@@ -152,6 +163,7 @@ void Controller::on_registration_request(const zmq::message_t& ident, const Mess
   }
   int id = engines_.allocate_id(requested);
   Engine& e = engines_.add(id, uuid);
+  if (const char* peer = zmq_msg_gets(const_cast<zmq::message_t&>(ident).handle(), "Peer-Address")) e.host = peer;
   e.pending_deadline_ms = mono_ms() + static_cast<std::int64_t>(opts_.registration_timeout_s * 1000);
   json info = {{"interface", engine_info_.interface}, {"registration", engine_info_.registration},
                {"control", engine_info_.control},     {"mux", engine_info_.mux},

@@ -2,7 +2,10 @@
 
 #include "util/log.hpp"
 
+#include <algorithm>
 #include <cctype>
+#include <cstring>
+#include <fstream>
 #include <charconv>
 #include <cstdlib>
 #include <functional>
@@ -10,6 +13,8 @@
 #include <map>
 
 namespace pxf::controller {
+
+namespace fs = std::filesystem;
 
 std::string usage() {
   return R"(usage: pxcontroller [options]
@@ -22,7 +27,12 @@ ipengines, and the MPI engine jobs of pxfabric.
   --cluster-id ID         cluster id: ipcontroller-<ID>-{client,engine}.json
   --ip ADDR               address to listen on (default 127.0.0.1; '*' for all)
   --engine-ip ADDR        address for engine-facing sockets (default: --ip)
-  --location HOST         hostname written into the connection files
+  --client-ip ADDR        address for client-facing sockets (default: --ip)
+  --location HOST         the controller's host as others reach it, written into the
+                          connection files (default: this host's name); engines and
+                          clients dial it when the interface is '*'
+  --ssh [USER@]HOST[:P]   SSH server clients tunnel through (`ssh` in the client file)
+  --enginessh [USER@]HOST[:P]  SSH server engines tunnel through (engine file)
   --port N                registration port (default random)
   --ports A-B[,C...]      ports for the other sockets (default random)
   --reuse                 reuse key and ports from existing connection files
@@ -41,6 +51,9 @@ ipengines, and the MPI engine jobs of pxfabric.
                           DictDB.record_limit, DictDB.size_limit, DictDB.cull_fraction,
                           HeartMonitor.period, ...), otherwise ignored with a warning
   -h, --help              this text
+
+The profile's ipcontroller_config.py is read as ipcontroller reads it, for its
+`c.Class.trait = value` lines (HubFactory.* meaning IPController.*); the command line wins.
 
 Environment: IPP_PROFILE_DIR, IPP_CLUSTER_ID, IPP_SESSION_KEY, IPYTHONDIR.
 )";
@@ -103,6 +116,24 @@ std::string unquote(std::string v) {
   return v;
 }
 
+void check_transport(const std::string& opt, const std::string& v) {
+  if (v != "tcp")
+    throw UsageError("option " + opt + "=" + v + ": pxcontroller speaks tcp only (drop the option, or use tcp)");
+}
+
+[[noreturn]] void refuse_curve(const std::string& what) {
+  throw UsageError(what + ": CurveZMQ encryption is not available in this pxcontroller yet. Without it, "
+                   "every message is still HMAC-signed but not encrypted: keep the controller on "
+                   "127.0.0.1 and reach it through SSH (ipp.Client(..., sshserver=HOST), --ssh/--enginessh)");
+}
+
+// Stock's deprecated class names (IPController._deprecated_classes) mean IPController.
+std::string canonical_class(const std::string& name) {
+  for (const char* old : {"HubFactory.", "IPControllerApp."})
+    if (name.rfind(old, 0) == 0) return "IPController." + name.substr(std::strlen(old));
+  return name;
+}
+
 std::vector<int> parse_ports(const std::string& opt, const std::string& v) {
   std::vector<int> out;
   std::size_t start = 0;
@@ -125,8 +156,14 @@ std::vector<int> parse_ports(const std::string& opt, const std::string& v) {
 
 } // namespace
 
-std::optional<Options> parse_options(const std::vector<std::string>& args) {
+namespace {
+
+// One pass over `args`, of which the first `from_config` came from `config_path`.
+std::optional<Options> parse_args(const std::vector<std::string>& args, std::size_t from_config,
+                                  const std::string& config_path) {
   Options o;
+  if (const char* v = std::getenv("IPP_ENABLE_CURVE"); v && *v && std::string(v) != "0" && std::string(v) != "")
+    refuse_curve(std::string("IPP_ENABLE_CURVE=") + v);
   if (const char* v = std::getenv("IPP_PROFILE_DIR"); v && *v) o.profile.profile_dir = v;
   if (const char* v = std::getenv("IPP_CLUSTER_ID"); v && *v) o.profile.cluster_id = v;
   if (const char* v = std::getenv("IPP_SESSION_KEY"); v) {
@@ -154,10 +191,25 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
        }},
       {"ipython-dir", [&](auto&, auto& v) { ::setenv("IPYTHONDIR", v.c_str(), 1); }},
       // traitlets spellings that mean something here
+      {"client-ip", [&](auto&, auto& v) { o.client_ip = v; }},
+      {"ssh", [&](auto&, auto& v) { o.ssh_server = v; }},
+      {"enginessh", [&](auto&, auto& v) { o.engine_ssh_server = v; }},
+      {"transport", [&](auto& k, auto& v) { check_transport(k, v); }},
       {"IPController.ip", [&](auto&, auto& v) { o.ip = unquote(v); }},
       {"IPController.engine_ip", [&](auto&, auto& v) { o.engine_ip = unquote(v); }},
-      {"IPController.client_ip", [&](auto&, auto& v) { o.ip = unquote(v); }},
+      {"IPController.client_ip", [&](auto&, auto& v) { o.client_ip = unquote(v); }},
       {"IPController.location", [&](auto&, auto& v) { o.location = unquote(v); }},
+      {"IPController.ssh_server", [&](auto&, auto& v) { o.ssh_server = unquote(v); }},
+      {"IPController.engine_ssh_server", [&](auto&, auto& v) { o.engine_ssh_server = unquote(v); }},
+      {"IPController.transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
+      {"IPController.engine_transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
+      {"IPController.client_transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
+      {"IPController.monitor_ip", [](auto&, auto&) {}},         // stock's internal monitor socket: none here
+      {"IPController.monitor_transport", [](auto&, auto&) {}},
+      {"IPController.enable_curve",
+       [&](auto& k, auto& v) {
+         if (to_bool(k, unquote(v))) refuse_curve(k + "=" + v);
+       }},
       {"IPController.reuse_files", [&](auto& k, auto& v) { o.reuse = to_bool(k, v); }},
       {"IPController.regport", [&](auto& k, auto& v) { o.registration_port = to_int(k, v); }},
       {"IPController.ports", [&](auto& k, auto& v) { o.ports = parse_ports(k, unquote(v)); }},
@@ -219,6 +271,7 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
       name = name.substr(0, eq);
       has_value = true;
     }
+    name = canonical_class(name);
     if (auto f = flags.find(name); f != flags.end()) {
       if (has_value) throw UsageError("option --" + name + " takes no value");
       f->second();
@@ -231,11 +284,22 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
       if (i + 1 >= args.size()) throw UsageError("option --" + name + " needs a value");
       value = args[++i];
     }
-    if (v != valued.end())
-      v->second("--" + name, value);
-    else
+    const bool config = i < from_config;
+    if (v != valued.end()) {
+      try {
+        v->second("--" + name, value);
+      } catch (const UsageError& e) {
+        if (!config) throw;
+        throw UsageError(config_path + ": c." + name + ": " + e.what());
+      }
+    } else if (config) {
+      o.warnings.push_back(config_path + ": c." + name + " has no meaning for pxcontroller; ignored");
+    } else {
       o.warnings.push_back("--" + name + " has no meaning for pxcontroller; ignored");
+    }
   }
+  if (o.client_ip.empty()) o.client_ip = o.ip;
+  if (o.engine_ip.empty()) o.engine_ip = o.ip;
   if (o.ping_ms <= 0) throw UsageError("--ping must be a positive number of milliseconds");
   if (o.hwm < 0) throw UsageError("--hwm must be 0 (unlimited) or more");
   if (!(o.cull_fraction > 0 && o.cull_fraction <= 1)) throw UsageError("--DictDB.cull_fraction must be in (0, 1]");
@@ -245,6 +309,155 @@ std::optional<Options> parse_options(const std::vector<std::string>& args) {
   if (!known)
     throw UsageError("--scheme '" + o.scheme + "' is not one of leastload, lru, plainrandom, twobin, weighted");
   return o;
+}
+
+} // namespace
+
+std::optional<Options> parse_options(const std::vector<std::string>& args) {
+  // First the command line alone, to find the profile; then the profile's config file's
+  // assignments followed by the command line, so that the command line wins.
+  auto first = parse_args(args, 0, "");
+  if (!first) return first;
+  fs::path config;
+  try {
+    config = conn::resolve_profile(first->profile).profile_dir / "ipcontroller_config.py";
+  } catch (const std::exception&) {
+    return first;  // the controller reports the profile problem itself
+  }
+  std::error_code ec;
+  if (!fs::is_regular_file(config, ec)) return first;
+  std::vector<std::string> warnings;
+  std::vector<std::string> all = read_config_file(config.string(), warnings);
+  const std::size_t n = all.size();
+  all.insert(all.end(), args.begin(), args.end());
+  auto o = parse_args(all, n, config.string());
+  if (o) o->warnings.insert(o->warnings.begin(), warnings.begin(), warnings.end());
+  return o;
+}
+
+namespace {
+
+// A Python literal, as the command line would spell it: strings unquoted, True/False, numbers,
+// lists and tuples of those joined with commas. False when `text` is not such a literal.
+bool literal_value(std::string text, std::string& out) {
+  auto trim = [](std::string t) {
+    auto b = t.find_first_not_of(" \t");
+    auto e = t.find_last_not_of(" \t");
+    return b == std::string::npos ? std::string() : t.substr(b, e - b + 1);
+  };
+  text = trim(text);
+  if (text.empty()) return false;
+  char first = text.front();
+  if ((first == '[' || first == '(') && text.size() >= 2 && text.back() == (first == '[' ? ']' : ')')) {
+    std::string inner = text.substr(1, text.size() - 2), joined, item;
+    // split on commas outside quotes
+    char quote = 0;
+    std::vector<std::string> items;
+    for (char c : inner) {
+      if (quote) {
+        item += c;
+        if (c == quote) quote = 0;
+      } else if (c == '\'' || c == '"') {
+        quote = c;
+        item += c;
+      } else if (c == ',') {
+        items.push_back(item);
+        item.clear();
+      } else {
+        item += c;
+      }
+    }
+    if (!trim(item).empty()) items.push_back(item);
+    for (auto& it : items) {
+      std::string v;
+      if (!literal_value(it, v)) return false;
+      joined += (joined.empty() ? "" : ",") + v;
+    }
+    out = joined;
+    return true;
+  }
+  std::size_t start = 0;
+  while (start < text.size() && std::strchr("uUrRbB", text[start]) && start < 2) ++start;
+  if (start < text.size() && (text[start] == '\'' || text[start] == '"')) {
+    char q = text[start];
+    if (text.size() - start < 2 || text.back() != q) return false;
+    std::string body = text.substr(start + 1, text.size() - start - 2);
+    if (body.find(q) != std::string::npos) return false;
+    out = body;
+    return true;
+  }
+  if (text == "True" || text == "False") {
+    out = text;
+    return true;
+  }
+  char* end = nullptr;
+  std::strtod(text.c_str(), &end);
+  if (end && *end == 0) {
+    out = text;
+    return true;
+  }
+  return false;
+}
+
+} // namespace
+
+std::vector<std::string> read_config_file(const std::string& path, std::vector<std::string>& warnings) {
+  std::vector<std::string> out;
+  std::ifstream in(path);
+  if (!in) {
+    warnings.push_back(path + ": cannot read; ignored");
+    return out;
+  }
+  std::string line, stmt;
+  int lineno = 0, start_line = 0, depth = 0;
+  auto strip_comment = [](const std::string& l) {
+    char quote = 0;
+    for (std::size_t i = 0; i < l.size(); ++i) {
+      if (quote) {
+        if (l[i] == quote) quote = 0;
+      } else if (l[i] == '\'' || l[i] == '"') {
+        quote = l[i];
+      } else if (l[i] == '#') {
+        return l.substr(0, i);
+      }
+    }
+    return l;
+  };
+  while (std::getline(in, line)) {
+    ++lineno;
+    std::string l = strip_comment(line);
+    if (stmt.empty()) start_line = lineno;
+    stmt += (stmt.empty() ? "" : " ") + l;
+    for (char c : l) depth += (c == '[' || c == '(' || c == '{') - (c == ']' || c == ')' || c == '}');
+    if (depth > 0) continue;  // a literal that spans lines
+    depth = 0;
+    std::string s = stmt;
+    stmt.clear();
+    auto b = s.find_first_not_of(" \t");
+    if (b == std::string::npos) continue;
+    s = s.substr(b);
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.pop_back();
+    if (s.rfind("import ", 0) == 0 || s.rfind("from ", 0) == 0 || s == "c = get_config()" ||
+        s == "c = get_config()  " || s.rfind("c=get_config()", 0) == 0)
+      continue;
+    const std::string where = path + ":" + std::to_string(start_line);
+    auto eq = s.find('=');
+    if (s.rfind("c.", 0) != 0 || eq == std::string::npos || s.compare(eq, 2, "==") == 0) {
+      warnings.push_back(where + ": cannot read '" + s +
+                         "' (pxcontroller reads only `c.Class.trait = value` lines); ignored");
+      continue;
+    }
+    std::string name = s.substr(2, eq - 2);
+    while (!name.empty() && name.back() == ' ') name.pop_back();
+    std::string value;
+    if (std::count(name.begin(), name.end(), '.') != 1 || !literal_value(s.substr(eq + 1), value)) {
+      warnings.push_back(where + ": cannot read '" + s +
+                         "' (only literal strings, numbers, booleans and lists of them); ignored");
+      continue;
+    }
+    out.push_back("--" + name + "=" + value);
+  }
+  return out;
 }
 
 } // namespace pxf::controller

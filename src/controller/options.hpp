@@ -11,9 +11,12 @@ namespace pxf::controller {
 
 struct Options {
   conn::ProfileRequest profile;
-  std::string ip = "127.0.0.1";
+  std::string ip = "127.0.0.1";      // --ip: both sides unless client_ip/engine_ip say otherwise
   std::string engine_ip;              // "" = same as ip
+  std::string client_ip;              // "" = same as ip
   std::string location;               // "" = this host's name
+  std::string ssh_server;             // --ssh: written as `ssh` in the client file
+  std::string engine_ssh_server;      // --enginessh: written as `ssh` in the engine file
   int registration_port = 0;          // --port; 0 = random
   std::vector<int> ports;             // --ports pool for the other sockets
   bool reuse = false;                 // --reuse: keep key and ports from existing files
@@ -40,9 +43,17 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// Parses argv (without argv[0]) and the environment. Throws UsageError.
-// Returns std::nullopt when --help was asked for (help is printed to stdout).
+// Parses argv (without argv[0]), the environment and the profile's ipcontroller_config.py
+// (its `c.Class.trait = value` lines, as `--Class.trait=value` before the command line, so the
+// command line wins). Throws UsageError. Returns std::nullopt when --help was asked for (help
+// is printed to stdout).
 std::optional<Options> parse_options(const std::vector<std::string>& args);
+
+// The `c.Class.trait = literal` assignments of an ipcontroller_config.py, as
+// "--Class.trait=value" arguments (strings unquoted, lists as "a,b"), in file order.
+// Lines it cannot read (anything but assignments of literals, `c = get_config()`, imports,
+// comments) are reported in `warnings` with file and line number, and skipped.
+std::vector<std::string> read_config_file(const std::string& path, std::vector<std::string>& warnings);
 
 std::string usage();
 
