@@ -116,6 +116,10 @@ int main(int argc, char** argv) {
     if (likely_rank0()) std::fprintf(stderr, "pxengine: %s\n\n%s", e.what(), mpi::kUsage);
     return 2;
   }
+  if (opts.version) {
+    std::printf("pxengine %s\n", PXF_VERSION);
+    return 0;
+  }
   if (opts.help) {
     if (likely_rank0()) std::fputs(mpi::kUsage, stdout);
     return 0;

@@ -31,6 +31,7 @@ Accepts the stock ipengine options that ipyparallel's launchers pass:
   --IPEngine.timeout=S    seconds to wait for the registration reply (default 10)
   --IPEngine.wait_for_url_file=S   seconds to wait for the connection file (default 10)
   --IPEngine.max_heartbeat_misses=N  unanswered heartbeats before giving up (default 50)
+  --version               print pxengine's version and exit (no MPI needed)
   --Class.trait=value     other traitlets options are ignored with a warning
 )";
 
@@ -87,6 +88,10 @@ EngineOptions parse_options(int argc, char** argv) {
     std::string a = argv[i];
     if (a == "-h" || a == "--help" || a == "--help-all") {
       o.help = true;
+      continue;
+    }
+    if (a == "--version") {
+      o.version = true;
       continue;
     }
     if (a.rfind("--", 0) != 0) throw UsageError("unexpected argument '" + a + "'");

@@ -23,6 +23,7 @@ struct EngineOptions {
   int max_heartbeat_misses = 50;  // IPEngine.max_heartbeat_misses
   bool capture_fds = true;
   bool help = false;
+  bool version = false;  // --version: print it and exit (no MPI): `pxcluster check` runs it on each host
   std::vector<std::string> warnings;  // ignored traitlets options, reported once MPI is up
 };
 

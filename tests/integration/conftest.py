@@ -15,6 +15,9 @@ other test files in this folder are unaffected.
 * ``rc`` -- a fresh ``ipyparallel.Client`` of ``cluster`` per test.
 * ``make_cluster`` -- function-scoped factory for destructive tests (kill, shutdown):
   ``make_cluster(n, jobs=(sizes...))``; ``jobs`` splits MPI engines into several jobs.
+* ``hosts`` -- module-scoped "real hosts on one machine" (``hosts.py``): nodes ``HOSTS``
+  (module attribute, default ``("nodeA", "nodeB")``) as network namespaces with their own
+  hostname, /etc/hosts and sshd; skipped with the reason where namespaces cannot be made.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ def _stop_live_clusters() -> None:
 def _on_sigterm(signum, frame):
     # Being killed (e.g. by an outer CI timeout) must not leave controllers and engines behind.
     _stop_live_clusters()
+    _stop_live_hosts()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 
@@ -57,6 +61,7 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     _stop_live_clusters()
+    _stop_live_hosts()
 
 
 def _setup_params():
@@ -160,3 +165,35 @@ def make_cluster(setup_kind, tmp_path):
     yield make
     for c in made:
         _stop(c)
+
+
+# --- "real hosts on one machine" (hosts.py): network namespaces with hostname, /etc/hosts, sshd
+
+import hosts as _netns_hosts  # noqa: E402  (not ``hosts``: the fixture below takes that name)
+
+
+def _stop_live_hosts() -> None:
+    # Every Hosts not closed yet, half-built ones included (SIGTERM, end of session).
+    _netns_hosts.close_all()
+
+
+@pytest.fixture(scope="module")
+def hosts(request) -> "_netns_hosts.Hosts":
+    """Nodes ``HOSTS`` (module attribute, default ``("nodeA", "nodeB")``) as network
+    namespaces on a private LAN (10.200.0.1, .2, ...), each with its hostname, /etc/hosts
+    and sshd; closed at the end of the module. Skips (with the reason) where namespaces
+    cannot be made."""
+    names = tuple(getattr(request.module, "HOSTS", ("nodeA", "nodeB")))
+    problem = skip = None
+    try:
+        h = _netns_hosts.make_hosts(names)
+    except _netns_hosts.HostsUnavailable as e:
+        skip = f"namespaced hosts unavailable: {e}"
+    except _netns_hosts.HostsError as e:
+        problem = f"namespaced hosts could not be set up: {e}"
+    if skip:
+        pytest.skip(skip)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    yield h
+    h.close()
