@@ -48,6 +48,8 @@ Gateway::Gateway(zmq::context_t& ctx, GatewayOptions opts)
   sock_.set(zmq::sockopt::sndhwm, 0);
   sock_.set(zmq::sockopt::rcvhwm, 0);
   sock_.set(zmq::sockopt::linger, 2000);
+  curve_ = CurveClient::for_server(opts_.curve_serverkey);
+  curve_.apply(sock_);
   try {
     sock_.connect(opts_.url);
   } catch (const zmq::error_t& e) {
@@ -127,7 +129,7 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
     hb_period_ms_ = std::max(10, wire::get_or<int>(c, "hb_period", 3000));
     registered_.assign(ranks.size(), true);
     heart_ = std::make_unique<Heart>(ctx_, opts_.url, opts_.job_uuid, opts_.session, hb_period_ms_,
-                                     opts_.max_heartbeat_misses);
+                                     opts_.max_heartbeat_misses, curve_);
     PXF_LOG(info, kLog) << "registered: engine ids " << ids_.front() << ".." << ids_.back()
                         << ", heartbeat " << hb_period_ms_ << " ms";
     return ids_;
@@ -142,8 +144,8 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
                        "controller started with --ip=127.0.0.1 serves only its own host: start it with "
                        "--ip=* or --engine-ip=ADDR, or give the engines --location/--ssh)");
   throw GatewayError("no registration reply from the controller at " + opts_.url + " within " + secs +
-                     " s, though a TCP connection works (is it a pxcontroller, and does the key in the "
-                     "connection file match?)" +
+                     " s, though a TCP connection works (is it a pxcontroller, and do the key and the "
+                     "curve_serverkey in the connection file match the controller's?)" +
                      (last_problem.empty() ? "" : "; last problem: " + last_problem));
 }
 

@@ -6,6 +6,7 @@
 //
 // Threading: after register_job() (any one thread), everything runs on the fabric thread of
 // rank 0. Nothing here knows about MPI: the caller supplies a Sink.
+#include "gateway/curve_client.hpp"
 #include "gateway/heart.hpp"
 #include "wire/session.hpp"
 
@@ -46,6 +47,7 @@ struct GatewayOptions {
   wire::SessionOptions session; // key + scheme; session_id = job uuid
   int register_timeout_ms = 10000;
   int max_heartbeat_misses = 10;
+  std::string curve_serverkey;  // the connection file's curve_serverkey; "" = no CurveZMQ
 };
 
 // What the gateway needs from the MPI side.
@@ -125,6 +127,7 @@ class Gateway {
   zmq::context_t& ctx_;
   int hb_period_ms_ = 3000;
   std::unique_ptr<Heart> heart_;
+  CurveClient curve_;
   bool ended_ = false;
   std::map<std::string, Pending> coalescing_;
 };

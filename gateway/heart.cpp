@@ -14,10 +14,11 @@ using wire::Frames;
 }  // namespace
 
 Heart::Heart(zmq::context_t& ctx, const std::string& url, const std::string& job_uuid,
-             wire::SessionOptions session, int period_ms, int max_misses)
+             wire::SessionOptions session, int period_ms, int max_misses, CurveClient curve)
     : ctx_(ctx),
       url_(url),
       routing_id_(job_uuid + "/hb"),
+      curve_(std::move(curve)),
       session_([&] {
         session.session_id = job_uuid;
         return session;
@@ -41,6 +42,7 @@ void Heart::run() {
   zmq::socket_t sock(ctx_, zmq::socket_type::dealer);
   sock.set(zmq::sockopt::routing_id, routing_id_);
   sock.set(zmq::sockopt::linger, 0);
+  curve_.apply(sock);
   sock.connect(url_);
   std::uint64_t seq = 0, acked = 0;
   std::int64_t last_heard = mono_ms();

@@ -60,6 +60,43 @@ std::string read_all(const std::string& path) {
   return s;
 }
 
+// $PXF_SSH as a command line ("ssh -F /path/cluster.cfg", like Open MPI's plm_rsh_agent or git's
+// GIT_SSH_COMMAND): words split on blanks, '...' and "..." quote, a backslash escapes the next
+// character outside single quotes. No expansion of variables or ~.
+std::vector<std::string> split_command(const std::string& s) {
+  std::vector<std::string> words;
+  std::string cur;
+  bool in_word = false;
+  char quote = 0;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    char c = s[i];
+    if (quote) {
+      if (c == quote) {
+        quote = 0;
+      } else if (c == '\\' && quote == '"' && i + 1 < s.size()) {
+        cur += s[++i];
+      } else {
+        cur += c;
+      }
+    } else if (c == '\'' || c == '"') {
+      quote = c;
+      in_word = true;
+    } else if (c == '\\' && i + 1 < s.size()) {
+      cur += s[++i];
+      in_word = true;
+    } else if (c == ' ' || c == '\t' || c == '\n') {
+      if (in_word) words.push_back(cur);
+      cur.clear();
+      in_word = false;
+    } else {
+      cur += c;
+      in_word = true;
+    }
+  }
+  if (in_word) words.push_back(cur);
+  return words;
+}
+
 } // namespace
 
 SshTunnel::SshTunnel(const std::string& server, const std::string& keyfile, const std::string& remote_host,
@@ -71,12 +108,14 @@ SshTunnel::SshTunnel(const std::string& server, const std::string& keyfile, cons
     host = host.substr(0, colon);
   }
   local_port_ = free_local_port();
+  // $PXF_SSH: the ssh command (program and options, e.g. "ssh -F cluster.cfg"); default ssh.
   const char* ssh = std::getenv("PXF_SSH");
-  std::vector<std::string> args = {ssh && *ssh ? ssh : "ssh", "-N", "-o", "BatchMode=yes", "-o",
-                                   "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15",
-                                   "-L",
-                                   "127.0.0.1:" + std::to_string(local_port_) + ":" + remote_host + ":" +
-                                       std::to_string(remote_port)};
+  std::vector<std::string> args = split_command(ssh ? ssh : "");
+  if (args.empty()) args.push_back("ssh");
+  args.insert(args.end(), {"-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o",
+                           "ServerAliveInterval=15", "-L",
+                           "127.0.0.1:" + std::to_string(local_port_) + ":" + remote_host + ":" +
+                               std::to_string(remote_port)});
   if (!port.empty()) args.insert(args.end(), {"-p", port});
   if (!keyfile.empty()) args.insert(args.end(), {"-i", keyfile});
   args.push_back(host);

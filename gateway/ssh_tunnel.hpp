@@ -4,6 +4,7 @@
 // engine (zmq.ssh.tunnel), it runs the user's `ssh` so their ~/.ssh/config, agent and keys
 // apply; unlike it, one `ssh -N -L` process per forwarded port, owned by PID, stopped with the
 // job (no `sleep 60` left behind). Never prompts: BatchMode, so a missing key is an error.
+// $PXF_SSH replaces `ssh`: a command line split into words ("ssh -F /path/cfg -o Opt=v").
 #include <string>
 #include <sys/types.h>
 

@@ -244,6 +244,7 @@ int main(int argc, char** argv) {
       go.session = sopts;
       go.register_timeout_ms = static_cast<int>(opts.timeout_s * 1000);
       go.max_heartbeat_misses = opts.max_heartbeat_misses;
+      go.curve_serverkey = info.curve_serverkey.value_or("");
       gw = std::make_unique<gateway::Gateway>(*ctx, go);
       ids = gw->register_job(ranks);
     } catch (const std::exception& e) {

@@ -58,6 +58,10 @@ int Controller::bind(zmq::socket_t& s, const std::string& ip) {
   s.set(zmq::sockopt::sndhwm, 0);
   s.set(zmq::sockopt::rcvhwm, 0);
   s.set(zmq::sockopt::linger, 1000);
+  if (opts_.curve) {
+    s.set(zmq::sockopt::curve_server, 1);
+    s.set(zmq::sockopt::curve_secretkey, opts_.curve_secretkey);
+  }
   std::string host = (ip == "*" || ip == "0.0.0.0") ? "*" : ip;
   int port = 0;
   if (!port_pool_.empty()) {
@@ -85,6 +89,15 @@ void Controller::start() {
   so.signature_scheme = opts_.signature_scheme;
   if (opts_.max_message_bytes) so.limits.max_frame_bytes = opts_.max_message_bytes;
   session_ = std::make_unique<wire::Session>(so);
+
+  if (opts_.curve && opts_.curve_secretkey.empty()) {
+    char pub[41] = {}, sec[41] = {};
+    if (zmq_curve_keypair(pub, sec) != 0)
+      throw std::runtime_error("--curve: this libzmq has no CurveZMQ (zmq_curve_keypair failed: " +
+                               std::string(zmq_strerror(zmq_errno())) + ")");
+    opts_.curve_publickey = pub;
+    opts_.curve_secretkey = sec;
+  }
 
   // With --reuse the old ports go first in the pool, in the order sockets are bound below.
   if (old_client && old_engine) {
@@ -139,8 +152,16 @@ void Controller::start() {
   fabric_ = make_router(nullptr);
   int fabric = bind(fabric_, opts_.engine_ip);
   const std::string monitor_ep = "inproc://pxf-fabric-monitor";
-  if (zmq_socket_monitor(fabric_.handle(), monitor_ep.c_str(), ZMQ_EVENT_DISCONNECTED) != 0)
+  constexpr int kHandshakeFailed =
+      ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
+  if (zmq_socket_monitor(fabric_.handle(), monitor_ep.c_str(), ZMQ_EVENT_DISCONNECTED | (opts_.curve ? kHandshakeFailed : 0)) != 0)
     throw zmq::error_t();
+  if (opts_.curve) {
+    const std::string query_ep = "inproc://pxf-query-monitor";
+    if (zmq_socket_monitor(query_.handle(), query_ep.c_str(), kHandshakeFailed) != 0) throw zmq::error_t();
+    query_monitor_ = zmq::socket_t(ctx_, zmq::socket_type::pair);
+    query_monitor_.connect(query_ep);
+  }
   fabric_monitor_ = zmq::socket_t(ctx_, zmq::socket_type::pair);
   fabric_monitor_.connect(monitor_ep);
   setup_event_loop();
@@ -150,6 +171,7 @@ void Controller::start() {
     c.location = opts_.location;
     c.key = key;
     c.signature_scheme = opts_.signature_scheme;
+    if (opts_.curve) c.curve_serverkey = opts_.curve_publickey;
   };
   common(client_info_, opts_.client_ip);
   client_info_.ssh = opts_.ssh_server;
@@ -175,6 +197,13 @@ void Controller::start() {
 
   write_connection_files();
   for (auto& w : opts_.warnings) PXF_LOG(warning, kLog) << w;
+  auto loopback = [](const std::string& ip) { return ip.rfind("127.", 0) == 0 || ip == "localhost" || ip == "::1"; };
+  if (opts_.curve)
+    PXF_LOG(info, kLog) << "CurveZMQ on every socket; the public key is curve_serverkey in the connection files";
+  else if (!loopback(opts_.client_ip) || !loopback(opts_.engine_ip))
+    PXF_LOG(warning, kLog) << "listening on a network (" << (loopback(opts_.client_ip) ? opts_.engine_ip : opts_.client_ip)
+                           << ") without encryption: messages are signed, not encrypted; add --curve "
+                              "(IPController.enable_curve=True or IPP_ENABLE_CURVE=1) to encrypt them";
   if (opts_.keep_records)
     PXF_LOG(info, kLog) << "task records: in memory (DictDB), up to " << opts_.record_limit << " records and "
                         << opts_.size_limit << " buffer bytes";
@@ -357,6 +386,7 @@ void Controller::send(zmq::socket_t& s, Frames&& frames, const char* channel) {
 
 void Controller::on_timers() {
   std::int64_t now = mono_ms();
+  drain_query_monitor();
   if (now >= next_beat_ms_) {
     beat();
     next_beat_ms_ = now + opts_.ping_ms;
@@ -402,10 +432,37 @@ void Controller::on_fabric_monitor() {
     if (ev.empty() || ev[0].size() < 6) continue;
     std::uint16_t event = 0;
     std::memcpy(&event, ev[0].data(), sizeof event);
-    if (event != ZMQ_EVENT_DISCONNECTED || jobs_.empty()) continue;
+    if (event != ZMQ_EVENT_DISCONNECTED) {
+      count_handshake_failure("fabric", event);
+      continue;
+    }
+    if (jobs_.empty()) continue;
     ++counters_["fabric.disconnects"];
     if (!fabric_probe_at_ms_) fabric_probe_at_ms_ = mono_ms() + std::max(250, opts_.ping_ms);
   }
+}
+
+void Controller::drain_query_monitor() {
+  if (!query_monitor_) return;
+  for (;;) {
+    Frames ev;
+    if (!zmq::recv_multipart(query_monitor_, std::back_inserter(ev), zmq::recv_flags::dontwait)) break;
+    if (ev.empty() || ev[0].size() < 6) continue;
+    std::uint16_t event = 0;
+    std::memcpy(&event, ev[0].data(), sizeof event);
+    count_handshake_failure("registration", event);
+  }
+}
+
+void Controller::count_handshake_failure(const char* where, std::uint16_t event) {
+  std::int64_t n = ++counters_["curve.handshake_failed"];
+  // Logged for the first few and then every 100th: a scanner must not flood the log.
+  if (n <= 5 || n % 100 == 0)
+    PXF_LOG(warning, kLog) << "refused a peer on the " << where << " port: CurveZMQ handshake failed ("
+                           << (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "not CurveZMQ, or a wrong curve_serverkey"
+                               : event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH   ? "authentication"
+                                                                            : "no detail")
+                           << "; #" << n << "): the peer needs the curve_serverkey of this controller's connection files";
 }
 
 void Controller::probe_jobs() {

@@ -202,6 +202,12 @@ class Controller {
   zmq::socket_t fabric_monitor_;
   std::int64_t fabric_probe_at_ms_ = 0;
   void on_fabric_monitor();
+  // --curve: failed CurveZMQ handshakes on the registration socket (every client and stock
+  // engine starts there) and on the fabric port, counted and logged (a wrong curve_serverkey,
+  // or a peer without CurveZMQ, is refused by libzmq and never reaches a handler).
+  zmq::socket_t query_monitor_;
+  void drain_query_monitor();
+  void count_handshake_failure(const char* where, std::uint16_t event);
   void probe_jobs();
 
   EngineTable engines_;

@@ -31,6 +31,9 @@ ipengines, and the MPI engine jobs of pxfabric.
   --location HOST         the controller's host as others reach it, written into the
                           connection files (default: this host's name); engines and
                           clients dial it when the interface is '*'
+  --curve                 CurveZMQ on every socket (IPController.enable_curve=True,
+                          IPP_ENABLE_CURVE=1): encrypted and authenticated by the
+                          controller's key, written as curve_serverkey in both files
   --ssh [USER@]HOST[:P]   SSH server clients tunnel through (`ssh` in the client file)
   --enginessh [USER@]HOST[:P]  SSH server engines tunnel through (engine file)
   --port N                registration port (default random)
@@ -121,12 +124,6 @@ void check_transport(const std::string& opt, const std::string& v) {
     throw UsageError("option " + opt + "=" + v + ": pxcontroller speaks tcp only (drop the option, or use tcp)");
 }
 
-[[noreturn]] void refuse_curve(const std::string& what) {
-  throw UsageError(what + ": CurveZMQ encryption is not available in this pxcontroller yet. Without it, "
-                   "every message is still HMAC-signed but not encrypted: keep the controller on "
-                   "127.0.0.1 and reach it through SSH (ipp.Client(..., sshserver=HOST), --ssh/--enginessh)");
-}
-
 // Stock's deprecated class names (IPController._deprecated_classes) mean IPController.
 std::string canonical_class(const std::string& name) {
   for (const char* old : {"HubFactory.", "IPControllerApp."})
@@ -162,8 +159,9 @@ namespace {
 std::optional<Options> parse_args(const std::vector<std::string>& args, std::size_t from_config,
                                   const std::string& config_path) {
   Options o;
-  if (const char* v = std::getenv("IPP_ENABLE_CURVE"); v && *v && std::string(v) != "0" && std::string(v) != "")
-    refuse_curve(std::string("IPP_ENABLE_CURVE=") + v);
+  if (const char* v = std::getenv("IPP_ENABLE_CURVE"); v && std::string(v) == "1") o.curve = true;
+  if (const char* v = std::getenv("IPP_CURVE_SECRETKEY"); v && *v) o.curve_secretkey = v;
+  if (const char* v = std::getenv("IPP_CURVE_PUBLICKEY"); v && *v) o.curve_publickey = v;
   if (const char* v = std::getenv("IPP_PROFILE_DIR"); v && *v) o.profile.profile_dir = v;
   if (const char* v = std::getenv("IPP_CLUSTER_ID"); v && *v) o.profile.cluster_id = v;
   if (const char* v = std::getenv("IPP_SESSION_KEY"); v) {
@@ -206,10 +204,9 @@ std::optional<Options> parse_args(const std::vector<std::string>& args, std::siz
       {"IPController.client_transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
       {"IPController.monitor_ip", [](auto&, auto&) {}},         // stock's internal monitor socket: none here
       {"IPController.monitor_transport", [](auto&, auto&) {}},
-      {"IPController.enable_curve",
-       [&](auto& k, auto& v) {
-         if (to_bool(k, unquote(v))) refuse_curve(k + "=" + v);
-       }},
+      {"IPController.enable_curve", [&](auto& k, auto& v) { o.curve = to_bool(k, unquote(v)); }},
+      {"IPController.curve_secretkey", [&](auto&, auto& v) { o.curve_secretkey = unquote(v); }},
+      {"IPController.curve_publickey", [&](auto&, auto& v) { o.curve_publickey = unquote(v); }},
       {"IPController.reuse_files", [&](auto& k, auto& v) { o.reuse = to_bool(k, v); }},
       {"IPController.regport", [&](auto& k, auto& v) { o.registration_port = to_int(k, v); }},
       {"IPController.ports", [&](auto& k, auto& v) { o.ports = parse_ports(k, unquote(v)); }},
@@ -241,6 +238,7 @@ std::optional<Options> parse_args(const std::vector<std::string>& args, std::siz
   };
   std::map<std::string, std::function<void()>> flags = {
       {"reuse", [&] { o.reuse = true; }},
+      {"curve", [&] { o.curve = true; }},
       {"dictdb", [&] { set_db_class(o, "--dictdb", "dictdb"); }},
       {"nodb", [&] { set_db_class(o, "--nodb", "nodb"); }},  // stock's NoDB: no task records at all
       {"sqlitedb", [&] { set_db_class(o, "--sqlitedb", "sqlitedb"); }},
@@ -300,6 +298,11 @@ std::optional<Options> parse_args(const std::vector<std::string>& args, std::siz
   }
   if (o.client_ip.empty()) o.client_ip = o.ip;
   if (o.engine_ip.empty()) o.engine_ip = o.ip;
+  if (o.curve_secretkey.empty() != o.curve_publickey.empty())
+    throw UsageError("CurveZMQ keys: give both curve_secretkey and curve_publickey (Z85, 40 characters), or neither");
+  for (const auto* k : {&o.curve_secretkey, &o.curve_publickey})
+    if (!k->empty() && k->size() != 40)
+      throw UsageError("CurveZMQ key '" + *k + "' is not 40 Z85 characters (zmq.curve_keypair() makes a pair)");
   if (o.ping_ms <= 0) throw UsageError("--ping must be a positive number of milliseconds");
   if (o.hwm < 0) throw UsageError("--hwm must be 0 (unlimited) or more");
   if (!(o.cull_fraction > 0 && o.cull_fraction <= 1)) throw UsageError("--DictDB.cull_fraction must be in (0, 1]");

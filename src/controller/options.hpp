@@ -33,6 +33,11 @@ struct Options {
   std::string key;                    // "" = random (IPP_SESSION_KEY / Session.key override)
   bool key_given = false;
   std::string signature_scheme = "hmac-sha256";
+  // CurveZMQ on every socket the controller binds (--curve, IPController.enable_curve,
+  // IPP_ENABLE_CURVE=1). Keys: Z85 text; generated when empty (IPP_CURVE_SECRETKEY/PUBLICKEY
+  // or IPController.curve_secretkey/curve_publickey set them, as stock).
+  bool curve = false;
+  std::string curve_secretkey, curve_publickey;
   int broadcast_leaves = 2;           // engine-side broadcast ports (2**depth, depth 1 = stock)
   std::size_t max_message_bytes = 0;  // 0 = default limits
   std::vector<std::string> warnings;  // options accepted but ignored, reported at start-up

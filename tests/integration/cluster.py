@@ -423,6 +423,9 @@ class Cluster(ClientsMixin):
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
+        if info.get("curve_serverkey"):  # --curve: the controller's key, a keypair of our own
+            sock.curve_serverkey = info["curve_serverkey"].encode()
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         try:
             sock.connect(f"{info['interface']}:{info['registration']}")
             session.send(sock, msg_type, content)

@@ -50,8 +50,10 @@ TEST(ControllerOptions, SshServersAndTransport) {
   EXPECT_EQ(o->ssh_server, "me@login:2222");
   EXPECT_EQ(o->engine_ssh_server, "gw");
   EXPECT_THROW(parse_options({"--transport=ipc"}), UsageError);
-  EXPECT_THROW(parse_options({"--IPController.enable_curve=True"}), UsageError);
-  EXPECT_NO_THROW(parse_options({"--IPController.enable_curve=False"}));
+  EXPECT_TRUE(parse_options({"--IPController.enable_curve=True"})->curve);
+  EXPECT_TRUE(parse_options({"--curve"})->curve);
+  EXPECT_FALSE(parse_options({"--IPController.enable_curve=False"})->curve);
+  EXPECT_THROW(parse_options({"--IPController.curve_secretkey=short"}), UsageError);
 }
 
 TEST(ControllerOptions, ProfileConfigIsReadAndTheCommandLineWins) {
