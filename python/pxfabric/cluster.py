@@ -14,6 +14,12 @@ Command line (``scripts/pxcluster`` or ``/usr/bin/python3 -m pxfabric``)::
                          [--timeout S]
     pxcluster stop  [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--all]
     pxcluster list  [--profile NAME | --profile-dir DIR] [--json]
+    pxcluster check --hostfile FILE [--mpi-args "..."] [--timeout S]
+
+With ``--hostfile`` (see ``hostfiles/README.md`` and :mod:`pxfabric.hostfile`) the controller
+listens for engines on the address that routes to the hosts, the job gets its connection
+info in ``$IPP_CONNECTION_INFO`` (no shared filesystem needed), and a failed start says
+which host is at fault.
 
 The same functions are usable from Python: :func:`start_cluster`, :func:`stop_cluster`,
 :func:`list_clusters`.
@@ -37,6 +43,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import psutil
+
+from pxfabric import hostfile as hostmod
 
 PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[2]
@@ -191,7 +199,8 @@ def profile_args(profile_dir: Path, cluster_id: str) -> List[str]:
 
 
 def mpirun_command(n: int, program: List[str], *, mpirun: Optional[str] = None,
-                   hostfile: Optional[str] = None, mpi_args: Sequence[str] = ()) -> List[str]:
+                   hostfile: Optional[str] = None, mpi_args: Sequence[str] = (),
+                   env: Optional[Dict[str, str]] = None) -> List[str]:
     argv = shlex.split(mpirun or os.environ.get("PXF_MPIRUN", "mpirun"))
     if not argv or not shutil.which(argv[0]):
         raise ClusterError(f"MPI launcher {argv[0] if argv else mpirun!r} not found "
@@ -200,8 +209,14 @@ def mpirun_command(n: int, program: List[str], *, mpirun: Optional[str] = None,
     argv += ["-n", str(n)]
     if hostfile:
         argv += ["--hostfile", str(Path(hostfile).expanduser().resolve())]
-        # remote ranks (rsh/ssh launcher) get only what is exported explicitly
-        argv += ["-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED"]
+        # remote ranks (rsh/ssh launcher) get only what is exported explicitly: the Python
+        # path, the connection info (start_cluster sets it once the controller is up: no
+        # shared filesystem needed) and pxfabric's knobs
+        exports = ["PYTHONPATH", "PYTHONUNBUFFERED", "IPP_CONNECTION_INFO"]
+        exports += sorted(k for k in (os.environ if env is None else env)
+                          if k.startswith("PXF_"))
+        for name in exports:
+            argv += ["-x", name]
     argv += list(mpi_args)
     return argv + program
 
@@ -415,6 +430,9 @@ def query_hub(client_file: Path, msg_type: str = "connection_request",
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
+    if info.get("curve_serverkey"):  # --curve: the controller's key and a keypair of our own
+        sock.curve_serverkey = info["curve_serverkey"].encode()
+        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     try:
         interface = info["interface"]
         if interface.endswith("://*") or interface.endswith("://0.0.0.0"):
@@ -439,6 +457,16 @@ def registered_engines(client_file: Path, timeout: float = QUERY_TIMEOUT) -> Opt
         return None
     engines = reply["content"].get("engines") or {}
     return {int(k): v for k, v in engines.items()}
+
+
+def engine_hosts(client_file: Path, timeout: float = QUERY_TIMEOUT) -> Optional[List[dict]]:
+    """Where the registered engines run (``pxf_engines_request``), grouped by host:
+    ``[{"host": "nodeA", "engines": [0, 1], "ranks": [0, 1]}, ...]``, or None if the hub did
+    not answer."""
+    reply = query_hub(client_file, "pxf_engines_request", {}, timeout)
+    if not reply or reply.get("content", {}).get("status") != "ok":
+        return None
+    return hostmod.group_hosts(reply["content"].get("engines") or {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +514,29 @@ def _popen(argv: List[str], log: Path, env: Dict[str, str], cwd: Path):
                                 start_new_session=True)
 
 
+def _host_diagnosis(entries, plan, mpi_args, cfiles, logs, env, engine_argv) -> str:
+    """For a failed start: the ranks' own errors and the hosts checked (hostfile.py)."""
+    return hostmod.diagnose_failed_start(
+        entries, plan, mpi_args=mpi_args, engine_info=_read_json(cfiles["engine"]) or {},
+        engine_log=logs["engines"], env=env, engine_argv=engine_argv)
+
+
+def check_hostfile(hostfile: str, *, mpi_args: Sequence[str] = (),
+                   controller_args: Sequence[str] = (), engines: str = "pxengine",
+                   profile: Optional[str] = None, profile_dir: Optional[str] = None,
+                   timeout: float = hostmod.DEFAULT_CHECK_TIMEOUT) -> List["hostmod.HostCheck"]:
+    """``pxcluster check``: every host of ``hostfile`` checked as a start would need it."""
+    pdir = resolve_profile_dir(profile, profile_dir, create=False) \
+        if (profile or profile_dir) else None
+    env = process_env()
+    engine = os.environ.get("PXF_ENGINE")
+    engine_argv = (shlex.split(engine) if engine else [str(DEFAULT_PXENGINE)]) \
+        if engines == "pxengine" else None
+    return hostmod.check_hostfile(hostfile, mpi_args=mpi_args, controller_args=controller_args,
+                                  engine_argv=engine_argv, profile_dir=pdir, env=env,
+                                  timeout=timeout)
+
+
 def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optional[str] = None,
                   cluster_id: str = "", engines: str = "pxengine",
                   engine_cmd: Optional[str] = None, hostfile: Optional[str] = None,
@@ -510,18 +561,28 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
 
     # Everything that can be checked before starting anything.
     ctl_argv = controller_program() + profile_args(pdir, cluster_id) + list(controller_args)
-    if hostfile and not any(a.startswith(("--ip", "--engine-ip")) for a in controller_args):
-        # Ranks on other hosts must reach the controller (every message is signed). Only the
-        # engine-facing sockets need it, but pxcontroller cannot yet bind --engine-ip=* next to
-        # --ip=127.0.0.1 (same registration port twice: "Address already in use").
-        ctl_argv.append("--ip=*")
-        say("hostfile given: the controller listens on all interfaces "
-            "(--controller-args='--ip=ADDR' to choose one)")
+    plan: Optional[hostmod.ControllerAddress] = None
+    entries: List[hostmod.HostEntry] = []
+    if hostfile:
+        if not Path(hostfile).expanduser().is_file():
+            raise ClusterError(f"hostfile {hostfile} does not exist")
+        try:
+            entries = hostmod.parse_hostfile(hostfile)
+            # Ranks on other hosts must reach the controller: its engine-facing address is
+            # the one that routes to them (clients stay on loopback), unless the user chose.
+            plan = hostmod.choose_controller_address(entries, controller_args, pdir)
+        except hostmod.HostfileError as e:
+            raise ClusterError(str(e)) from None
+        ctl_argv += plan.args
+        say(plan.reason)
+        if plan.warning:
+            _say(f"warning: {plan.warning}", stream=sys.stderr)
     program = engine_program(engines, engine_cmd) + profile_args(pdir, cluster_id) + list(engine_args)
-    mpi_argv = mpirun_command(n, program, mpirun=mpirun, hostfile=hostfile, mpi_args=mpi_args)
-    if hostfile and not Path(hostfile).expanduser().is_file():
-        raise ClusterError(f"hostfile {hostfile} does not exist")
     env = process_env()
+    mpi_argv = mpirun_command(n, program, mpirun=mpirun, hostfile=hostfile, mpi_args=mpi_args,
+                              env=env)
+    # what a failed start checks on each host (pxengine --version for pxengine jobs)
+    checked = engine_program(engines) if engines == "pxengine" and not engine_cmd else None
     env["IPP_PROFILE_DIR"] = str(pdir)
     env["IPP_CLUSTER_ID"] = cluster_id
 
@@ -555,6 +616,7 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
             "engine_kind": "custom" if engine_cmd else engines,
             "n": n,
             "hostfile": str(Path(hostfile).expanduser().resolve()) if hostfile else None,
+            "controller_address": plan.engine_ip if plan else None,
             "start_time": time.time(),
             "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "status": "starting",
@@ -593,6 +655,12 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
                 time.sleep(0.1)
 
             # 2. the engine job
+            if hostfile:
+                # connection info for ranks on hosts without this filesystem (rank 0 reads it)
+                info = _read_json(cfiles["engine"])
+                if info is None:
+                    raise ClusterError(f"cannot read the engine connection file {cfiles['engine']}")
+                env["IPP_CONNECTION_INFO"] = json.dumps(info, separators=(",", ":"))
             mpi = _popen(mpi_argv, logs["engines"], env, pdir)
             state["engines"] = dict(_proc_record(psutil.Process(mpi.pid)), argv=mpi_argv,
                                     log=str(logs["engines"]), descendants=[])
@@ -612,8 +680,9 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
                     raise ClusterError(
                         f"the engine job (mpirun pid {mpi.pid}) exited with status "
                         f"{mpi.returncode} after {len(have)} of {n} engines registered; "
-                        f"logs in {pdir / 'log'}:\n--- {logs['engines']}:\n"
-                        f"{_log_tail(logs['engines'])}")
+                        f"logs in {pdir / 'log'}:\n"
+                        + _host_diagnosis(entries, plan, mpi_args, cfiles, logs, env, checked)
+                        + f"--- {logs['engines']} (last lines):\n{_log_tail(logs['engines'])}")
                 if ctl.poll() is not None:
                     raise ClusterError(
                         f"the controller exited with status {ctl.returncode} while engines "
@@ -623,7 +692,9 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
                     raise ClusterError(
                         f"timed out after {timeout:.0f}s: only {len(have)} of {n} engines "
                         f"registered. Logs: {logs['engines']} (engines) and "
-                        f"{logs['controller']} (controller).\n--- {logs['engines']}:\n"
+                        f"{logs['controller']} (controller).\n"
+                        + _host_diagnosis(entries, plan, mpi_args, cfiles, logs, env, checked)
+                        + f"--- {logs['engines']}:\n"
                         f"{_log_tail(logs['engines'])}\n--- {logs['controller']}:\n"
                         f"{_log_tail(logs['controller'], 10)}")
                 if time.monotonic() - last_report > 15:
@@ -638,6 +709,9 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
                 _proc_record(p) for p in _tree(psutil.Process(ctl.pid))[1:]]
             state["status"] = "running"
             state["ready_seconds"] = round(time.monotonic() - t0, 2)
+            state["hosts"] = engine_hosts(cfiles["client"])
+            if state["hosts"] is not None:
+                say(f"{n} engines: {hostmod.format_hosts(state['hosts'])}")
             save_state(state)
             return state
     except BaseException as e:
@@ -810,6 +884,8 @@ def cluster_status(state: dict) -> dict:
         "mpirun_pid": (state.get("engines") or {}).get("pid"),
         "mpirun_alive": mpi is not None,
         "started": state.get("start_time_iso"),
+        "hosts": state.get("hosts"),
+        "hostfile": state.get("hostfile"),
         "status": status,
         "state_file": state.get("state_file"),
     }
@@ -829,13 +905,15 @@ def format_list(rows: List[dict]) -> str:
         return "no pxcluster clusters found"
     def pid(p, alive):
         return "-" if not p else f"{p} ({'alive' if alive else 'dead'})"
-    table = [("PROFILE DIR", "CLUSTER ID", "ENGINES", "KIND", "CONTROLLER", "MPIRUN", "STATUS")]
+    table = [("PROFILE DIR", "CLUSTER ID", "ENGINES", "KIND", "CONTROLLER", "MPIRUN", "HOSTS",
+              "STATUS")]
     for r in rows:
         reg = "?" if r["engines_registered"] is None else r["engines_registered"]
         table.append((r["profile_dir"], r["cluster_id"] or "(none)",
                       f"{reg}/{r['engines_expected']}", str(r["engine_kind"]),
                       pid(r["controller_pid"], r["controller_alive"]),
-                      pid(r["mpirun_pid"], r["mpirun_alive"]), r["status"]))
+                      pid(r["mpirun_pid"], r["mpirun_alive"]),
+                      hostmod.format_hosts(r.get("hosts")), r["status"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     lines = []
     for row in table:
@@ -859,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pxcluster",
         description="Start, stop and list pxfabric clusters: pxcontroller plus one MPI job "
                     "of engines, driven with the stock ipyparallel client.")
-    sub = parser.add_subparsers(dest="command", metavar="{start,stop,list}")
+    sub = parser.add_subparsers(dest="command", metavar="{start,stop,list,check}")
     sub.required = True
 
     s = sub.add_parser("start", help="start a controller and one MPI job of N engines")
@@ -892,6 +970,26 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="show clusters started by pxcluster")
     _add_selector(ls)
     ls.add_argument("--json", action="store_true", help="machine-readable output")
+
+    c = sub.add_parser(
+        "check", help="pre-flight check of a hostfile's hosts (ssh, pxengine, Python, the "
+                      "controller's address)",
+        description="Log in to every host of the hostfile with the agent mpirun will use "
+                    "(BatchMode, 5 s connect timeout), run `pxengine --version` and the Python "
+                    "imports there, and connect back to the address the controller would "
+                    "listen on. One line per host; exit status 0 only if every host is OK.")
+    c.add_argument("--hostfile", required=True, metavar="FILE", help="Open MPI hostfile")
+    c.add_argument("--mpi-args", default="", metavar="ARGS",
+                   help="the mpirun arguments of the start (for --mca plm_rsh_agent, --prefix)")
+    c.add_argument("--controller-args", default="", metavar="ARGS",
+                   help="the controller arguments of the start (--ip/--engine-ip), "
+                        "e.g. --controller-args=--engine-ip=10.0.0.1")
+    c.add_argument("--engines", choices=ENGINE_KINDS, default="pxengine",
+                   help="what the ranks run (ipengine: no pxengine step)")
+    _add_selector(c)
+    c.add_argument("--timeout", type=float, default=hostmod.DEFAULT_CHECK_TIMEOUT, metavar="S",
+                   help=f"seconds per host (default {hostmod.DEFAULT_CHECK_TIMEOUT:.0f}); hosts "
+                        "are checked in parallel")
     return parser
 
 
@@ -931,6 +1029,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = stop_cluster(args.profile, args.profile_dir, args.cluster_id)
             _say("stopped; no process left" + (
                 f"; removed {', '.join(summary['removed'])}" if summary["removed"] else ""))
+            return 0
+        if args.command == "check":
+            try:
+                checks = check_hostfile(
+                    args.hostfile, mpi_args=shlex.split(args.mpi_args),
+                    controller_args=shlex.split(args.controller_args), engines=args.engines,
+                    profile=args.profile, profile_dir=args.profile_dir, timeout=args.timeout)
+            except hostmod.HostfileError as e:
+                raise ClusterError(str(e)) from None
+            for chk in checks:
+                print(chk.line(), flush=True)
+            bad = [chk.host for chk in checks if not chk.ok]
+            if bad:
+                _say(f"{len(bad)} of {len(checks)} hosts not ready: {', '.join(bad)}",
+                     stream=sys.stderr)
+                return 1
+            _say(f"all {len(checks)} hosts ready")
             return 0
         if args.command == "list":
             dirs = []
