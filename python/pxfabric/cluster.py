@@ -221,6 +221,24 @@ def mpirun_command(n: int, program: List[str], *, mpirun: Optional[str] = None,
     return argv + program
 
 
+_SPANS_HOSTS = ("--host", "-host", "-H", "--hostfile", "-hostfile", "--machinefile", "-machinefile",
+                "--rankfile", "-rf")
+
+
+def _local_mpi_env(env: Dict[str, str], mpi_args: Sequence[str]) -> None:
+    """A job on this machine only: the ranks talk through shared memory and open no TCP
+    listener of their own, and Open MPI's run-time (mpirun's out-of-band channel) stays on
+    loopback (docs/security.md). What the user set in the environment or in ``--mpi-args``
+    wins."""
+    args = " ".join(mpi_args)
+    if any(a.split("=")[0] in _SPANS_HOSTS for a in mpi_args):
+        return
+    if "btl" not in args:
+        env.setdefault("OMPI_MCA_btl", "self,vader")
+    if "oob_tcp_if" not in args and "OMPI_MCA_oob_tcp_if_exclude" not in env:
+        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+
+
 def process_env() -> Dict[str, str]:
     """The environment of the controller and the engine job."""
     env = dict(os.environ)
@@ -579,6 +597,8 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
             _say(f"warning: {plan.warning}", stream=sys.stderr)
     program = engine_program(engines, engine_cmd) + profile_args(pdir, cluster_id) + list(engine_args)
     env = process_env()
+    if not hostfile:
+        _local_mpi_env(env, mpi_args)
     mpi_argv = mpirun_command(n, program, mpirun=mpirun, hostfile=hostfile, mpi_args=mpi_args,
                               env=env)
     # what a failed start checks on each host (pxengine --version for pxengine jobs)

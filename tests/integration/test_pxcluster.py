@@ -274,6 +274,14 @@ def test_start_list_stop_leaves_nothing(px, kind):
     mpirun = psutil.Process(state["engines"]["pid"])
     ranks = {c.pid for c in mpirun.children(recursive=True)}
     assert {pid for pid, _, _ in info} <= ranks
+    # a local job's ranks open no listening socket of MPI's (shared memory only), pxengine none
+    # at all; stock ipengines keep theirs on loopback (docs/security.md)
+    listening = [(pid, c.laddr) for pid, _, _ in info
+                 for c in psutil.Process(pid).connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    if kind == "pxengine":
+        assert not listening, f"ranks listen on {listening}"
+    else:
+        assert all(addr.ip == "127.0.0.1" for _, addr in listening), f"ranks listen on {listening}"
 
     rows = px.list_json()
     assert len(rows) == 1, rows
