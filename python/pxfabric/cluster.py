@@ -957,7 +957,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pxcluster",
         description="Start, stop and list pxfabric clusters: pxcontroller plus one MPI job "
                     "of engines, driven with the stock ipyparallel client.")
-    sub = parser.add_subparsers(dest="command", metavar="{start,stop,list,check}")
+    sub = parser.add_subparsers(dest="command",
+                                metavar="{start,stop,list,check,connect,disconnect}")
     sub.required = True
 
     s = sub.add_parser("start", help="start a controller and one MPI job of N engines")
@@ -1010,12 +1011,63 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--timeout", type=float, default=hostmod.DEFAULT_CHECK_TIMEOUT, metavar="S",
                    help=f"seconds per host (default {hostmod.DEFAULT_CHECK_TIMEOUT:.0f}); hosts "
                         "are checked in parallel")
+    _add_tunnel_parsers(sub)
     return parser
+
+
+def _add_tunnel_parsers(sub) -> None:
+    """``connect``/``disconnect`` (python/pxfabric/connect.py: pxtunnel, one SSH session)."""
+    k = sub.add_parser("connect", help="forward a remote controller's ports through one SSH "
+                                       "session (pxtunnel) and write a local profile for them")
+    k.add_argument("target", metavar="[user@]host")
+    k.add_argument("--remote-profile-dir", metavar="DIR",
+                   help="the controller's profile dir on the host (default "
+                        "~/.ipython/profile_default)")
+    k.add_argument("--remote-file", metavar="PATH", help="the client connection file on the host")
+    k.add_argument("--cluster-id", default="", metavar="ID")
+    k.add_argument("--jump", "-J", metavar="HOST", help="jump host (as ssh -J / ProxyJump)")
+    k.add_argument("--as", dest="name", metavar="NAME",
+                   help="local profile name (default: the host)")
+    k.add_argument("-F", dest="ssh_config", metavar="CONFIG", help="ssh config file")
+    k.add_argument("-i", dest="identity", metavar="KEY", help="identity (private key) file")
+    k.add_argument("-p", dest="port", type=int, default=0, metavar="PORT", help="ssh port")
+    k.add_argument("--known-hosts", metavar="FILE", help="known_hosts file to check/record in")
+    k.add_argument("--accept-new-host-key", action="store_true",
+                   help="record an unknown host key (a changed one is always refused)")
+    k.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for the tunnel (default 30)")
+    d = sub.add_parser("disconnect", help="stop the tunnel of `pxcluster connect`")
+    d.add_argument("name", metavar="NAME", help="the local profile name (host or --as NAME)")
+    d.add_argument("--cluster-id", default="", metavar="ID")
+
+
+def _tunnel_main(args) -> int:
+    from pxfabric import connect as tunnel
+    if args.command == "connect":
+        state = tunnel.connect(
+            args.target, name=args.name, remote_profile_dir=args.remote_profile_dir,
+            remote_file=args.remote_file, cluster_id=args.cluster_id, jump=args.jump,
+            ssh_config=args.ssh_config, identity=args.identity, port=args.port,
+            accept_new_host_key=args.accept_new_host_key, known_hosts=args.known_hosts,
+            timeout=args.timeout)
+        print(f"Connect with: {tunnel.connect_hint(state)}")
+        print(f"Stop with: pxcluster disconnect {shlex.quote(state['name'])}"
+              + (f" --cluster-id {shlex.quote(state['cluster_id'])}" if state['cluster_id']
+                 else ""), flush=True)
+        return 0
+    summary = tunnel.disconnect(args.name, args.cluster_id)
+    how = ("not running" if not summary["was_running"] else
+           "killed (SIGKILL)" if summary["killed"] else "stopped")
+    _say(f"tunnel '{args.name}' (pxtunnel pid {summary['pid']}) {how}"
+         + ("; removed its stale local connection file" if summary["removed_file"] else ""))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("connect", "disconnect"):
+            return _tunnel_main(args)
         if args.command == "start":
             state = start_cluster(
                 args.n, profile=args.profile, profile_dir=args.profile_dir,
@@ -1075,6 +1127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if dirs:
                 rows = [r for r in rows if Path(r["profile_dir"]) == dirs[0]]
             print(json.dumps(rows, indent=2) if args.json else format_list(rows))
+            if not args.json:
+                from pxfabric import connect as tunnel
+                trows = tunnel.list_tunnels()
+                if trows:
+                    print(tunnel.format_tunnels(trows))
             return 0
     except ClusterError as e:
         _say(f"error: {e}", stream=sys.stderr)
