@@ -147,6 +147,9 @@ std::string tcp_probe(const std::string& host, int port, int timeout_ms) {
              " s (a firewall drops the packets, or the host is down)";
     case EHOSTUNREACH: return "no route to host " + host;
     case ENETUNREACH: return "network unreachable for " + host;
+    case EACCES:
+    case EPERM: return "connections to " + where + " are prohibited here (a firewall rule or a prohibit route)";
+    case EINVAL: return "no usable route to " + host + " (a blackhole route?)";
     default: return "cannot connect to " + where + ": " + std::strerror(err);
   }
 }
