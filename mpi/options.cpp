@@ -23,7 +23,8 @@ Accepts the stock ipengine options that ipyparallel's launchers pass:
   --location=HOST         the controller's host, for a file whose interface is tcp://*
                           (default: the file's `location`; ipyparallel's rules)
   --ssh=[USER@]HOST[:PORT]  reach the controller through this SSH server (default: the
-                          file's `ssh`); one `ssh -N -L` forward, BatchMode (no prompts)
+                          file's `ssh`); one `ssh -N -L` forward, BatchMode (no prompts);
+                          $PXF_SSH is the ssh command (e.g. "ssh -F my_config")
   --sshkey=FILE           private key for --ssh
   --log-level=N           10 debug, 20 info (default), 30 warning, ...
   --mpi[=mpi4py]          accepted and ignored (pxengine always runs under MPI)
