@@ -547,3 +547,32 @@ def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
         if c in _ALL_CLUSTERS:
             _ALL_CLUSTERS.remove(c)
     return infos
+
+
+def fmt(x, nd=2):
+    """A number for a report table: 3 significant-ish digits, "-" for None."""
+    if x is None:
+        return "-"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{nd}f}"
+
+
+def log_problems(path, limit: int = 10, extra_benign: str = "") -> dict:
+    """Warnings and errors in a process log: ``{"count", "lines" (the first ``limit``),
+    "log_lines"}``. What every stock engine says at start-up with the default configuration
+    is not counted, nor lines matching ``extra_benign`` (a regular expression)."""
+    import re
+
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return {"count": 0, "lines": []}
+    level = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Segmentation|"
+                       r"\[W |\[E |MPI_ABORT|noticed that process")
+    benign = re.compile(r"Not using CurveZMQ security|debugpy_stream undefined"
+                        + (f"|{extra_benign}" if extra_benign else ""))
+    bad = [l for l in lines if level.search(l) and not benign.search(l)]
+    return {"count": len(bad), "lines": bad[:limit], "log_lines": len(lines)}

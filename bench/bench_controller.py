@@ -139,14 +139,7 @@ class Runner:
         self.clean()
 
 
-def fmt(x, nd=2):
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{nd}f}"
+fmt = H.fmt  # one number format for every report
 
 
 def analyse(reps_data: dict, tasks: int) -> dict:

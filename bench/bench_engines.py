@@ -341,30 +341,12 @@ class Lifecycle:
 
 
 def engine_log_problems(path: Path, limit: int = 10) -> dict:
-    import re
-
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return {"count": 0, "lines": []}
-    level = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Segmentation|"
-                       r"\[W |\[E |MPI_ABORT|noticed that process")
-    # said by every stock engine at start-up, with the default configuration
-    benign = re.compile(r"Not using CurveZMQ security|debugpy_stream undefined")
-    bad = [l for l in lines if level.search(l) and not benign.search(l)]
-    return {"count": len(bad), "lines": bad[:limit], "log_lines": len(lines)}
+    return H.log_problems(path, limit)
 
 
 # ----------------------------------------------------------------------------- analysis
 
-def fmt(x, nd=2):
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{nd}f}"
+fmt = H.fmt  # one number format for every report
 
 
 def analyse(lifecycles: list, ns: list) -> dict:

@@ -149,14 +149,7 @@ def split_times(ar, returned) -> dict:
             "client_ms": ms(recv, returned)}
 
 
-def fmt(x, nd=2):
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{nd}f}"
+fmt = H.fmt  # one number format for every report
 
 
 def _alive(p: psutil.Process) -> bool:
@@ -561,21 +554,10 @@ def format_threads(pids: dict, s0: dict, s1: dict) -> str:
 
 
 def log_problems(path: Path, limit: int = 8) -> dict:
-    import re
-
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return {"count": 0, "lines": []}
-    level = re.compile(r"\b(WARNING|WARN|ERROR|CRITICAL|FATAL)\b|Traceback|Segmentation|"
-                       r"\[W |\[E |MPI_ABORT|noticed that process")
-    # said by every stock engine at start-up, by every process when we stop it (SIGTERM), and
-    # by pxcontroller on any address but loopback (the same is true of stock: no CurveZMQ)
-    benign = re.compile(r"Not using CurveZMQ security|debugpy_stream undefined|"
-                        r"[Rr]eceived signal 15|terminating children|terminated by signal 15|"
-                        r"without encryption: messages are signed")
-    bad = [l for l in lines if level.search(l) and not benign.search(l)]
-    return {"count": len(bad), "lines": bad[:limit], "log_lines": len(lines)}
+    # also benign here: every process says so when we stop it (SIGTERM), and pxcontroller on
+    # any address but loopback (the same is true of stock: no CurveZMQ)
+    return H.log_problems(path, limit, extra_benign=r"[Rr]eceived signal 15|terminating children|"
+                                                    r"terminated by signal 15|without encryption: messages are signed")
 
 
 def run_inner(cfg_path: str) -> int:
