@@ -905,7 +905,16 @@ int Tunnel::run() {
     for (auto& [rp, p] : ports_) fds.push_back({p.listen_fd, POLLIN, 0});
     for (auto& c : conns_)
       fds.push_back({c->fd, static_cast<short>(POLLIN | (c->off < c->out.size() ? POLLOUT : 0)), 0});
-    int rc = ::poll(fds.data(), fds.size(), moved ? 0 : 500);
+    // libssh may have read channel data into its own buffers while doing something else (an
+    // SFTP stat, a write that processed incoming packets): the session fd is then quiet though
+    // data waits, so such a channel means "do not sleep" (it cost a 500 ms stall per check).
+    bool buffered = false;
+    for (auto& c : conns_)
+      if (!c->dead && c->off >= c->out.size() && ssh_channel_poll(c->ch, 0) > 0) {
+        buffered = true;
+        break;
+      }
+    int rc = ::poll(fds.data(), fds.size(), moved || buffered ? 0 : 500);
     if (rc < 0 && errno != EINTR) throw Fatal(std::string("poll: ") + std::strerror(errno));
     if (g_stop) break;
     moved = false;
