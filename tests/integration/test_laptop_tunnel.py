@@ -5,7 +5,7 @@ Hosts (network namespaces, ``hosts.py``): nodeA is the login + compute node, run
 (``mpirun`` on nodeA, no hostfile); nodeC is the laptop. On nodeC, ``pxcluster connect
 root@nodeA -F <ssh config> --remote-profile-dir <controller's profile>`` starts pxtunnel, and
 the stock client, ``ipp.Client(profile='nodeA')`` with no ``sshserver=``, does a direct apply,
-an LB map, a broadcast view and a 100 MB push; the SSH connection is then killed (the sshd
+an LB map, a broadcast view, a ``%px`` allreduce and a 100 MB push; the SSH connection is then killed (the sshd
 process serving it on nodeA, found by its TCP connection, by PID), pxtunnel reconnects and the
 same client keeps working; ``pxcluster disconnect`` leaves no pxtunnel and no local file.
 
@@ -143,6 +143,12 @@ dv = rc[:]
 out["hosts"] = dv.apply_sync(socket.gethostname)
 out["lb"] = rc.load_balanced_view().map_sync(lambda x: x * x, range(8))
 out["bcast"] = rc.broadcast_view().apply_sync(lambda: 7)
+# the real %px magic, as a laptop IPython session would run it
+from IPython.core.interactiveshell import InteractiveShell
+shell = InteractiveShell.instance()
+dv.activate()
+shell.run_line_magic("px", "from mpi4py import MPI; r = MPI.COMM_WORLD.allreduce(MPI.COMM_WORLD.rank + 1)")
+out["px_r"] = dv.pull("r", block=True)
 a = np.arange(100 * 1024 * 1024 // 8, dtype=np.float64)
 t = time.monotonic()
 dv.push({"a": a}, block=True)
@@ -238,6 +244,7 @@ def _drive_and_disconnect(hosts, state, log, local_file, ipy):
         assert first["hosts"] == ["nodeA", "nodeA"]
         assert first["lb"] == [x * x for x in range(8)]
         assert first["bcast"] == [7, 7]
+        assert first["px_r"] == [3, 3]  # %px through the tunnel: an allreduce over both ranks
         assert first["sums"] == [first["expect"]] * 2
 
         # Kill the SSH connection on the server side; pxtunnel reconnects.
