@@ -2,8 +2,10 @@
 
 #include "util/log.hpp"
 
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstddef>
@@ -57,6 +59,11 @@ Doorbells::Doorbells(MPI_Comm comm, int rank, int size)
     MPI_Group_free(&g_all);
   }
   MPI_Comm_free(&node);
+  std::vector<int> pids(static_cast<std::size_t>(size));
+  int me = static_cast<int>(::getpid());
+  MPI_Allgather(&me, 1, MPI_INT, pids.data(), 1, MPI_INT, comm);
+  for (int r : node_ranks) peer_pids_.push_back(pids[static_cast<std::size_t>(r)]);
+  std::sort(peer_pids_.begin(), peer_pids_.end());
   bool with_root = false;
   for (int r : node_ranks) {
     with_root |= r == 0;
@@ -67,8 +74,10 @@ Doorbells::Doorbells(MPI_Comm comm, int rank, int size)
   if (with_root && token_ != 0) {
     fd_ = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     const auto& a = addr_[static_cast<std::size_t>(rank)];
-    if (fd_ >= 0 && ::bind(fd_, reinterpret_cast<const sockaddr*>(&a.sun), a.len) != 0) {
-      PXF_LOG(debug, kLog) << "doorbell: bind failed (" << std::strerror(errno) << "); polling instead";
+    int one = 1;
+    if (fd_ >= 0 && (::setsockopt(fd_, SOL_SOCKET, SO_PASSCRED, &one, sizeof one) != 0 ||
+                     ::bind(fd_, reinterpret_cast<const sockaddr*>(&a.sun), a.len) != 0)) {
+      PXF_LOG(debug, kLog) << "doorbell: socket set-up failed (" << std::strerror(errno) << "); polling instead";
       ::close(fd_);
       fd_ = -1;
     }
@@ -87,8 +96,8 @@ Doorbells::Doorbells(MPI_Comm comm, int rank, int size)
   };
   int heard = 0;
   auto drain_count = [&] {
-    char c;
-    while (fd_ >= 0 && ::recv(fd_, &c, 1, 0) == 1) ++heard;
+    unsigned char b[4];
+    while (fd_ >= 0 && receive(b, sizeof b) >= 1) ++heard;
   };
   if (rank == 0) {
     if (fd_ >= 0)
@@ -143,13 +152,36 @@ Doorbells::Rung Doorbells::drain() {
   if (fd_ < 0) return r;
   unsigned char b[4];
   for (;;) {
-    auto n = ::recv(fd_, b, sizeof b, 0);
+    auto n = receive(b, sizeof b);
     if (n < 1) break;
     int count = n >= 3 ? (b[1] | (b[2] << 8)) : 1;
     if (b[0] == kBroadcast) r.broadcasts += count;
     else r.messages += count;
   }
   return r;
+}
+
+long Doorbells::receive(unsigned char* b, std::size_t cap) {
+  for (;;) {
+    iovec iov{b, cap};
+    alignas(cmsghdr) char ctrl[CMSG_SPACE(sizeof(ucred))];
+    msghdr m{};
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = ctrl;
+    m.msg_controllen = sizeof ctrl;
+    ssize_t n = ::recvmsg(fd_, &m, 0);
+    if (n < 0) return -1;
+    ucred who{-1, static_cast<uid_t>(-1), static_cast<gid_t>(-1)};
+    for (cmsghdr* h = CMSG_FIRSTHDR(&m); h; h = CMSG_NXTHDR(&m, h))
+      if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_CREDENTIALS) std::memcpy(&who, CMSG_DATA(h), sizeof who);
+    if (who.pid > 0 && std::binary_search(peer_pids_.begin(), peer_pids_.end(), static_cast<int>(who.pid)))
+      return static_cast<long>(n);
+    if (++strangers_ <= 3 || strangers_ % 10000 == 0)
+      PXF_LOG(warning, kLog) << "doorbell: ignored a datagram from pid " << who.pid << " (uid "
+                             << static_cast<long>(who.uid) << "), not a rank of this job on this node (#"
+                             << strangers_ << ")";
+  }
 }
 
 } // namespace pxf::mpi

@@ -10,6 +10,12 @@
 // or when a socket cannot be made or reached (another network namespace, say), are not rung
 // and keep polling on the timer.
 //
+// Only the node peers of this job can ring: a datagram's sender is checked (SO_PASSCRED: the
+// kernel attaches the sender's pid; it must be one of the job's ranks on this node). Abstract
+// sockets have no permissions and their names are visible in /proc/net/unix, so anyone else's
+// datagram (a forged count would keep a rank polling for messages that never come) is dropped
+// and reported.
+//
 // Rings are checked once at start-up: rank 0 rings every node peer and each peer rings rank 0;
 // a direction counts only if the test ring arrived. Local unix datagrams are delivered
 // synchronously, refused, or (queue full) retried, so the check is exact.
@@ -58,6 +64,9 @@ class Doorbells {
 
  private:
   bool send_to(int rank, char kind, int count = 1);
+  // One datagram from a node peer into `b`: its size, or -1 when none is left. Datagrams from
+  // anyone else are dropped (counted, logged) on the way.
+  long receive(unsigned char* b, std::size_t cap);
 
   struct Address {
     sockaddr_un sun{};
@@ -68,6 +77,8 @@ class Doorbells {
   std::vector<Address> addr_;  // of the node's ranks (formatted once: rings are on the hot path)
   std::vector<bool> reach_;
   bool woken_by_rings_ = false;
+  std::vector<int> peer_pids_;      // sorted pids of this job's ranks on this node
+  std::uint64_t strangers_ = 0;     // datagrams dropped: not from a node peer
 };
 
 } // namespace pxf::mpi

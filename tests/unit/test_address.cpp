@@ -30,9 +30,11 @@ TEST(Address, WildcardWithoutLocationIsLocalhost) {
 
 TEST(Address, WildcardAtThisHostIsLocalhost) {
   EXPECT_EQ(disambiguate_ip_address("*", host_name()), "127.0.0.1");
-  for (const auto& ip : local_ips())
-    if (ip.find(':') == std::string::npos && ip.rfind("127.", 0) != 0)
+  for (const auto& ip : local_ips()) {
+    if (ip.find(':') == std::string::npos && ip.rfind("127.", 0) != 0) {
       EXPECT_EQ(disambiguate_ip_address("*", ip), "127.0.0.1") << ip;
+    }
+  }
 }
 
 TEST(Address, WildcardElsewhereIsTheLocation) {
