@@ -576,3 +576,15 @@ def log_problems(path, limit: int = 10, extra_benign: str = "") -> dict:
                         + (f"|{extra_benign}" if extra_benign else ""))
     bad = [l for l in lines if level.search(l) and not benign.search(l)]
     return {"count": len(bad), "lines": bad[:limit], "log_lines": len(lines)}
+
+
+def binary_info(path: str) -> dict:
+    """What a result file records of a binary it measured: path, mtime, size, sha256."""
+    import datetime
+    import hashlib
+
+    st = os.stat(path)
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256(fh.read()).hexdigest()
+    return {"path": path, "mtime": datetime.datetime.fromtimestamp(st.st_mtime).isoformat(),
+            "size": st.st_size, "sha256": digest}

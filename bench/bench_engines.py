@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -605,12 +604,7 @@ def main() -> int:
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    def binfo(p):
-        st = os.stat(p)
-        with open(p, "rb") as fh:
-            digest = hashlib.sha256(fh.read()).hexdigest()
-        return {"path": p, "mtime": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(),
-                "size": st.st_size, "sha256": digest}
+    binfo = H.binary_info
 
     # Snapshot what pxfabric runs (both binaries and python/pxfabric, which pxengine imports
     # from the source tree) into the temp dir: someone may rebuild build/bin during the run,

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import platform
@@ -871,12 +870,7 @@ def print_report(res: dict) -> None:
 
 # ============================================================================ main
 
-def binfo(p: str) -> dict:
-    st = os.stat(p)
-    with open(p, "rb") as fh:
-        digest = hashlib.sha256(fh.read()).hexdigest()
-    return {"path": p, "mtime": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(),
-            "size": st.st_size, "sha256": digest}
+binfo = H.binary_info
 
 
 def main() -> int:
