@@ -160,28 +160,14 @@ def cpu_pct(d: dict) -> dict:
 # ============================================================================ part 1: curve
 
 def px_stats(client_file: Path, timeout: float = 5.0):
-    """pxcontroller's counters (pxf_stats_request on the registration socket), through Curve
-    when the file has a curve_serverkey."""
-    import zmq
-    from jupyter_client.session import Session
+    """pxcontroller's counters (pxf_stats_request on the registration socket; pxcluster's
+    query_hub, which speaks Curve when the file has a curve_serverkey)."""
+    if str(REPO / "python") not in sys.path:
+        sys.path.insert(0, str(REPO / "python"))
+    from pxfabric.cluster import query_hub
 
-    info = json.loads(client_file.read_text())
-    session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        if info.get("curve_serverkey"):
-            pub, sec = zmq.curve_keypair()
-            sock.curve_serverkey = info["curve_serverkey"].encode()
-            sock.curve_publickey, sock.curve_secretkey = pub, sec
-        sock.connect(f"{info['interface']}:{info['registration']}")
-        session.send(sock, "pxf_stats_request", {})
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        _, frames = session.feed_identities(sock.recv_multipart())
-        return session.deserialize(frames)["content"]
-    finally:
-        sock.close()
+    reply = query_hub(client_file, "pxf_stats_request", {}, timeout)
+    return reply["content"] if reply else None
 
 
 def sodium_pass(mib: int, n: int = 3):
