@@ -19,6 +19,8 @@ PACKAGES=(
   procps
   # multi-host tests: real sshd in network namespaces (iproute2, util-linux for unshare)
   openssh-server openssh-client iproute2 util-linux
+  # Slurm tests: a real single-node or two-node Slurm started by the tests (config in a temp dir)
+  slurm-wlm munge python3-matplotlib
 )
 
 missing=()

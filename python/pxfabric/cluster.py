@@ -555,6 +555,36 @@ def check_hostfile(hostfile: str, *, mpi_args: Sequence[str] = (),
                                   timeout=timeout)
 
 
+def _refuse_running(spath: Path, cfiles: Dict[str, Path], say) -> None:
+    """Refuse to start over a live cluster of this profile and cluster id; clear a dead one's
+    state and stale connection files. Call with the profile lock held."""
+    old = load_state(spath)
+    if old is not None:
+        if old.get("slurm"):
+            from pxfabric import slurm
+            info = slurm.job_info(old["slurm"]["job_id"])
+            live = bool(info) and info.get("state") not in slurm.ENDED
+        else:
+            live = bool(_process(old.get("controller")) or _process(old.get("engines")))
+        if live or (old.get("status") == "starting" and _process(old.get("pxcluster"))):
+            raise ClusterError(
+                f"a cluster is already running for {old.get('profile_dir')} (cluster id "
+                f"{old.get('cluster_id') or '(none)'}; state {spath}); stop it first with "
+                f"`pxcluster stop {_selector_args(old)}`"
+            )
+        say(f"removing the state of a dead cluster ({spath})")
+        _stop_from_state(old, quiet=True)
+    elif cfiles["client"].exists():
+        if registered_engines(cfiles["client"], timeout=1.5) is not None:
+            raise ClusterError(
+                f"a controller not started by pxcluster is serving {cfiles['client']}; "
+                "stop it or choose another --cluster-id"
+            )
+        say(f"removing stale connection files in {cfiles['client'].parent}")
+        for path in cfiles.values():
+            _unlink(path)
+
+
 def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optional[str] = None,
                   cluster_id: str = "", engines: str = "pxengine",
                   engine_cmd: Optional[str] = None, hostfile: Optional[str] = None,
@@ -607,26 +637,7 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
     env["IPP_CLUSTER_ID"] = cluster_id
 
     with _profile_lock(pdir):
-        old = load_state(spath)
-        if old is not None:
-            if (_process(old.get("controller")) or _process(old.get("engines"))
-                    or (old.get("status") == "starting" and _process(old.get("pxcluster")))):
-                raise ClusterError(
-                    f"a cluster is already running for {pdir} (cluster id "
-                    f"{cluster_id or '(none)'}; state {spath}); stop it first with "
-                    f"`pxcluster stop {_selector_args(old)}`"
-                )
-            say(f"removing the state of a dead cluster ({spath})")
-            _stop_from_state(old, quiet=True)
-        elif cfiles["client"].exists():
-            if registered_engines(cfiles["client"], timeout=1.5) is not None:
-                raise ClusterError(
-                    f"a controller not started by pxcluster is serving {cfiles['client']}; "
-                    "stop it or choose another --cluster-id"
-                )
-            say(f"removing stale connection files in {pdir / 'security'}")
-            for path in cfiles.values():
-                _unlink(path)
+        _refuse_running(spath, cfiles, say)
         state = {
             "version": STATE_VERSION,
             "state_file": str(spath),
@@ -776,6 +787,9 @@ def connect_hint(state: dict) -> str:
 
 def _stop_from_state(state: dict, quiet: bool = False, grace: float = TERM_GRACE) -> dict:
     """Stop every process of a recorded cluster, then remove its files. Returns a summary."""
+    if state.get("slurm"):
+        from pxfabric import slurm
+        return slurm.stop_slurm(state, quiet=quiet)
     say = (lambda m: None) if quiet else _say
     summary: Dict[str, Any] = {"killed": [], "left": []}
     engine_procs = _collect(state, "engines")
@@ -867,6 +881,9 @@ def engine_job_death(state: dict) -> "str | None":
 
 
 def cluster_status(state: dict) -> dict:
+    if state.get("slurm"):
+        from pxfabric import slurm
+        return slurm.slurm_status(state)
     ctl = _process(state.get("controller"))
     mpi = _process(state.get("engines"))
     starter = _process(state.get("pxcluster"))
@@ -929,10 +946,12 @@ def format_list(rows: List[dict]) -> str:
               "STATUS")]
     for r in rows:
         reg = "?" if r["engines_registered"] is None else r["engines_registered"]
+        slurm_job = r.get("slurm_job")
         table.append((r["profile_dir"], r["cluster_id"] or "(none)",
                       f"{reg}/{r['engines_expected']}", str(r["engine_kind"]),
-                      pid(r["controller_pid"], r["controller_alive"]),
-                      pid(r["mpirun_pid"], r["mpirun_alive"]),
+                      "in the job" if slurm_job else pid(r["controller_pid"], r["controller_alive"]),
+                      f"slurm job {slurm_job}" if slurm_job
+                      else pid(r["mpirun_pid"], r["mpirun_alive"]),
                       hostmod.format_hosts(r.get("hosts")), r["status"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     lines = []
@@ -982,6 +1001,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra arguments for every rank's engine")
     s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds to wait for all engines (default {DEFAULT_TIMEOUT:.0f})")
+
+    b = s.add_argument_group(
+        "Slurm", "--slurm submits the whole cluster as one batch job (slurm/pxfabric.sbatch: "
+        "the controller on the job's first node, the engines over the allocation)")
+    b.add_argument("--slurm", action="store_true", help="run the cluster as a Slurm batch job")
+    b.add_argument("--nodes", "-N", metavar="N", help="sbatch --nodes")
+    b.add_argument("--time", "-t", dest="timelimit", metavar="TIME",
+                   help="sbatch --time (walltime: MINUTES, HH:MM:SS, D-HH:MM ...)")
+    b.add_argument("--partition", "-p", metavar="NAME", help="sbatch --partition")
+    b.add_argument("--account", "-A", metavar="NAME", help="sbatch --account")
+    b.add_argument("--qos", metavar="NAME", help="sbatch --qos")
+    b.add_argument("--slurm-args", default="", metavar="ARGS",
+                   help='more sbatch options, e.g. "--constraint=cpu --exclusive"')
+    b.add_argument("--slurm-template", metavar="FILE",
+                   help="batch script template ({n} {queue} {account} {timelimit} {nodes} "
+                        "... as ipyparallel's Slurm launcher; default "
+                        "slurm/pxcluster.sbatch.template)")
+    b.add_argument("--slurm-launch", choices=("srun", "mpirun"), default=None,
+                   help="how the job starts its ranks (default: srun --mpi=pmix when the "
+                        "site's srun offers it, else mpirun)")
 
     t = sub.add_parser("stop", help="stop a cluster started by pxcluster start")
     _add_selector(t)
@@ -1063,12 +1102,54 @@ def _tunnel_main(args) -> int:
     return 0
 
 
+# Options whose value is a command line of its own: `--mpi-args "--bind-to none"` must not be
+# read as an option (argparse refuses a value that starts with "-" unless written OPT=VALUE).
+_COMMAND_LINE_OPTIONS = ("--mpi-args", "--controller-args", "--engine-args", "--slurm-args",
+                         "--mpirun", "--engine-cmd")
+
+
+def _glue_command_line_options(argv: Sequence[str]) -> List[str]:
+    out: List[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in _COMMAND_LINE_OPTIONS:
+            value = next(it, None)
+            out.append(a if value is None else f"{a}={value}")
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(_glue_command_line_options(argv))
     try:
         if args.command in ("connect", "disconnect"):
             return _tunnel_main(args)
+        if args.command == "start" and args.slurm:
+            from pxfabric import slurm
+            if args.hostfile or args.engines != "pxengine" or args.engine_cmd or args.mpirun:
+                raise ClusterError("--slurm runs pxengine over the job's allocation: "
+                                   "--hostfile, --engines, --engine-cmd and --mpirun do not "
+                                   "apply (use --slurm-launch, --mpi-args, --slurm-args)")
+            state = slurm.start_slurm_cluster(
+                args.n, profile=args.profile, profile_dir=args.profile_dir,
+                cluster_id=args.cluster_id, nodes=args.nodes, timelimit=args.timelimit,
+                queue=args.partition, account=args.account, qos=args.qos,
+                slurm_args=shlex.split(args.slurm_args), template=args.slurm_template,
+                launch=args.slurm_launch, controller_args=shlex.split(args.controller_args),
+                engine_args=shlex.split(args.engine_args), mpi_args=shlex.split(args.mpi_args),
+                timeout=args.timeout)
+            print("Connect with:\n" + connect_hint(state))
+            print(f"Stop with:\n    pxcluster stop {_selector_args(state)}   "
+                  f"(scancel {state['slurm']['job_id']})", flush=True)
+            return 0
         if args.command == "start":
+            if any(getattr(args, k) for k in ("nodes", "timelimit", "partition", "account",
+                                               "qos", "slurm_args", "slurm_template",
+                                               "slurm_launch")):
+                raise ClusterError("--nodes, --time, --partition, --account, --qos and the "
+                                   "--slurm-* options need --slurm")
             state = start_cluster(
                 args.n, profile=args.profile, profile_dir=args.profile_dir,
                 cluster_id=args.cluster_id, engines=args.engines, engine_cmd=args.engine_cmd,

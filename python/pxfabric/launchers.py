@@ -5,6 +5,12 @@
 * :class:`PxMPIEngineSetLauncher` -- the stock MPI engine-set launcher running one
   ``mpiexec -n N pxengine --mpi ...`` job (``$PXF_ENGINE`` or ``<repo>/build/bin/pxengine``),
   on this host or, with a hostfile, across hosts.
+* :class:`PxSlurmEngineSetLauncher` -- the stock Slurm engine-set launcher submitting one
+  batch job whose ranks are one MPI job of pxengine (``slurm/pxfabric.sbatch`` with
+  ``PXF_CONTROLLER_HERE=0``: ``srun --mpi=pmix`` or ``mpirun`` over the allocation), for a
+  controller outside the job (ipcluster's own, on the login node).
+* :class:`PxSlurmControllerLauncher` -- the stock Slurm controller launcher running
+  ``pxcontroller`` in a batch job of its own.
 
 Select them by class path (works with ``PYTHONPATH=<repo>/python``)::
 
@@ -47,12 +53,16 @@ from ipyparallel.cluster.launcher import (
     LocalControllerLauncher,
     MPIEngineSetLauncher,
     ProcessStateError,
+    SlurmControllerLauncher,
+    SlurmEngineSetLauncher,
 )
 from traitlets import Bool, Float, List, Unicode, default
 
-from pxfabric.cluster import DEFAULT_CONTROLLER, DEFAULT_PXENGINE, PYTHON_DIR
+from pxfabric.cluster import DEFAULT_CONTROLLER, DEFAULT_PXENGINE, PYTHON_DIR, REPO
 
-__all__ = ["PxControllerLauncher", "PxMPIEngineSetLauncher"]
+__all__ = ["PxControllerLauncher", "PxMPIEngineSetLauncher", "PxSlurmEngineSetLauncher",
+           "PxSlurmControllerLauncher"]
+JOB_SCRIPT = REPO / "slurm" / "pxfabric.sbatch"
 
 # mpirun options that place ranks on other hosts (Open MPI spellings; MPICH's hydra shares
 # -hostfile/-machinefile/-host). With one of them the job gets the remote-rank environment.
@@ -289,3 +299,63 @@ class PxMPIEngineSetLauncher(MPIEngineSetLauncher):
         self._start_waiting()
         if 1 <= self.log.getEffectiveLevel() <= logging.DEBUG:
             self._start_streaming()
+
+
+class PxSlurmEngineSetLauncher(SlurmEngineSetLauncher):
+    """N pxfabric engines as **one** Slurm batch job running one MPI job of pxengine.
+
+    The batch script is the stock launcher's (``batch_template``/``batch_template_file``,
+    ``queue``, ``account``, ``qos``, ``timelimit``, ``options``, ``namespace`` all work as
+    for ``--engines=Slurm``); its default ends by running ``slurm/pxfabric.sbatch`` with
+    ``PXF_CONTROLLER_HERE=0``, which starts ``srun --mpi=pmix pxengine`` (or ``mpirun``:
+    ``PXF_LAUNCH``) over the allocation, reads the engine connection file from the shared
+    profile, and on ``scancel`` stops the ranks so that they unregister from the controller.
+    The controller must listen where the nodes reach it (``--ip=*`` or ``--engine-ip=ADDR``
+    in ``PxControllerLauncher.controller_args``). A template of your own can use
+    ``{job_script}`` and ``{pxf_home}`` besides the stock names.
+    """
+
+    default_template = Unicode(
+        """#!/bin/bash
+#SBATCH --job-name=pxfabric-engines-{cluster_id}
+#SBATCH --ntasks={n}
+export PXF_HOME={pxf_home} PXF_CONTROLLER_HERE=0
+export IPP_PROFILE_DIR={profile_dir} IPP_CLUSTER_ID={cluster_id}
+exec /bin/bash {job_script}
+"""
+    )
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.context["pxf_home"] = shlex.quote(str(REPO))
+        self.context["job_script"] = shlex.quote(str(JOB_SCRIPT))
+
+    def start(self, n=1):
+        if not os.path.isfile(JOB_SCRIPT):
+            raise LauncherError(f"the pxfabric batch script {JOB_SCRIPT} is missing")
+        _check_program(self.submit_command, "sbatch",
+                       "Run ipcluster on a login node of a Slurm cluster (or load its module).")
+        return super().start(n)
+
+
+class PxSlurmControllerLauncher(SlurmControllerLauncher):
+    """``pxcontroller`` in a Slurm batch job of its own (the stock Slurm controller launcher's
+    traits and template), listening on all interfaces of its node so that the engines and
+    the clients can reach it (``controller_args`` overrides, e.g. ``--ip=ADDR --curve``)."""
+
+    controller_cmd = List(
+        config=True,
+        help="Command that runs pxcontroller (default: $PXF_CONTROLLER or "
+             "<repo>/build/bin/pxcontroller).",
+    )
+    controller_args = List(["--ip=*"], config=True,
+                           help="Arguments for pxcontroller in the batch job.")
+
+    @default("controller_cmd")
+    def _controller_cmd_default(self):
+        return _default_cmd("PXF_CONTROLLER", DEFAULT_CONTROLLER)
+
+    def start(self):
+        _check_program(self.controller_cmd, "pxcontroller",
+                       "Build it with `bash scripts/build.sh` or set PXF_CONTROLLER.")
+        return super().start()

@@ -18,6 +18,11 @@ other test files in this folder are unaffected.
 * ``hosts`` -- module-scoped "real hosts on one machine" (``hosts.py``): nodes ``HOSTS``
   (module attribute, default ``("nodeA", "nodeB")``) as network namespaces with their own
   hostname, /etc/hosts and sshd; skipped with the reason where namespaces cannot be made.
+* ``slurm`` -- module-scoped private Slurm (``slurm.py``): single-node on this machine, or on
+  namespaced hosts when the module sets ``SLURM_NODES = ("nodeA", "nodeB")`` (extra
+  partitions: ``SLURM_PARTITIONS = {name: options}``);
+  ``slurm_two_nodes`` -- always on nodeA + nodeB. Skipped with the reason where Slurm cannot
+  run (not root, not installed, munged does not start).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def _stop_live_clusters() -> None:
 def _on_sigterm(signum, frame):
     # Being killed (e.g. by an outer CI timeout) must not leave controllers and engines behind.
     _stop_live_clusters()
+    _stop_live_slurms()
     _stop_live_hosts()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
@@ -61,6 +67,7 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     _stop_live_clusters()
+    _stop_live_slurms()
     _stop_live_hosts()
 
 
@@ -170,6 +177,7 @@ def make_cluster(setup_kind, tmp_path):
 # --- "real hosts on one machine" (hosts.py): network namespaces with hostname, /etc/hosts, sshd
 
 import hosts as _netns_hosts  # noqa: E402  (not ``hosts``: the fixture below takes that name)
+import slurm as _private_slurm  # noqa: E402  (not ``slurm``: the fixture below takes that name)
 
 
 def _stop_live_hosts() -> None:
@@ -197,3 +205,46 @@ def hosts(request) -> "_netns_hosts.Hosts":
         pytest.fail(problem, pytrace=False)
     yield h
     h.close()
+
+
+# --- a private Slurm (slurm.py): munged + slurmctld + slurmd(s), config and state in a temp dir
+
+def _stop_live_slurms() -> None:
+    # Before the hosts: a two-node Slurm's daemons live in its hosts' namespaces.
+    _private_slurm.close_all()
+
+
+def _start_slurm(nodes, partitions=None) -> "_private_slurm.Slurm":
+    problem = skip = None
+    try:
+        s = _private_slurm.make_slurm(nodes=nodes, partitions=partitions)
+    except _private_slurm.SlurmUnavailable as e:
+        skip = f"Slurm unavailable: {e}"
+    except _private_slurm.SlurmError as e:
+        problem = f"Slurm could not be set up: {e}"
+    if skip:
+        pytest.skip(skip)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return s
+
+
+@pytest.fixture(scope="module")
+def slurm(request) -> "_private_slurm.Slurm":
+    """A private Slurm per module: single-node on this machine, or on the namespaced hosts
+    ``SLURM_NODES`` (module attribute) with client commands on the first one
+    (``slurm.run``); ``SLURM_PARTITIONS`` (module attribute, name -> options) adds partitions
+    next to ``debug`` and ``short``. Every job cancelled and every daemon stopped at the end
+    of the module."""
+    s = _start_slurm(getattr(request.module, "SLURM_NODES", None),
+                     getattr(request.module, "SLURM_PARTITIONS", None))
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes() -> "_private_slurm.Slurm":
+    """A private Slurm on namespaced hosts nodeA (slurmctld + slurmd) and nodeB (slurmd)."""
+    s = _start_slurm(("nodeA", "nodeB"))
+    yield s
+    s.close()
