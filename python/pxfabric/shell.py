@@ -309,7 +309,24 @@ def make_shell(
         return should_run_async(raw_cell, transformed_cell=transformed_cell,
                                 preprocessing_exc_tuple=preprocessing_exc_tuple)
 
+    def enable_gui(self, gui=None):
+        # ZMQInteractiveShell.enable_gui lets ipykernel find the kernel through the running
+        # IPython Application (the stock engine's IPEngine app has a `kernel`). An engine rank
+        # has no Application, so `%matplotlib inline`, `%pylab` and `%gui` failed with "You
+        # didn't specify a kernel": ipykernel's function is given the kernel stub instead.
+        # Inline/agg select no event loop (`kernel.eventloop` stays None); a GUI loop is only
+        # recorded, as nothing on a rank runs it.
+        from ipykernel.eventloops import enable_gui as real_enable_gui  # on demand: imports zmq
+        from IPython.core.error import UsageError
+
+        try:
+            real_enable_gui(gui, kernel)
+            self.active_eventloop = gui
+        except ValueError as e:
+            raise UsageError("%s" % e) from e
+
     shell._showtraceback = types.MethodType(_showtraceback, shell)
+    shell.enable_gui = types.MethodType(enable_gui, shell)
     shell.should_run_async = types.MethodType(_should_run_async, shell)
     shell.set_parent = types.MethodType(set_parent, shell)
     shell.exit_now = False

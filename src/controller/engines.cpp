@@ -29,15 +29,24 @@ int EngineTable::max_used_id() const {
 void EngineTable::mark_registered(Engine& e) {
   if (!e.registered) --pending_;
   e.registered = true;
-  history_.push_back(e.id);
+  retired_completed_.erase(e.id);
+  if (std::find(history_.begin(), history_.end(), e.id) == history_.end()) history_.push_back(e.id);
 }
 
 void EngineTable::remove(int id) {
   auto it = engines_.find(id);
   if (it == engines_.end()) return;
-  if (!it->second.registered) --pending_;
+  if (!it->second.registered)
+    --pending_;
+  else
+    retired_completed_[id] = std::move(it->second.completed);
   by_uuid_.erase(it->second.uuid);
   engines_.erase(it);
+}
+
+const IdLog* EngineTable::retired_completed(int id) const {
+  auto it = retired_completed_.find(id);
+  return it == retired_completed_.end() ? nullptr : &it->second;
 }
 
 Engine* EngineTable::by_id(int id) {

@@ -69,12 +69,17 @@ class EngineTable {
   std::size_t pending_count() const { return pending_; }
   // Ids ever registered (stock keeps dead ids visible to queue_status).
   const std::vector<int>& history() const { return history_; }
+  // The finished msg_ids of a removed engine (stock's hub keeps an engine's completed list
+  // when it goes away, so queue_status still counts them); nullptr if none kept. Forgotten
+  // when the id registers again, as stock starts it afresh.
+  const IdLog* retired_completed(int id) const;
 
  private:
   std::map<int, Engine> engines_;
   std::unordered_map<std::string, int> by_uuid_;
   std::unordered_set<int> used_ids_;
   std::vector<int> history_;
+  std::unordered_map<int, IdLog> retired_completed_;
   int next_id_ = 0;
   std::size_t pending_ = 0;  // added, not yet registered
 };

@@ -20,11 +20,13 @@ constexpr const char* kLog = "hub";
 using BadRequest = PyError;
 
 // Engine ids from a queue_request's `targets`: null = all, an int, an engine uuid, or a list.
+// As stock's Hub._validate_targets, null means every id ever registered and may be none at all
+// (queue_status on a controller without engines answers {'unassigned': n}); only an explicit
+// empty list is "No Engines Registered".
 std::vector<int> validate_targets(const json& targets, EngineTable& engines) {
   std::vector<int> out;
   if (targets.is_null()) {
     for (int id : engines.history()) out.push_back(id);
-    if (out.empty()) throw BadRequest("IndexError", "No Engines Registered");
     return out;
   }
   json list = targets.is_array() ? targets : json::array({targets});
@@ -207,7 +209,8 @@ void Controller::on_queue_request(const zmq::message_t& ident, const Message& m)
     Engine* e = engines_.by_id(id);
     auto& q = e ? e->queue : none;
     auto& t = e ? e->tasks : none;
-    auto& c = e ? e->completed : none_list;
+    const IdLog* retired = e ? nullptr : engines_.retired_completed(id);
+    auto& c = e ? e->completed : retired ? *retired : none_list;
     if (verbose)
       out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c.list())}, {"tasks", json(t)}};
     else
@@ -306,7 +309,10 @@ void Controller::on_db_request(const zmq::message_t& ident, const Message& m) {
     if (!wanted.empty()) {
       json sub = {{"msg_id", id}};
       for (auto& k : wanted)
-        if (k != "buffers" && k != "result_buffers") sub[k] = rec[k];
+        if (k != "buffers" && k != "result_buffers") {
+          auto it = rec.find(k);  // `label` is absent from records of requests without one
+          sub[k] = it == rec.end() ? json() : *it;
+        }
       rec = std::move(sub);
     }
     if (with_bufs) {

@@ -254,7 +254,7 @@ const std::vector<std::string>& TaskRecords::keys() {
       "msg_id",      "header",        "metadata",       "content",        "buffers",         "submitted",
       "client_uuid", "engine_uuid",   "started",        "completed",      "resubmitted",     "received",
       "result_header", "result_metadata", "result_content", "result_buffers", "queue",       "execute_input",
-      "execute_result", "error",      "stdout",         "stderr"};
+      "execute_result", "error",      "stdout",         "stderr",      "label"};
   return k;
 }
 
@@ -268,26 +268,34 @@ json TaskRecords::to_json(const std::string& msg_id, const TaskRecord& r) {
   };
   json content = r.content.empty() ? json::object() : parse_or_string(r.content);
   json header = r.header_json();
-  return {{"msg_id", msg_id},
-          {"header", header},
-          {"metadata", parse_or_null(r.metadata)},
-          {"content", content},
-          {"submitted", str_or_null(header, "date")},
-          {"client_uuid", str_or_null(header, "session")},
-          {"engine_uuid", r.engine_uuid.empty() && !r.completed ? json() : json(r.engine_uuid)},
-          {"started", str_or_null(result_metadata, "started")},
-          {"completed", r.completed ? str_or_null(result_header, "date") : json()},
-          {"resubmitted", r.resubmitted.empty() ? json() : json(r.resubmitted)},
-          {"received", r.received.empty() ? json() : json(r.received)},
-          {"result_header", result_header},
-          {"result_metadata", result_metadata},
-          {"result_content", parse_or_null(r.result_content)},
-          {"queue", r.queue},
-          {"execute_input", r.execute_input},
-          {"execute_result", r.execute_result},
-          {"error", r.error},
-          {"stdout", r.out},
-          {"stderr", r.err}};
+  json metadata = parse_or_null(r.metadata);
+  json out = {{"msg_id", msg_id},
+              {"header", header},
+              {"metadata", metadata},
+              {"content", content},
+              {"submitted", str_or_null(header, "date")},
+              {"client_uuid", str_or_null(header, "session")},
+              {"engine_uuid", r.engine_uuid.empty() && !r.completed ? json() : json(r.engine_uuid)},
+              {"started", str_or_null(result_metadata, "started")},
+              {"completed", r.completed ? str_or_null(result_header, "date") : json()},
+              {"resubmitted", r.resubmitted.empty() ? json() : json(r.resubmitted)},
+              {"received", r.received.empty() ? json() : json(r.received)},
+              {"result_header", result_header},
+              {"result_metadata", result_metadata},
+              {"result_content", parse_or_null(r.result_content)},
+              {"queue", r.queue},
+              {"execute_input", r.execute_input},
+              {"execute_result", r.execute_result},
+              {"error", r.error},
+              {"stdout", r.out},
+              {"stderr", r.err}};
+  // ipyparallel 9.1's task label (`view.set_flags(label=...)` puts it in the request's
+  // metadata; its hub keeps it as the record key `label`, None when unset). A full record
+  // carries it only when the request set one, so records of requests without a label keep
+  // stock 7.1's key set; `keys=['label']` and queries on it see None for those.
+  if (metadata.is_object())
+    if (auto it = metadata.find("label"); it != metadata.end()) out["label"] = *it;
+  return out;
 }
 
 } // namespace pxf::controller
