@@ -314,6 +314,22 @@ std::string Session::known_hosts_file() const {
   return f;
 }
 
+// The last non-empty line of a small text file ("" if none): an ssh client's final complaint.
+std::string last_line_of(const std::string& path) {
+  if (path.empty()) return "";
+  FILE* f = std::fopen(path.c_str(), "r");
+  if (!f) return "";
+  std::string last;
+  char line[1024];
+  while (std::fgets(line, sizeof line, f)) {
+    std::string l(line);
+    while (!l.empty() && (l.back() == '\n' || l.back() == '\r' || l.back() == ' ')) l.pop_back();
+    if (!l.empty()) last = l;
+  }
+  std::fclose(f);
+  return last;
+}
+
 std::optional<SessionFailure> Session::open() {
   close();
   s_ = ssh_new();
@@ -345,13 +361,28 @@ std::optional<SessionFailure> Session::open() {
   // make libssh report every key as known).
   int strict = 1;
   ssh_options_set(s_, SSH_OPTIONS_STRICTHOSTKEYCHECK, &strict);
+  std::string jump_errors;  // what `ssh -W` said (why the jump host refused), read on failure
   if (!o_.jump.empty()) {
     // libssh 0.10 implements ProxyJump by running `ssh -W`; do the same, never prompting.
     std::string cmd = "ssh -o BatchMode=yes";
     if (!o_.config_file.empty()) cmd += " -F " + shell_quote(o_.config_file);
     cmd += " -W '[%h]:%p' " + shell_quote(o_.jump);
+    char tmpl[] = "/tmp/pxtunnel-jump-XXXXXX";
+    int efd = mkstemp(tmpl);
+    if (efd >= 0) {
+      ::close(efd);
+      jump_errors = tmpl;
+      cmd += " 2>" + shell_quote(jump_errors);
+    }
     ssh_options_set(s_, SSH_OPTIONS_PROXYCOMMAND, cmd.c_str());
   }
+  // The jump's error file is only needed until the session is up (or has failed).
+  struct RemoveFile {
+    std::string path;
+    ~RemoveFile() {
+      if (!path.empty()) ::unlink(path.c_str());
+    }
+  } remove_jump_errors{jump_errors};
   // libssh's own messages (the config's LogLevel sets them too) only with --log-level=DEBUG.
   int verbosity = pxf::log::enabled(pxf::log::debug) ? SSH_LOG_WARN : SSH_LOG_NOLOG;
   ssh_options_set(s_, SSH_OPTIONS_LOG_VERBOSITY, &verbosity);
@@ -371,9 +402,15 @@ std::optional<SessionFailure> Session::open() {
     where_ += " (" + real_host + ":" + std::to_string(port) + ")";
 
   if (ssh_connect(s_) != SSH_OK) {
-    SessionFailure f{"cannot connect to " + where_ + ": " + error() +
-                         ". Check the host name, that sshd runs there, and the network path "
-                         "(ProxyJump/-J for a host behind a login node).",
+    std::string jump_said = last_line_of(jump_errors);
+    SessionFailure f{!jump_said.empty()
+                         ? "cannot connect to " + where_ + " through the jump host " + o_.jump +
+                               ": ssh to the jump host said \"" + jump_said +
+                               "\". Check that `ssh -J " + o_.jump + " " + o_.host +
+                               "` works (keys, user, known_hosts of the jump host)."
+                         : "cannot connect to " + where_ + ": " + error() +
+                               ". Check the host name, that sshd runs there, and the network path "
+                               "(ProxyJump/-J for a host behind a login node).",
                      false};
     close();
     return f;

@@ -13,6 +13,7 @@ Command line (``scripts/pxcluster`` or ``/usr/bin/python3 -m pxfabric``)::
                          [--hostfile FILE] [--mpi-args "..."] [--engines pxengine|ipengine]
                          [--timeout S]
     pxcluster stop  [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--all]
+    pxcluster restart [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--timeout S]
     pxcluster list  [--profile NAME | --profile-dir DIR] [--json]
     pxcluster check --hostfile FILE [--mpi-args "..."] [--timeout S]
 
@@ -36,6 +37,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -695,6 +697,8 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
             mpi = _popen(mpi_argv, logs["engines"], env, pdir)
             state["engines"] = dict(_proc_record(psutil.Process(mpi.pid)), argv=mpi_argv,
                                     log=str(logs["engines"]), descendants=[])
+            from pxfabric.restart import recorded_env  # what `pxcluster restart` runs it with
+            state["engines"]["env"] = recorded_env(env)
             save_state(state)
             say(f"engine job started (mpirun pid {mpi.pid}): {shlex.join(mpi_argv)}")
 
@@ -977,7 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start, stop and list pxfabric clusters: pxcontroller plus one MPI job "
                     "of engines, driven with the stock ipyparallel client.")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{start,stop,list,check,connect,disconnect}")
+                                metavar="{start,stop,restart,list,check,connect,disconnect}")
     sub.required = True
 
     s = sub.add_parser("start", help="start a controller and one MPI job of N engines")
@@ -1021,6 +1025,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--slurm-launch", choices=("srun", "mpirun"), default=None,
                    help="how the job starts its ranks (default: srun --mpi=pmix when the "
                         "site's srun offers it, else mpirun)")
+
+    r = sub.add_parser(
+        "restart", help="end the engine job and start it again with the same engine ids, "
+                        "keeping the controller, its task records and the connected clients",
+        description="For a cell that hangs (a rank stuck in a collective): stop the MPI job "
+                    "(SIGTERM, SIGKILL after a grace period), wait until the controller has "
+                    "unregistered its engines (their outstanding work fails with EngineError), "
+                    "and run the same mpirun command again; the new ranks get ids 0..N-1 and "
+                    "connected clients keep working. Not for Slurm clusters yet.")
+    _add_selector(r)
+    r.add_argument("--cluster-id", default="", metavar="ID")
+    r.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for the new engines (default {DEFAULT_TIMEOUT:.0f})")
 
     t = sub.add_parser("stop", help="stop a cluster started by pxcluster start")
     _add_selector(t)
@@ -1141,6 +1158,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 engine_args=shlex.split(args.engine_args), mpi_args=shlex.split(args.mpi_args),
                 timeout=args.timeout)
             print("Connect with:\n" + connect_hint(state))
+            cid = f" --cluster-id {shlex.quote(state['cluster_id'])}" if state["cluster_id"] else ""
+            print(f"From a laptop:\n    pxcluster connect {socket.getfqdn()} --remote-profile-dir "
+                  f"{shlex.quote(state['profile_dir'])}{cid}")
             print(f"Stop with:\n    pxcluster stop {_selector_args(state)}   "
                   f"(scancel {state['slurm']['job_id']})", flush=True)
             return 0
@@ -1182,6 +1202,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             summary = stop_cluster(args.profile, args.profile_dir, args.cluster_id)
             _say("stopped; no process left" + (
                 f"; removed {', '.join(summary['removed'])}" if summary["removed"] else ""))
+            return 0
+        if args.command == "restart":
+            from pxfabric.restart import restart_cluster
+            restart_cluster(args.profile, args.profile_dir, args.cluster_id, timeout=args.timeout)
             return 0
         if args.command == "check":
             try:

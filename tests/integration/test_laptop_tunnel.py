@@ -333,6 +333,15 @@ def test_bad_input(hosts, remote):
     assert "cannot connect to root@nodeA" in r.stderr, r.stderr
     _no_tunnel_left(hosts, local)
 
+    # A jump host that refuses the login: named, with its ssh's own words; nothing left.
+    r = tunnel(hosts, "root@nodeA", "-F", hosts.ssh_config, "-J", "nobody@nodeB",
+               "--known-hosts", good_kh, *common)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "cannot connect to root@nodeA through the jump host nobody@nodeB" in r.stderr, r.stderr
+    assert "Permission denied" in r.stderr and "ssh -J nobody@nodeB" in r.stderr, r.stderr
+    assert not list(Path("/tmp").glob("pxtunnel-jump-*"))
+    _no_tunnel_left(hosts, local)
+
     # No connection file there (through pxcluster connect): clear message, nothing left.
     r = pxcluster(hosts, "connect", "root@nodeA", "-F", hosts.ssh_config, "--known-hosts",
                   good_kh, "--remote-profile-dir", wd / "no_such_profile", "--as", "nofile")

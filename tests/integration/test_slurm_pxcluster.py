@@ -126,6 +126,7 @@ def test_pxcluster_start_list_stop(slurm, ipydir):
     assert f"job {job} running on {slurm.node_names[0]}; 4/4 engines registered in" in err
     assert "rc = ipp.Client(profile='default')" in r.stdout
     assert f"(scancel {job})" in r.stdout
+    assert f"--remote-profile-dir {profile}" in r.stdout      # the laptop recipe
 
     rc = client(profile, n=4)
     try:
