@@ -369,7 +369,8 @@ def _follow(state: dict, n: int, timeout: float, say) -> None:
                 + (f" (Slurm's reason: {info['reason']})" if info.get("reason") else "")
                 + "; cancelled it. Use a longer --timeout, or another --partition / fewer "
                 "--nodes for a job that starts sooner.\n" + _job_output_tail(state))
-        time.sleep(0.2 if st == "RUNNING" else 0.5)
+        # engines register within a few seconds of the job starting: look often then
+        time.sleep(0.05 if client_file.exists() else 0.2 if st == "RUNNING" else 0.5)
     state["status"] = "running"
     state["ready_seconds"] = round(time.monotonic() - t0, 2)
     state["slurm"]["registered_seconds"] = round(time.monotonic() - (t_running or t0), 2)
