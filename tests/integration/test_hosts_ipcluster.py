@@ -233,7 +233,7 @@ SEED_CLUSTER = """\
     c.IPClusterStart.controller_launcher_class = 'pxfabric'
     c.LocalControllerLauncher.controller_args = ["--ip=*"]
     c.IPClusterStart.controller_location = '{ip}'
-    c.SSHEngineSetLauncher.engines = {{'nodeB': 2, 'nodeA': 4}}
+    c.SSHEngineSetLauncher.engines = {{'nodeB': 1, 'nodeA': 2}}
     # this site: ssh with the test's config; the interpreter that has ipyparallel; no waits
     c.SSHLauncher.ssh_args = ['-F', '{ssh_config}']
     c.SSHLauncher.scp_args = ['-F', '{ssh_config}']
@@ -256,8 +256,8 @@ def test_seed_ssh_profile_stock_engines_on_two_nodes(hosts):
     ipc = IpCluster(hosts, "snet", SEED_CLUSTER.format(ip=ip, ssh_config=hosts.ssh_config),
                     SEED_CONTROLLER.format(ip=ip))
     try:
-        ipc.start("-n", "6", "--daemonize")
-        got = ipc.client(_shell_prelude("snet", 6, START_TIMEOUT) + textwrap.dedent("""
+        ipc.start("-n", "3", "--daemonize")
+        got = ipc.client(_shell_prelude("snet", 3, START_TIMEOUT) + textwrap.dedent("""
             ip.run_line_magic("px", "import os, socket; px_host = socket.gethostname(); "
                                     "px_pid = os.getpid()")
             hosts = dv.pull("px_host")
@@ -266,10 +266,10 @@ def test_seed_ssh_profile_stock_engines_on_two_nodes(hosts):
             lb = rc.load_balanced_view().map_sync(lambda x: x + 1, range(12))
             print("RESULT " + json.dumps(dict(ids=rc.ids, hosts=hosts, pids=pids, sq=sq, lb=lb)))
             """), timeout=START_TIMEOUT + 30)
-        assert len(got["ids"]) == 6, got
-        assert sorted(got["hosts"]) == ["nodeA"] * 4 + ["nodeB"] * 2, got
-        assert len(set(zip(got["hosts"], got["pids"]))) == 6      # six engine processes
-        assert got["sq"] == [49] * 6
+        assert len(got["ids"]) == 3, got
+        assert sorted(got["hosts"]) == ["nodeA"] * 2 + ["nodeB"], got
+        assert len(set(zip(got["hosts"], got["pids"]))) == 3      # three engine processes
+        assert got["sq"] == [49] * 3
         assert got["lb"] == list(range(1, 13))
         # pxcontroller took the profile's HubFactory.client_ip and ipcluster's location
         security = ipc.profile_dir / "security"
