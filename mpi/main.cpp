@@ -270,6 +270,7 @@ int main(int argc, char** argv) {
   hc.log_fd = log_fd;
   hc.log_level = opts.log_level;
   hc.capture_fds = opts.capture_fds;
+  hc.interrupt_grace = opts.interrupt_grace;
   mpi::PyHost host(hc, sopts);
   mpi::Fabric fabric(p2p, coll, rank, size, gw.get(), host);
   host.attach(&fabric);

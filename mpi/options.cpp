@@ -4,6 +4,7 @@
 
 #include <charconv>
 #include <functional>
+#include <cstdlib>
 #include <map>
 
 namespace pxf::mpi {
@@ -29,6 +30,9 @@ Accepts the stock ipengine options that ipyparallel's launchers pass:
   --log-level=N           10 debug, 20 info (default), 30 warning, ...
   --mpi[=mpi4py]          accepted and ignored (pxengine always runs under MPI)
   --no-capture-fds        do not send C-level output on fds 1/2 to the clients
+  --interrupt-grace=S     seconds an interrupt may take to return a rank to Python before the
+                          rank reports on its stderr where it is stuck (default 3, or
+                          $PXF_INTERRUPT_GRACE; 0 never reports)
   --IPEngine.timeout=S    seconds to wait for the registration reply (default 10)
   --IPEngine.wait_for_url_file=S   seconds to wait for the connection file (default 10)
   --IPEngine.max_heartbeat_misses=N  unanswered heartbeats before giving up (default 50)
@@ -56,6 +60,14 @@ int to_int(const std::string& k, const std::string& v) {
 
 EngineOptions parse_options(int argc, char** argv) {
   EngineOptions o;
+  if (const char* env = std::getenv("PXF_INTERRUPT_GRACE"); env && *env) {
+    try {
+      o.interrupt_grace = to_double("interrupt-grace", env);
+    } catch (const UsageError&) {
+      throw UsageError(std::string("invalid PXF_INTERRUPT_GRACE: '") + env + "' (seconds >= 0)");
+    }
+    if (!(o.interrupt_grace >= 0)) throw UsageError(std::string("invalid PXF_INTERRUPT_GRACE: '") + env + "' (seconds >= 0)");
+  }
   using Setter = std::function<void(const std::string&, const std::string&)>;
   const std::map<std::string, Setter> valued = {
       {"profile", [&](auto&, auto& v) { o.profile = v; }},
@@ -82,6 +94,10 @@ EngineOptions parse_options(int argc, char** argv) {
       {"sshkey", [&](auto&, auto& v) { o.sshkey = v; }},
       {"IPEngine.sshkey", [&](auto&, auto& v) { o.sshkey = v; }},
       {"IPEngine.timeout", [&](auto& k, auto& v) { o.timeout_s = to_double(k, v); }},
+      {"interrupt-grace", [&](auto& k, auto& v) {
+         o.interrupt_grace = to_double(k, v);
+         if (!(o.interrupt_grace >= 0)) throw UsageError("invalid value for --" + k + ": '" + v + "' (seconds >= 0)");
+       }},
       {"IPEngine.wait_for_url_file", [&](auto& k, auto& v) { o.wait_for_file_s = to_double(k, v); }},
       {"IPEngine.max_heartbeat_misses", [&](auto& k, auto& v) { o.max_heartbeat_misses = to_int(k, v); }},
   };

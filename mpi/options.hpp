@@ -22,6 +22,9 @@ struct EngineOptions {
   double wait_for_file_s = 10.0;  // connection file (IPEngine.wait_for_url_file)
   int max_heartbeat_misses = 50;  // IPEngine.max_heartbeat_misses
   bool capture_fds = true;
+  // Seconds before a rank an interrupt did not free reports where it is stuck (0: never).
+  // Default $PXF_INTERRUPT_GRACE, else 3.
+  double interrupt_grace = 3.0;
   bool help = false;
   bool version = false;  // --version: print it and exit (no MPI): `pxcluster check` runs it on each host
   std::vector<std::string> warnings;  // ignored traitlets options, reported once MPI is up

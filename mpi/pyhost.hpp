@@ -10,10 +10,16 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <chrono>
+#include <cstdint>
 #include <deque>
+#include <functional>
+#include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <string>
 #include <thread>
+#include <vector>
 
 namespace pxf::mpi {
 
@@ -27,6 +33,9 @@ struct HostConfig {
   int log_fd = 2;      // where Python logging goes (the original stderr)
   int log_level = 20;
   bool capture_fds = true;
+  // Seconds an interrupt may take to return the rank to Python before the rank reports where it
+  // is stuck on its stderr (--interrupt-grace, $PXF_INTERRUPT_GRACE); 0 = never report.
+  double interrupt_grace = 3.0;
 };
 
 class PyHost final : public LocalRank {
@@ -68,6 +77,39 @@ class PyHost final : public LocalRank {
                py::object buffers, py::object topic);
   void rank_down(const char* why);
 
+  // Diagnosis of a rank that an interrupt does not free (a hung collective), and the answers to
+  // `pxf_where_request` (`pxcluster where`). Both run on the watch thread, which never waits for
+  // the GIL for long: the main thread may hold it inside native code. Python work goes to the
+  // GIL thread with a deadline; past it, the main thread's stack comes from faulthandler
+  // (a signal whose handler writes the stack into a pipe without the GIL).
+  struct Running {
+    std::uint64_t seq = 0;    // shell requests started so far
+    bool busy = false;
+    std::string parent;       // header JSON of the running shell request
+    std::string msg_type;
+    std::chrono::steady_clock::time_point since;
+    std::chrono::steady_clock::time_point interrupted;  // last SIGINT request while it runs
+    std::chrono::steady_clock::time_point landed;       // last KeyboardInterrupt raised in it
+    bool was_interrupted = false;
+    // The interrupt reached Python (the rank is not stuck, though it may be busy with it).
+    bool interrupt_landed() const { return was_interrupted && landed >= interrupted; }
+  };
+  struct Watch {
+    std::uint64_t seq;
+    std::chrono::steady_clock::time_point due;
+  };
+  struct GilJob;
+  void watch_loop();
+  void gil_loop();
+  // Runs fn on the GIL thread; false if it did not get the GIL (and finish) within `wait`.
+  bool with_gil_for(std::chrono::milliseconds wait, std::function<void()> fn);
+  void note_signal_request(const zmq::message_t& content);
+  void answer_where(Work& w);
+  void report_stuck(const Running& r);
+  // The main thread's Python stack without the GIL (faulthandler); "" if it did not answer.
+  std::string native_stack();
+  Running running();
+
   HostConfig cfg_;
   wire::Session session_;
   Fabric* fabric_ = nullptr;
@@ -91,6 +133,22 @@ class PyHost final : public LocalRank {
   std::atomic<bool> down_{false};
   std::atomic<bool> stop_control_{false};
   std::thread control_thread_;
+
+  std::mutex run_mu_;
+  Running run_;  // under run_mu_
+  std::mutex watch_mu_;
+  std::condition_variable watch_cv_;
+  std::vector<Watch> watches_;  // under watch_mu_
+  std::deque<Work> where_;      // under watch_mu_
+  std::thread watch_thread_;
+  std::mutex gil_mu_;
+  std::condition_variable gil_cv_;
+  std::deque<std::shared_ptr<GilJob>> gil_jobs_;  // under gil_mu_
+  std::thread gil_thread_;
+  std::atomic<bool> stop_watch_{false};
+  pthread_t main_thread_{};
+  int stack_pipe_ = -1;    // read end of the faulthandler pipe
+  int stack_signal_ = 0;   // the signal faulthandler dumps the main thread's stack on
 };
 
 // Adds the pxfabric package location to sys.path and imports the heavy modules (IPython,

@@ -14,6 +14,7 @@ Command line (``scripts/pxcluster`` or ``/usr/bin/python3 -m pxfabric``)::
                          [--timeout S]
     pxcluster stop  [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--all]
     pxcluster restart [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--timeout S]
+    pxcluster where [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--timeout S] [--json]
     pxcluster list  [--profile NAME | --profile-dir DIR] [--json]
     pxcluster check --hostfile FILE [--mpi-args "..."] [--timeout S]
 
@@ -981,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start, stop and list pxfabric clusters: pxcontroller plus one MPI job "
                     "of engines, driven with the stock ipyparallel client.")
     sub = parser.add_subparsers(dest="command",
-                                metavar="{start,stop,restart,list,check,connect,disconnect}")
+                                metavar="{start,stop,restart,where,list,check,connect,disconnect}")
     sub.required = True
 
     s = sub.add_parser("start", help="start a controller and one MPI job of N engines")
@@ -1043,6 +1044,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_selector(t)
     t.add_argument("--cluster-id", default="", metavar="ID")
     t.add_argument("--all", action="store_true", help="stop every cluster `pxcluster list` shows")
+
+    w = sub.add_parser(
+        "where", help="every rank's current state and Python stack (a cell that hangs: which "
+                      "rank is stuck where)",
+        description="Ask every engine, on the control channel, what it runs and where its main "
+                    "thread is; ranks in the same state are shown together. Answered by each "
+                    "rank's watch thread, so ranks stuck in MPI answer too; engines that do not "
+                    "answer within --timeout are named (stock ipengines never answer).")
+    _add_selector(w)
+    w.add_argument("--cluster-id", default="", metavar="ID")
+    w.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                   help="seconds to wait for the answers (default 5)")
+    w.add_argument("--json", action="store_true", help="machine-readable output")
 
     ls = sub.add_parser("list", help="show clusters started by pxcluster")
     _add_selector(ls)
@@ -1223,6 +1237,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      stream=sys.stderr)
                 return 1
             _say(f"all {len(checks)} hosts ready")
+            return 0
+        if args.command == "where":
+            from pxfabric import where as wheremod
+            states = wheremod.where(args.profile, args.profile_dir, args.cluster_id,
+                                    timeout=args.timeout)
+            print(json.dumps({str(k): v for k, v in sorted(states.items())}, indent=2)
+                  if args.json else wheremod.format_states(states), flush=True)
             return 0
         if args.command == "list":
             dirs = []

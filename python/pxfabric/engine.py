@@ -194,6 +194,10 @@ class EngineRuntime:
         # KeyboardInterrupt traceback has no extra frame.
         self._main_ident = threading.main_thread().ident
         self._sigint_handler = self._on_sigint
+        #: SIGINT's handler while a request runs. A host may swap in a C function that also
+        #: notes that the interrupt reached Python (pxengine: no stuck-rank report then); a
+        #: Python function would add a frame to every KeyboardInterrupt traceback.
+        self.request_sigint_handler: Any = signal.default_int_handler
         self._saved_sigint: Any = None
         self._manage_sigint = threading.current_thread() is threading.main_thread()
         if self._manage_sigint:
@@ -700,7 +704,7 @@ class EngineRuntime:
         """User code starts: SIGINT raises KeyboardInterrupt."""
         self._interruptible = True
         if self._manage_sigint:
-            _signal.signal(signal.SIGINT, signal.default_int_handler)
+            _signal.signal(signal.SIGINT, self.request_sigint_handler)
 
     def _disarm(self) -> None:
         """User code is done: SIGINT is ignored again (also undoes a handler set by user code)."""

@@ -5,7 +5,9 @@
 namespace pxf::controller {
 
 int EngineTable::allocate_id(int requested) {
-  if (requested >= 0 && !used_ids_.count(requested) && !engines_.count(requested)) return requested;
+  // A requested id is given whenever no live engine holds it, as stock's hub does
+  // (new_engine_id): a restarted job gets its old ids back (pxcluster restart).
+  if (requested >= 0 && !engines_.count(requested)) return requested;
   while (used_ids_.count(next_id_) || engines_.count(next_id_)) ++next_id_;
   return next_id_++;
 }

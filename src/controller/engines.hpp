@@ -52,9 +52,11 @@ struct Engine {
 
 class EngineTable {
  public:
-  // Picks an id: `requested` if it is free, else the next never-used id (ids are not reused).
+  // Picks an id: `requested` if no live engine holds it (an id of an engine gone is given
+  // again on request, as stock does), else the next never-used id (unrequested ids are not
+  // reused).
   int allocate_id(int requested);
-  bool id_free(int id) const { return !used_ids_.count(id) && !engines_.count(id); }
+  bool id_free(int id) const { return !engines_.count(id); }
   int max_used_id() const;
   Engine& add(int id, std::string uuid);
   void mark_registered(Engine& e);

@@ -137,7 +137,9 @@ void Controller::on_job_register(const std::string& job, const Message& m) {
     if (uuid.empty() || engines_.uuid_known(uuid)) return fail("KeyError", "uuid '" + uuid + "' in use");
     ranks.emplace_back(std::move(uuid), e["rank"].get<int>());
   }
-  // Engine id = rank when those ids are free; otherwise the job is offset past every used id.
+  // Engine id = rank when no live engine holds those ids (a job started again after the old
+  // one unregistered gets the same ids: pxcluster restart); otherwise the job is offset past
+  // every id ever used.
   int offset = 0;
   for (auto& [uuid, rank] : ranks)
     if (!engines_.id_free(rank)) offset = engines_.max_used_id() + 1;
@@ -168,7 +170,10 @@ void Controller::drop_job(const std::string& job, const std::string& why) {
   std::vector<int> ids = it->second.engine_ids;
   jobs_.erase(it);
   PXF_LOG(warning, kLog) << "job " << job << " lost: " << why;
-  for (int id : ids) unregister(id, "job lost: " + why);
+  // Only the engines still of this job: an id unregistered by request may already belong to
+  // the job started after it (ids are given again: pxcluster restart).
+  for (int id : ids)
+    if (Engine* e = engines_.by_id(id); e && e->job == job) unregister(id, "job lost: " + why);
 }
 
 } // namespace pxf::controller

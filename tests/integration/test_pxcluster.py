@@ -374,7 +374,9 @@ def test_killed_rank_reported_by_list(px):
         deadline = time.monotonic() + 60
         while len(rc.ids) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert sorted(rc.ids) == [3, 4]
+        # the ids a job asks for (its ranks) are given again once no live engine holds them,
+        # as stock's hub gives a requested id
+        assert sorted(rc.ids) == [0, 1]
         assert rc[:].apply_async(os.getpid).get(timeout=60)
     finally:
         rc.close()
