@@ -14,7 +14,7 @@ PACKAGES=(
   clang libclang-rt-14-dev
   # Python side and tests (always /usr/bin/python3)
   python3 python3-mpi4py python3-ipyparallel python3-ipython python3-numpy python3-zmq
-  python3-jupyter-client python3-psutil python3-pytest python3-pytest-timeout
+  python3-jupyter-client python3-psutil python3-pytest python3-pytest-timeout python3-pytest-xdist
   # process tools used by tests and pxcluster
   procps
   # multi-host tests: real sshd in network namespaces (iproute2, util-linux for unshare)
