@@ -437,12 +437,15 @@ def terminate(procs: Iterable[psutil.Process], grace: float = TERM_GRACE,
 # Hub queries
 # --------------------------------------------------------------------------------------------
 
-def query_hub(client_file: Path, msg_type: str = "connection_request",
-              content: Optional[dict] = None, timeout: float = QUERY_TIMEOUT) -> Optional[dict]:
-    """One signed request to the controller's registration socket; the reply or None."""
+@contextlib.contextmanager
+def hub_connection(client_file: Path):
+    """``(session, socket)``: a DEALER connected to the controller's registration socket of a
+    client connection file (Curve-aware, ``*`` dialled as 127.0.0.1), or ``None`` when the file
+    is missing or incomplete. Closed on exit."""
     info = _read_json(Path(client_file))
     if not info or "registration" not in info:
-        return None
+        yield None
+        return
     import zmq
     from jupyter_client.session import Session
 
@@ -451,24 +454,35 @@ def query_hub(client_file: Path, msg_type: str = "connection_request",
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
-    if info.get("curve_serverkey"):  # --curve: the controller's key and a keypair of our own
-        sock.curve_serverkey = info["curve_serverkey"].encode()
-        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     try:
+        if info.get("curve_serverkey"):  # --curve: the controller's key and a keypair of ours
+            sock.curve_serverkey = info["curve_serverkey"].encode()
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         interface = info["interface"]
         if interface.endswith("://*") or interface.endswith("://0.0.0.0"):
             interface = interface.rsplit("://", 1)[0] + "://127.0.0.1"
         sock.connect(f"{interface}:{info['registration']}")
-        session.send(sock, msg_type, content or {})
-        if not sock.poll(int(timeout * 1000)):
-            return None
-        _, frames = session.feed_identities(sock.recv_multipart())
-        return session.deserialize(frames)
-    except Exception:
-        return None
+        yield session, sock
     finally:
         sock.close()
         ctx.term()
+
+
+def query_hub(client_file: Path, msg_type: str = "connection_request",
+              content: Optional[dict] = None, timeout: float = QUERY_TIMEOUT) -> Optional[dict]:
+    """One signed request to the controller's registration socket; the reply or None."""
+    try:
+        with hub_connection(client_file) as conn:
+            if conn is None:
+                return None
+            session, sock = conn
+            session.send(sock, msg_type, content or {})
+            if not sock.poll(int(timeout * 1000)):
+                return None
+            _, frames = session.feed_identities(sock.recv_multipart())
+            return session.deserialize(frames)
+    except Exception:
+        return None
 
 
 def registered_engines(client_file: Path, timeout: float = QUERY_TIMEOUT) -> Optional[Dict[int, str]]:

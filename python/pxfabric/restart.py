@@ -149,34 +149,17 @@ def _unregister(client_file: Path, ids: List[int], timeout: float = cl.QUERY_TIM
     """Stock ``unregistration_request`` for each id, on one connection, then a
     ``connection_request`` whose reply says the hub has read them all (it sends no reply to an
     unregistration). False if the hub did not answer."""
-    info = cl._read_json(Path(client_file))
-    if not info or "registration" not in info:
-        return False
-    import zmq
-    from jupyter_client.session import Session
-
-    session = Session(key=info.get("key", "").encode(),
-                      signature_scheme=info.get("signature_scheme", "hmac-sha256"))
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.linger = 0
-    if info.get("curve_serverkey"):
-        sock.curve_serverkey = info["curve_serverkey"].encode()
-        sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
     try:
-        interface = info["interface"]
-        if interface.endswith("://*") or interface.endswith("://0.0.0.0"):
-            interface = interface.rsplit("://", 1)[0] + "://127.0.0.1"
-        sock.connect(f"{interface}:{info['registration']}")
-        for eid in ids:
-            session.send(sock, "unregistration_request", {"id": eid})
-        session.send(sock, "connection_request", {})
-        return bool(sock.poll(int(timeout * 1000)))
+        with cl.hub_connection(client_file) as conn:
+            if conn is None:
+                return False
+            session, sock = conn
+            for eid in ids:
+                session.send(sock, "unregistration_request", {"id": eid})
+            session.send(sock, "connection_request", {})
+            return bool(sock.poll(int(timeout * 1000)))
     except Exception:
         return False
-    finally:
-        sock.close()
-        ctx.term()
 
 
 def _rotate_log(log: Path) -> Optional[Path]:
