@@ -777,6 +777,22 @@ def start_cluster(n: int, *, profile: Optional[str] = None, profile_dir: Optiona
         raise
 
 
+def start_watcher(state: dict, seconds: float) -> None:
+    """``--restart-hung``: start :mod:`pxfabric.watch` for this cluster in its own session and
+    record it (``pxcluster stop`` stops it first)."""
+    pdir = Path(state["profile_dir"])
+    log = pdir / "log" / f"pxwatch-{_tag(state.get('cluster_id') or '')}.log"
+    argv = [PYTHON, "-m", "pxfabric.watch", "--profile-dir", str(pdir), "--seconds", f"{seconds:g}"]
+    if state.get("cluster_id"):
+        argv += ["--cluster-id", state["cluster_id"]]
+    proc = _popen(argv, log, process_env(), pdir)
+    state["watcher"] = dict(_proc_record(psutil.Process(proc.pid)), argv=argv, log=str(log),
+                            seconds=seconds)
+    save_state(state)
+    _say(f"restarting the engine job by itself when a rank stays stuck {seconds:g} s after an "
+         f"interrupt (watcher pid {proc.pid}, log {log})")
+
+
 def _selector_args(state: dict) -> str:
     parts = []
     if state.get("profile"):
@@ -811,6 +827,9 @@ def _stop_from_state(state: dict, quiet: bool = False, grace: float = TERM_GRACE
         return slurm.stop_slurm(state, quiet=quiet)
     say = (lambda m: None) if quiet else _say
     summary: Dict[str, Any] = {"killed": [], "left": []}
+    watcher = _process(state.get("watcher"))
+    if watcher is not None:  # first: it must not restart the job we are stopping
+        summary["killed"] += terminate([watcher], grace=3.0)
     engine_procs = _collect(state, "engines")
     mpirun = _process(state.get("engines"))
     if engine_procs:
@@ -1018,6 +1037,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra pxcontroller arguments, e.g. "--ping 1000 --log-level 10"')
     s.add_argument("--engine-args", default="", metavar="ARGS",
                    help="extra arguments for every rank's engine")
+    s.add_argument("--restart-hung", type=float, default=None, metavar="SECONDS",
+                   help="restart the engine job by itself (same ids, controller and clients "
+                        "kept) when a rank stays stuck SECONDS after an interrupt")
     s.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds to wait for all engines (default {DEFAULT_TIMEOUT:.0f})")
 
@@ -1173,6 +1195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _tunnel_main(args)
         if args.command == "start" and args.slurm:
             from pxfabric import slurm
+            if args.restart_hung:
+                raise ClusterError("--restart-hung is not available with --slurm yet (the "
+                                   "controller lives in the batch job)")
             if args.hostfile or args.engines != "pxengine" or args.engine_cmd or args.mpirun:
                 raise ClusterError("--slurm runs pxengine over the job's allocation: "
                                    "--hostfile, --engines, --engine-cmd and --mpirun do not "
@@ -1198,6 +1223,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                "slurm_launch")):
                 raise ClusterError("--nodes, --time, --partition, --account, --qos and the "
                                    "--slurm-* options need --slurm")
+            if args.restart_hung is not None and args.restart_hung <= 0:
+                raise ClusterError(f"--restart-hung must be a positive number of seconds "
+                                   f"(got {args.restart_hung:g})")
             state = start_cluster(
                 args.n, profile=args.profile, profile_dir=args.profile_dir,
                 cluster_id=args.cluster_id, engines=args.engines, engine_cmd=args.engine_cmd,
@@ -1208,6 +1236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  f"{state['ready_seconds']:.1f}s; profile dir {state['profile_dir']}, "
                  f"cluster id {state['cluster_id'] or '(none)'}")
             _say(f"logs in {Path(state['profile_dir']) / 'log'}; state {state['state_file']}")
+            if args.restart_hung:
+                start_watcher(state, args.restart_hung)
             print("Connect with:\n" + connect_hint(state))
             print(f"Stop with:\n    pxcluster stop {_selector_args(state)}", flush=True)
             return 0

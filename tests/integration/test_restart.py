@@ -339,3 +339,56 @@ def test_restart_leaves_a_stock_engine_attached_by_hand_alone(px):
             eng.kill()
             eng.wait(timeout=5)
         log.close()
+
+
+@interactive
+def nap(seconds):
+    import time as _time
+    _time.sleep(seconds)
+    return seconds
+
+
+@pytest.mark.timeout(CLI_TIMEOUT + RESTART_TIMEOUT + 120)
+def test_restart_hung_restarts_a_job_stuck_after_an_interrupt(px):
+    """``start --restart-hung 2``: a rank stuck in Barrier 2 s after an interrupt makes the
+    watcher restart the job (same ids, same client); a merely busy rank is left alone; stop
+    stops the watcher too."""
+    import signal
+
+    import psutil
+    from ipyparallel import error
+
+    _binaries(px)
+    res = px.run(*start_args(px, 2, "pxengine", extra=["--restart-hung", "2"]))
+    assert res.returncode == 0, f"start failed:\n{res.stdout}\n{res.stderr}"
+    assert "stays stuck 2 s after an interrupt (watcher pid" in res.stdout, res.stdout
+    state = px.state()
+    watcher, old_mpirun = state["watcher"]["pid"], state["engines"]["pid"]
+    rc = px.client()
+    try:
+        # busy without an interrupt: not restarted
+        assert rc[:].apply_async(nap, 3).get(timeout=30) == [3, 3]
+        assert px.state()["engines"]["pid"] == old_mpirun
+
+        hung = rc[:].execute(HANG_RANK_0, block=False)
+        rc.wait(hung.msg_ids[1:], timeout=60)
+        time.sleep(0.5)
+        rc.send_signal(signal.SIGINT, targets=[0])
+        with pytest.raises(error.CompositeError) as info:
+            hung.get(timeout=90)
+        assert engine_errors(info.value) == ["EngineError"], info.value
+        deadline = time.monotonic() + RESTART_TIMEOUT
+        while px.state().get("restarts") != 1:
+            assert time.monotonic() < deadline, Path(state["watcher"]["log"]).read_text()
+            time.sleep(0.2)
+        assert _wait_ids(rc, [0, 1], timeout=30) == [0, 1]
+        assert rc[:].apply_sync(allreduce_rank) == [(0, 3), (1, 3)]
+        log = Path(state["watcher"]["log"]).read_text()
+        assert "engine(s) 0 still stuck 2 s after an interrupt" in log and \
+            "restarting the job" in log and "restarted 2 engines" in log, log
+    finally:
+        rc.close()
+    res = px.run("stop", "--profile-dir", str(px.profile_dir), timeout=90)
+    assert res.returncode == 0, res.stderr
+    assert not psutil.pid_exists(watcher) or \
+        psutil.Process(watcher).status() == psutil.STATUS_ZOMBIE
