@@ -11,7 +11,10 @@ Command line (``scripts/pxcluster`` or ``/usr/bin/python3 -m pxfabric``)::
 
     pxcluster start -n 4 [--profile NAME | --profile-dir DIR] [--cluster-id ID]
                          [--hostfile FILE] [--mpi-args "..."] [--engines pxengine|ipengine]
-                         [--timeout S]
+                         [--restart-hung SECONDS] [--timeout S]
+    pxcluster start -n 64 --slurm [--nodes N] [--time T] [--partition P] [--account A]
+                         [--qos Q] [--slurm-args "..."] [--slurm-template FILE]
+                         [--slurm-launch srun|mpirun]              (see pxfabric.slurm)
     pxcluster stop  [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--all]
     pxcluster restart [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--timeout S]
     pxcluster where [--profile NAME | --profile-dir DIR] [--cluster-id ID] [--timeout S] [--json]
