@@ -242,8 +242,14 @@ int Controller::run() {
     if (shutdown_at_ms_ && mono_ms() >= shutdown_at_ms_) break;
   }
   PXF_LOG(info, kLog) << "stopping; dropped messages: " << session_->drops().summary();
+  // Clients see the engines go (unregistration notifications) and their outstanding work fail
+  // with EngineError, instead of waiting forever on a controller that is gone (stock's
+  // ipcontroller just exits). A batch job's end stops its controller this way.
+  std::vector<int> ids;
+  for (auto& [id, e] : engines_.all()) ids.push_back(id);
+  for (int id : ids) unregister(id, "the controller is exiting");
   // MPI jobs end with the controller (stock engines would wait out their heartbeat misses);
-  // delivered within the sockets' 1 s linger.
+  // all of it delivered within the sockets' 1 s linger.
   for (auto& [job, j] : jobs_) send_link(job, "pxf_shutdown", {{"reason", "the controller is exiting"}}, json::object());
   remove_connection_files();
   return 0;

@@ -73,6 +73,42 @@ def test_sigterm_removes_connection_files(make_cluster):
     wait_until(lambda: not cluster.alive(procs), 20, 0.1, "all controller processes to exit")
 
 
+@interactive
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_sigterm_tells_clients_engines_are_gone(make_cluster, controller_kind, request):
+    """A controller stopped by SIGTERM (scancel, the walltime, pxcluster stop) first unregisters
+    every engine: a client's outstanding direct and load-balanced work fails with EngineError
+    and rc.ids empties, instead of waiting forever on a controller that is gone."""
+    if controller_kind == "stock":
+        request.node.add_marker(pytest.mark.xfail(
+            strict=True, reason="stock ipcontroller exits without telling its clients"))
+    from ipyparallel.error import CompositeError
+
+    limit = 3 if controller_kind == "stock" else 20   # stock never answers: fail fast
+    cluster = make_cluster(2)
+    rc = cluster.client()
+    try:
+        direct = rc[:].apply_async(nap, 120)
+        balanced = rc.load_balanced_view().apply_async(nap, 120)
+        time.sleep(1.0)  # both running
+        cluster.controller.send_signal(signal.SIGTERM)
+        with pytest.raises(CompositeError) as err:
+            direct.get(timeout=limit)
+        assert [e[0] for e in err.value.elist] == ["EngineError", "EngineError"], err.value
+        with pytest.raises(RemoteError) as lb_err:   # the scheduler's EngineError reply
+            balanced.get(timeout=limit)
+        assert lb_err.value.ename == "EngineError", lb_err.value
+        wait_until(lambda: rc.ids == [], 10, 0.1, "rc.ids to empty")
+    finally:
+        rc.close()
+
+
 def test_shutdown_hub_stops_everything(make_cluster):
     cluster = make_cluster(2)
     rc = cluster.client()
