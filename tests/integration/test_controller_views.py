@@ -225,6 +225,8 @@ def test_asyncresult_metadata(rc):
     assert ar.get(timeout=30) == "tag-1"
     ar.wait_for_output(timeout=10)
     assert ar.engine_id == 1
+    # stock 7.1's wait_for_output can return before a loaded client has read the stream
+    wait_until(lambda: ar.stdout and ar.stderr, 10, 0.05, "the output to arrive")
     assert ar.stdout == "hello tag-1\n"
     assert ar.stderr == "warn tag-1\n"
     md = ar.metadata

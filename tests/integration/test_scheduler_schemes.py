@@ -77,7 +77,8 @@ def test_scheme(make_cluster, tmp_path, scheme, option):
     wait_until(lambda: assigned(rc) == (2, 1), 20, 0.1, "two tasks running and one waiting")
     wait_until(lambda: len([p for p in os.listdir(tmp_path) if p.startswith("gate.")]) == 2, 20, 0.1,
                "both engines to start a task")
-    assert assigned(rc) == (2, 1)
+    # the hub's view may lag the engines by a notification under load (stock)
+    wait_until(lambda: assigned(rc) == (2, 1), 10, 0.1, "the hub to count two running, one waiting")
     open(gate, "w").close()
     pids = [ar.get(timeout=30) for ar in ars]
     assert set(pids) == set(c.engine_pids.values())
