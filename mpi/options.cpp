@@ -38,6 +38,9 @@ Accepts the stock ipengine options that ipyparallel's launchers pass:
   --IPEngine.max_heartbeat_misses=N  unanswered heartbeats before giving up (default 50)
   --version               print pxengine's version and exit (no MPI needed)
   --Class.trait=value     other traitlets options are ignored with a warning
+
+Every rank imports the pxfabric Python package from lib/pxfabric/python next to this
+program's bin/ (an install prefix or a build tree), or from $PXF_PYTHONPATH when set.
 )";
 
 namespace {

@@ -218,12 +218,18 @@ void import_engine_modules() {
       start = pos + 1;
     }
   } else {
-#ifdef PXF_PYTHON_SOURCE_DIR
-    dirs.push_back(PXF_PYTHON_SOURCE_DIR);
-#endif
-#ifdef PXF_PYTHON_INSTALL_DIR
-    dirs.push_back(PXF_PYTHON_INSTALL_DIR);
-#endif
+    // The package next to this program, found at run time (no path is compiled in, so a
+    // copied or relocated prefix works, and ranks that mpirun starts on other hosts need no
+    // PYTHONPATH): <prefix>/bin/pxengine -> <prefix>/lib/pxfabric/python. In a build tree
+    // build/lib/pxfabric/python is a link to the checkout's python/ (mpi/CMakeLists.txt),
+    // resolved here so that module paths (tracebacks, stuck-rank reports) name the checkout.
+    std::error_code ec;
+    auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+    if (!ec) {
+      auto dir = exe.parent_path().parent_path() / "lib" / "pxfabric" / "python";
+      auto real = std::filesystem::canonical(dir, ec);
+      dirs.push_back((ec ? dir : real).string());  // a missing one is named if the import fails
+    }
   }
   int at = 0;
   for (const auto& d : dirs) {
@@ -236,7 +242,18 @@ void import_engine_modules() {
   // ipyparallel, IPython and jupyter_client load only the submodules an engine uses; their
   // __init__s run when user code first needs them (pxfabric/_lazy.py): ~0.2 s less CPU per rank.
   py::module_::import("_pxf_frames");  // registers FrameBuffer
-  py::module_::import("pxfabric._lazy").attr("prepare_engine")();
+  try {
+    py::module_::import("pxfabric._lazy").attr("prepare_engine")();
+  } catch (py::error_already_set& e) {
+    // the package itself missing (an incomplete install, a moved bin/): say where we looked
+    if (!e.matches(PyExc_ImportError) || py::str(e.value().attr("name")).cast<std::string>() != "pxfabric")
+      throw;
+    std::string looked;
+    for (const auto& d : dirs) looked += (looked.empty() ? "" : ", ") + d;
+    throw std::runtime_error(std::string(e.what()) + " (looked in " + (looked.empty() ? "no directory" : looked) +
+                             " and sys.path: pxfabric belongs in lib/pxfabric/python next to pxengine's bin/, "
+                             "or set PXF_PYTHONPATH)");
+  }
   py::module_::import("pxfabric.engine");
 }
 

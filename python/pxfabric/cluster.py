@@ -50,13 +50,15 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import psutil
 
+from pxfabric import __version__, paths
 from pxfabric import hostfile as hostmod
 
 PYTHON = "/usr/bin/python3"
-REPO = Path(__file__).resolve().parents[2]
-PYTHON_DIR = REPO / "python"
-DEFAULT_CONTROLLER = REPO / "build" / "bin" / "pxcontroller"
-DEFAULT_PXENGINE = REPO / "build" / "bin" / "pxengine"
+# the checkout or the install prefix (pxfabric.paths): PXF_HOME of the batch script
+REPO = paths.HOME
+PYTHON_DIR = paths.PYTHON_DIR
+DEFAULT_CONTROLLER = paths.program("pxcontroller")
+DEFAULT_PXENGINE = paths.program("pxengine")
 ENGINE_KINDS = ("pxengine", "ipengine")
 
 # Open MPI: allow root, and run more ranks than cores without busy-waiting (2-core machines).
@@ -1012,11 +1014,25 @@ def _add_selector(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile-dir", metavar="DIR", help="profile directory (overrides --profile)")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the project version and which pxfabric this is (checkout or install
+    prefix), on one line (argparse's own version action wraps it at 80 columns)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0,
+                         help="print the version and where this pxfabric is, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"pxcluster {__version__} ({paths.describe()})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pxcluster",
         description="Start, stop and list pxfabric clusters: pxcontroller plus one MPI job "
                     "of engines, driven with the stock ipyparallel client.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command",
                                 metavar="{start,stop,restart,where,list,check,connect,disconnect}")
     sub.required = True

@@ -28,8 +28,9 @@ from typing import Dict, List, Optional
 import psutil
 
 from pxfabric import cluster as cl
+from pxfabric import paths
 
-DEFAULT_TUNNEL = cl.REPO / "build" / "bin" / "pxtunnel"
+DEFAULT_TUNNEL = paths.program("pxtunnel")
 CONNECT_TIMEOUT = 30.0     # seconds for pxtunnel's ready line
 DISCONNECT_GRACE = 5.0     # SIGTERM -> SIGKILL
 READY_MARK = "pxtunnel: forwarding "

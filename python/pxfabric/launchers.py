@@ -59,10 +59,11 @@ from ipyparallel.cluster.launcher import (
 from traitlets import Bool, Float, List, Unicode, default
 
 from pxfabric.cluster import DEFAULT_CONTROLLER, DEFAULT_PXENGINE, PYTHON_DIR, REPO
+from pxfabric.paths import SLURM_DIR
 
 __all__ = ["PxControllerLauncher", "PxMPIEngineSetLauncher", "PxSlurmEngineSetLauncher",
            "PxSlurmControllerLauncher"]
-JOB_SCRIPT = REPO / "slurm" / "pxfabric.sbatch"
+JOB_SCRIPT = SLURM_DIR / "pxfabric.sbatch"
 
 # mpirun options that place ranks on other hosts (Open MPI spellings; MPICH's hydra shares
 # -hostfile/-machinefile/-host). With one of them the job gets the remote-rank environment.

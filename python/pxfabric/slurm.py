@@ -45,8 +45,9 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from pxfabric import cluster as cl
+from pxfabric import paths
 
-SLURM_DIR = cl.REPO / "slurm"
+SLURM_DIR = paths.SLURM_DIR
 JOB_SCRIPT = SLURM_DIR / "pxfabric.sbatch"
 DEFAULT_TEMPLATE = SLURM_DIR / "pxcluster.sbatch.template"
 COMMAND_TIMEOUT = 30.0      # seconds for one sbatch/squeue/scancel/scontrol call

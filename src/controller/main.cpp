@@ -3,6 +3,7 @@
 #include "util/log.hpp"
 #include "util/memory.hpp"
 
+#include <algorithm>
 #include <csignal>
 #include <iostream>
 
@@ -17,6 +18,10 @@ int main(int argc, char** argv) {
   pxf::memory::keep_freed_memory();  // before ZeroMQ starts its threads
   pxf::log::set_name("pxcontroller");
   std::vector<std::string> args(argv + 1, argv + argc);
+  if (std::find(args.begin(), args.end(), "--version") != args.end()) {
+    std::cout << "pxcontroller " << PXF_VERSION << "\n";  // CMake's project version
+    return 0;
+  }
   std::optional<pxf::controller::Options> opts;
   try {
     opts = pxf::controller::parse_options(args);

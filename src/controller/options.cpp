@@ -54,6 +54,7 @@ ipengines, and the MPI engine jobs of pxfabric.
                           DictDB.record_limit, DictDB.size_limit, DictDB.cull_fraction,
                           HeartMonitor.period, ...), otherwise ignored with a warning
   -h, --help              this text
+  --version               print pxcontroller's version and exit
 
 The profile's ipcontroller_config.py is read as ipcontroller reads it, for its
 `c.Class.trait = value` lines (HubFactory.* meaning IPController.*); the command line wins.
