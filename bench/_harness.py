@@ -490,6 +490,28 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+alive = _alive
+
+
+def stop_procs(procs, grace: float = 5.0) -> List[int]:
+    """SIGTERM these processes (ours: found by PID), wait ``grace`` s, SIGKILL what is left;
+    returns the PIDs that needed SIGKILL."""
+    procs = [p for p in procs if _alive(p)]
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(procs, timeout=grace)
+    for p in still:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(still, timeout=5)
+    return [p.pid for p in still]
+
+
 def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
     """Stop several clusters at once, by PID: close clients, SIGTERM every known process
     (controller tree, engines, nannies), wait up to ``grace`` s, SIGKILL what is left.

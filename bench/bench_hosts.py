@@ -151,11 +151,7 @@ def split_times(ar, returned) -> dict:
 fmt = H.fmt  # one number format for every report
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
+_alive = H.alive
 
 
 # ============================================================================ inner (on nodeA)
@@ -455,19 +451,7 @@ class HostCluster:
             except subprocess.TimeoutExpired:
                 pass
         targets = [p for p in list(self.job_tree.values()) + list(self.ctrl_tree.values()) if _alive(p)]
-        for p in targets:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(targets, timeout=grace)
-        for p in still:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(still, timeout=5)
-        info["needed_sigkill"] = [p.pid for p in still]
+        info["needed_sigkill"] = H.stop_procs(targets, grace)
         # Ranks on nodeB are not our descendants: check the PIDs they reported (same PID
         # namespace), only if the process still runs our profile dir.
         left = []

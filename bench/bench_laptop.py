@@ -82,29 +82,8 @@ def noop():
     return None
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def stop_procs(procs, grace: float = 5.0) -> list:
-    """SIGTERM, wait, SIGKILL: returns the PIDs that needed SIGKILL."""
-    procs = [p for p in procs if _alive(p)]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, still = psutil.wait_procs(procs, timeout=grace)
-    for p in still:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(still, timeout=3)
-    return [p.pid for p in still]
+_alive = H.alive
+stop_procs = H.stop_procs
 
 
 # ============================================================================ shared workloads

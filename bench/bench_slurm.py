@@ -169,19 +169,7 @@ def stop_pids(pids: List[int], grace: float = 10.0) -> List[int]:
             procs.append(psutil.Process(pid))
         except psutil.NoSuchProcess:
             pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return [p.pid for p in alive]
+    return H.stop_procs(procs, grace)
 
 
 # ----------------------------------------------------------------------------- trials
