@@ -254,6 +254,17 @@ def test_stock_controller_files_are_read_by_cpp(tmp_path):
         outputs = {kind: tool(f"read-{kind}", loc[f"{kind}_file"]).stdout for kind in texts}
     finally:
         stop(ctl)
+        # stock 7.1 forks its schedulers (same argv) and may do so after our look at the
+        # children: stop whatever still names our private profile dir, by PID
+        left = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if str(prof) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
+                    p.kill()
+                    left.append(p)
+            except psutil.Error:
+                pass
+        psutil.wait_procs(left, timeout=STOP_TIMEOUT)
 
     for kind, keys in (("client", CLIENT_KEYS), ("engine", ENGINE_KEYS)):
         stock = json.loads(texts[kind])
