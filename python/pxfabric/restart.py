@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -115,34 +114,7 @@ def _stop_job(procs: List[psutil.Process], mpirun: Optional[psutil.Process], acr
     across hosts has only mpirun and its ssh sessions here: mpirun first, as ``stop`` does,
     so that the remote ranks get the signal through it.
     """
-    if across_hosts:
-        return cl.terminate(procs, grace, first=mpirun)
-    targets = [p for p in procs if cl._is_alive(p)]
-    for p in targets:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGTERM)
-    still = _wait_gone(targets, grace)
-    killed = []
-    for p in still:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signal.SIGKILL)
-            killed.append(p.pid)
-    _wait_gone(still, 5.0)
-    return killed
-
-
-def _wait_gone(procs: List[psutil.Process], timeout: float) -> List[psutil.Process]:
-    """Wait until every process exited (a zombie counts as gone); the ones still alive.
-
-    Not ``psutil.wait_procs``: it waits on each process in turn for up to 1/len(procs) s, and
-    on a rank that already exited but is not yet reaped by mpirun, so 9 processes cost ~1 s.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [p for p in procs if cl._is_alive(p)]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.01)
+    return cl.terminate(procs, grace, first=mpirun if across_hosts else None)
 
 
 def _unregister(client_file: Path, ids: List[int], timeout: float = cl.QUERY_TIMEOUT) -> bool:
