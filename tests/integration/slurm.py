@@ -289,6 +289,10 @@ class Slurm:
             # it pending with reason PartitionTimeLimit.
             "EnforcePartLimits=ALL",
             "MinJobAge=300",
+            # Job ids unique per harness: PMIx namespaces and Open MPI's shared-memory segments
+            # are named after the job id, and two harnesses at once (pytest -n 2) would both
+            # start at job 1 and collide (ranks crashed in MPI_Allreduce).
+            f"FirstJobId={1000 + (os.getpid() * 1000) % 60_000_000}",
             "KillWait=5",
             "InactiveLimit=0",
             "MessageTimeout=5",

@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from test_pxcluster import mentioning  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import installed  # noqa: E402
@@ -35,15 +37,7 @@ def prefix(tmp_path_factory):
     return moved
 
 
-def _ours(marker: str):
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in a for a in (p.info["cmdline"] or [])) and p.status() != "zombie":
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
+_ours = mentioning   # live processes whose command line names our private dir
 
 
 @pytest.mark.timeout(300)

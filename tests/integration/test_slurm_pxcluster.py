@@ -20,8 +20,9 @@ import os
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+
+from test_pxcluster import mentioning  # noqa: E402
 
 PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[2]
@@ -60,16 +61,7 @@ def pxcluster(slurm, ipydir, *args, timeout=CLI_TIMEOUT, env=None):
                      env=_env(ipydir, env), cwd=str(ipydir))
 
 
-def ours(marker: str):
-    """Live processes whose command line mentions ``marker`` (our private profile dir)."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in a for a in (p.info["cmdline"] or [])) and p.status() != "zombie":
-                out.append(p)
-        except psutil.Error:
-            continue
-    return out
+ours = mentioning   # live processes whose command line names our private dir
 
 
 def wait_no_processes(marker: str, timeout: float = 20.0):
