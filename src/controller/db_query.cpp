@@ -179,13 +179,118 @@ bool py_contains(const json& container, const json& item) {
   type_error(std::string("argument of type '") + db_type(container) + "' is not iterable");
 }
 
+namespace {
+// Code points of a UTF-8 string (Python matches characters, not bytes); a byte that does not
+// start a valid sequence stands for itself.
+std::u32string code_points(const std::string& s) {
+  std::u32string out;
+  out.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) {
+    auto c = static_cast<unsigned char>(s[i]);
+    int extra = c >= 0xF0 && c < 0xF8 ? 3 : c >= 0xE0 ? 2 : c >= 0xC0 ? 1 : 0;
+    if (c >= 0xF8 || (c >= 0x80 && c < 0xC0) || i + extra >= s.size()) extra = 0;
+    char32_t cp = extra == 0 ? c : c & (0x3F >> extra);
+    bool ok = true;
+    for (int k = 1; k <= extra && ok; ++k) {
+      auto d = static_cast<unsigned char>(s[i + k]);
+      ok = (d & 0xC0) == 0x80;
+      cp = (cp << 6) | (d & 0x3F);
+    }
+    if (!ok) extra = 0, cp = c;
+    out.push_back(cp);
+    i += 1 + extra;
+  }
+  return out;
+}
+
+// One element of a translated pattern (fnmatch.translate's pieces).
+struct GlobToken {
+  enum Kind { literal, any, star, set } kind;
+  explicit GlobToken(Kind k, char32_t ch = 0) : kind(k), c(ch) {}
+  char32_t c;
+  bool negated = false;
+  std::vector<std::pair<char32_t, char32_t>> ranges;  // set: inclusive; an empty one never matches
+  bool matches(char32_t x) const {
+    if (kind == literal) return x == c;
+    if (kind == any) return true;
+    bool in = false;
+    for (auto [lo, hi] : ranges) in = in || (lo <= x && x <= hi);
+    return in != negated;
+  }
+};
+
+// fnmatch.translate: a '[' without its ']' is a literal; the first ']' after '[' or '[!' belongs
+// to the set; `a-z` is a range, a '-' first or last is literal; a reversed range matches nothing.
+std::vector<GlobToken> translate_glob(const std::u32string& p) {
+  std::vector<GlobToken> out;
+  std::size_t i = 0, n = p.size();
+  while (i < n) {
+    char32_t c = p[i++];
+    if (c == U'*') {
+      if (out.empty() || out.back().kind != GlobToken::star) out.emplace_back(GlobToken::star);
+    } else if (c == U'?') {
+      out.emplace_back(GlobToken::any);
+    } else if (c == U'[') {
+      std::size_t j = i;
+      if (j < n && p[j] == U'!') ++j;
+      if (j < n && p[j] == U']') ++j;
+      while (j < n && p[j] != U']') ++j;
+      if (j >= n) {
+        out.emplace_back(GlobToken::literal, U'[');
+        continue;
+      }
+      GlobToken t(GlobToken::set);
+      std::size_t k = i;
+      if (p[k] == U'!') t.negated = true, ++k;
+      while (k < j) {
+        if (k + 2 < j && p[k + 1] == U'-') {
+          t.ranges.emplace_back(p[k], p[k + 2]);
+          k += 3;
+        } else {
+          t.ranges.emplace_back(p[k], p[k]);
+          ++k;
+        }
+      }
+      out.push_back(std::move(t));
+      i = j + 1;
+    } else {
+      out.emplace_back(GlobToken::literal, c);
+    }
+  }
+  return out;
+}
+} // namespace
+
+bool py_fnmatch(const std::string& name_utf8, const std::string& pattern_utf8) {
+  const std::u32string name = code_points(name_utf8);
+  const std::vector<GlobToken> pat = translate_glob(code_points(pattern_utf8));
+  // Greedy match with one backtrack point (the last '*'): linear in practice, never exponential.
+  std::size_t s = 0, t = 0, star_t = std::string::npos, star_s = 0;
+  while (s < name.size()) {
+    if (t < pat.size() && pat[t].kind == GlobToken::star) {
+      star_t = t++;
+      star_s = s;
+    } else if (t < pat.size() && pat[t].matches(name[s])) {
+      ++s, ++t;
+    } else if (star_t != std::string::npos) {
+      t = star_t + 1;
+      s = ++star_s;
+    } else {
+      return false;
+    }
+  }
+  while (t < pat.size() && pat[t].kind == GlobToken::star) ++t;
+  return t == pat.size();
+}
+
 RecordQuery::RecordQuery(const nlohmann::ordered_json& query) {
   auto plain = [](const nlohmann::ordered_json& j) { return json::parse(j.dump()); };
   if (!query.is_object())
     throw QueryError("AttributeError", std::string("'") + db_type(plain(query)) + "' object has no attribute 'items'");
   static const std::pair<const char*, Op> names[] = {
       {"$lt", Op::lt}, {"$gt", Op::gt},   {"$eq", Op::eq},   {"$ne", Op::ne},   {"$lte", Op::lte},     {"$gte", Op::gte},
-      {"$in", Op::in}, {"$nin", Op::nin}, {"$all", Op::all}, {"$mod", Op::mod}, {"$exists", Op::exists}};
+      {"$in", Op::in}, {"$nin", Op::nin}, {"$all", Op::all}, {"$mod", Op::mod}, {"$exists", Op::exists},
+      {"$glob", Op::glob}};
   for (auto it = query.begin(); it != query.end(); ++it) {
     Test t;
     t.key = it.key();
@@ -254,6 +359,14 @@ bool RecordQuery::apply(Op op, const json& a, const json& b) {
     case Op::exists: {
       bool want = truthy(b);
       return want ? !a.is_null() : a.is_null();
+    }
+    case Op::glob: {
+      // stock 9.1: fnmatch.fnmatch(a, b) if a is not None else False
+      if (a.is_null()) return false;
+      for (const json* v : {&a, &b})
+        if (!v->is_string())
+          type_error(std::string("expected str, bytes or os.PathLike object, not ") + db_type(*v));
+      return py_fnmatch(a.get_ref<const std::string&>(), b.get_ref<const std::string&>());
     }
   }
   return false;

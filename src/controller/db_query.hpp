@@ -38,7 +38,7 @@ class RecordQuery {
   std::vector<std::string> keys() const;
 
  private:
-  enum class Op { eq, ne, lt, gt, lte, gte, in, nin, all, mod, exists };
+  enum class Op { eq, ne, lt, gt, lte, gte, in, nin, all, mod, exists, glob };
   struct Test {
     std::string key;
     bool composite = false;                         // {"$op": ...} rather than a plain value
@@ -55,5 +55,8 @@ bool py_equal(const nlohmann::json& a, const nlohmann::json& b);
 int py_compare(const nlohmann::json& a, const nlohmann::json& b, const char* op);
 // `a in b`; throws QueryError("TypeError") when Python would.
 bool py_contains(const nlohmann::json& container, const nlohmann::json& item);
+// Python's fnmatch.fnmatchcase(name, pattern) on UTF-8 strings: `*`, `?`, `[seq]`, `[!seq]`, no
+// escape character, `*` matches `/` and leading dots (ipyparallel 9.1's `$glob`).
+bool py_fnmatch(const std::string& name, const std::string& pattern);
 
 } // namespace pxf::controller

@@ -205,6 +205,15 @@ def test_labels_from_a_9x_request(rc, controller_kind, request):
     some = rc.db_query({"label": {"$in": ["mylabel_apply", "mylabel_execute"]}}, keys=["label"])
     assert sorted(r["msg_id"] for r in some) == sorted(
         m for m, label in expected.items() if label != "mylabel_map")
+    # 9.1's $glob (fnmatch): wildcards, sets, no match on records without a label; a pattern
+    # on a non-string key is the TypeError stock's fnmatch raises.
+    globbed = rc.db_query({"label": {"$glob": "mylabel_[ae]*"}}, keys=["label"])
+    assert sorted(r["msg_id"] for r in globbed) == sorted(
+        m for m, label in expected.items() if label != "mylabel_map")
+    assert len(rc.db_query({"label": {"$glob": "*"}}, keys=["label"])) == len(expected)
+    with pytest.raises(RemoteError, match="expected str") as err:
+        rc.db_query({"engine_uuid": {"$glob": 7}}, keys=["label"])
+    assert err.value.ename == "TypeError"
     # A full record carries the label it was given; one without a label keeps stock 7.1's keys.
     (full,) = rc.db_query({"msg_id": ex.msg_ids[0]})
     assert full["label"] == "mylabel_execute"
