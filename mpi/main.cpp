@@ -282,8 +282,9 @@ int main(int argc, char** argv) {
     PXF_LOG(critical, kLog) << "cannot start the engine runtime: " << e.what();
     MPI_Abort(MPI_COMM_WORLD, 1);
   }
-  PXF_LOG(info, kLog) << "engine " << hc.engine_id << " (rank " << rank << "/" << size << ", uuid " << uuid
-                      << ") ready";
+  // Stock ipengine's words (ipyparallel's tests and users' scripts look for them).
+  PXF_LOG(info, kLog) << "Completed registration with id " << hc.engine_id << " (rank " << rank << "/" << size
+                      << ", uuid " << uuid << ")";
 
   host.run();  // until the job ends
   {

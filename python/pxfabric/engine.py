@@ -150,6 +150,9 @@ class EngineRuntime:
         self.aborted: set = set()
         #: True once a ``shutdown_request`` was handled; the host should then exit.
         self.shutdown_requested = False
+        #: Seconds between a ``signal_request``'s reply and its signal (other than SIGINT):
+        #: time for the reply to leave the rank before a fatal signal ends it.
+        self.signal_delay = 0.25
 
         self._engine_md = {"engine": self.engine_uuid}
         base = f"engine.{self.engine_id}."
@@ -629,7 +632,13 @@ class EngineRuntime:
             if sig == signal.SIGINT:
                 self.interrupt()
             else:
-                os.kill(os.getpid(), sig)
+                signal.Signals(sig)  # ValueError for a number that is no signal, as os.kill
+                # Reply first, then signal: a fatal signal (SIGKILL, SIGTERM) would end the rank
+                # before its signal_reply left, and the client waits for that reply with no
+                # timeout (stock's nanny signals the kernel from another process, then replies).
+                timer = threading.Timer(self.signal_delay, os.kill, (os.getpid(), sig))
+                timer.daemon = True
+                timer.start()
             reply_content = {"status": "ok"}
         except Exception:
             log.error("Error handling request: signal_request", exc_info=True)

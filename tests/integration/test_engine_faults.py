@@ -162,6 +162,31 @@ def test_killed_rank_loses_its_job_only(mpi_cluster, tmp_path, victim_rank):
 
 
 @pytest.mark.timeout(150)
+@pytest.mark.parametrize("victim_rank", [0, 1], ids=["gateway-rank", "other-rank"])
+def test_send_signal_sigkill_replies_then_kills(mpi_cluster, victim_rank):
+    """``rc.send_signal(SIGKILL)`` answers before the rank dies (the client waits for the reply
+    with no timeout: ipyparallel 9's test_cellpx_keyboard_interrupt_SIGKILL hung), then the job
+    is lost as with any killed rank."""
+    c = mpi_cluster(jobs=(2, 2))
+    rc = c.client()
+    listener = NotificationListener(c)
+    try:
+        listener.settle()
+        job_b = c.job_ids[1]
+        victim = job_b[victim_rank]
+        ar = rc.send_signal(signal.SIGKILL, targets=[victim], block=False)
+        ar.result(timeout=20)  # the signal_reply arrived (a Future in 7.1, raises on error)
+        notes = sorted(listener.wait_for("unregistration_notification", 30)["content"]["id"]
+                       for _ in job_b)
+        assert notes == job_b
+        wait_until(lambda: not set(job_b) & set(rc.ids), 30, 0.1, "the client to drop the engines")
+        assert sorted(rc.ids) == c.job_ids[0]
+        assert rc[:].apply_async(comm_world).get(timeout=60) == [(0, 2, 2), (1, 2, 2)]
+    finally:
+        listener.close()
+
+
+@pytest.mark.timeout(150)
 def test_cell_that_exits_fails_with_engine_error(mpi_cluster):
     c = mpi_cluster(jobs=(2, 2))
     rc = c.client()

@@ -430,6 +430,24 @@ def test_signal_request_like_the_nanny(rt):
                                            {"sig": "NOT_A_SIGNAL"})
     assert rtype == "_request" and content["status"] == "error"
     assert content["ename"] == "AttributeError" and content["engine_info"] == {}
+    rtype, content, md = rt.handle_control("signal_request", header("signal_request"), {"sig": 12345})
+    assert content["status"] == "error" and content["ename"] == "ValueError"
+
+
+def test_signal_request_replies_before_the_signal(rt):
+    # A fatal signal must not end the engine before its reply left (the client waits for it).
+    got = threading.Event()
+    old = signal.signal(signal.SIGUSR1, lambda *a: got.set())
+    try:
+        reply = rt.handle_control("signal_request", header("signal_request"), {"sig": "SIGUSR1"})
+        assert reply == ("_request", {"status": "ok"}, {})
+        assert not got.is_set()  # not yet: the reply is returned first
+        deadline = time.monotonic() + 5
+        while not got.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the handler runs on the main thread, between bytecodes
+        assert got.is_set()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
 
 
 def test_unknown_requests_get_no_reply(rt, rec):
