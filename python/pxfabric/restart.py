@@ -24,8 +24,8 @@ retry on the new engines when the task had ``retries``) and then the registratio
 ids: the same ``rc`` keeps working, and every record from before still answers ``get_result``
 and ``db_query``.
 
-A Slurm cluster (``pxcluster start --slurm``) runs its controller inside the batch job; its
-restart is not supported yet.
+A Slurm cluster (``pxcluster start --slurm``) runs its controller inside the batch job: there
+the batch script does steps 1-3 itself when its shell gets USR2 (``slurm.restart_slurm``).
 """
 
 from __future__ import annotations
@@ -145,6 +145,27 @@ def _rotate_log(log: Path) -> Optional[Path]:
     return None
 
 
+def _check_restartable(state: dict, spath: Path, sel: str):
+    """The client file and the registered engines of a local cluster that can be restarted;
+    ClusterError otherwise (still starting, no engine job, no controller)."""
+    if state.get("status") in ("starting", "restarting") and cl._process(state.get("pxcluster")):
+        raise cl.ClusterError(
+            f"the cluster is still {state['status']} (pxcluster pid "
+            f"{state['pxcluster']['pid']}); try again when it is done")
+    engines = state.get("engines") or {}
+    if not engines.get("argv"):
+        raise cl.ClusterError(f"the state {spath} records no engine job to restart")
+    client_file = Path((state.get("connection_files") or {}).get("client", ""))
+    ctl = cl._process(state.get("controller"))
+    before = cl.registered_engines(client_file) if ctl is not None else None
+    if ctl is None or before is None:
+        why = ("is not running" if ctl is None else "does not answer")
+        raise cl.ClusterError(
+            f"the controller (pid {(state.get('controller') or {}).get('pid')}) {why}; "
+            f"restart needs the controller: pxcluster stop {sel} && pxcluster start ...")
+    return client_file, before
+
+
 def restart_cluster(profile: Optional[str] = None, profile_dir: Optional[str] = None,
                     cluster_id: str = "", timeout: float = DEFAULT_RESTART_TIMEOUT,
                     grace: float = RESTART_GRACE, quiet: bool = False) -> dict:
@@ -152,8 +173,8 @@ def restart_cluster(profile: Optional[str] = None, profile_dir: Optional[str] = 
     updated state once all ``n`` engines registered.
 
     Raises :class:`pxfabric.cluster.ClusterError` when there is no cluster, its controller is
-    not running (a restart keeps the controller: without one, stop and start), for a Slurm
-    cluster, when the new job fails (with its log), and when the new engines did not get ids
+    not running (a restart keeps the controller: without one, stop and start), when the new
+    job fails (with its log), and when the new engines did not get ids
     0..N-1 (the job is kept running then; the message says which ids were taken).
     """
     say = (lambda m: None) if quiet else cl._say
@@ -169,30 +190,16 @@ def restart_cluster(profile: Optional[str] = None, profile_dir: Optional[str] = 
             raise cl.ClusterError(f"no pxcluster cluster recorded at {spath} "
                                   "(see `pxcluster list`; start one with `pxcluster start`)")
         sel = cl._selector_args(state)
-        if state.get("slurm"):
-            raise cl.ClusterError(
-                "restart of a Slurm cluster is not supported yet (its controller runs inside "
-                f"the batch job); start a new one: `pxcluster stop {sel}` then "
-                f"`pxcluster start --slurm ...`")
-        if state.get("status") in ("starting", "restarting") and cl._process(state.get("pxcluster")):
-            raise cl.ClusterError(
-                f"the cluster is still {state['status']} (pxcluster pid "
-                f"{state['pxcluster']['pid']}); try again when it is done")
-        engines = state.get("engines") or {}
-        if not engines.get("argv"):
-            raise cl.ClusterError(f"the state {spath} records no engine job to restart")
-        client_file = Path((state.get("connection_files") or {}).get("client", ""))
-        ctl = cl._process(state.get("controller"))
-        before = cl.registered_engines(client_file) if ctl is not None else None
-        if ctl is None or before is None:
-            why = ("is not running" if ctl is None else "does not answer")
-            raise cl.ClusterError(
-                f"the controller (pid {(state.get('controller') or {}).get('pid')}) {why}; "
-                f"restart needs the controller: pxcluster stop {sel} && pxcluster start ...")
-        state["status"] = "restarting"
-        state["pxcluster"] = cl._proc_record(psutil.Process())
-        cl.save_state(state)
-
+        slurm_job = bool(state.get("slurm"))
+        if not slurm_job:
+            client_file, before = _check_restartable(state, spath, sel)
+            state["status"] = "restarting"
+            state["pxcluster"] = cl._proc_record(psutil.Process())
+            cl.save_state(state)
+    if slurm_job:  # outside the profile lock: the batch job does the work, we watch
+        from pxfabric import slurm
+        return slurm.restart_slurm(state, timeout, quiet=quiet)
+    engines = state["engines"]
     n = int(state["n"])
     argv = list(engines["argv"])
     log = Path(engines.get("log") or cl.log_paths(pdir, cluster_id)["engines"])

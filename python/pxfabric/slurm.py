@@ -396,6 +396,70 @@ def stop_slurm(state: dict, quiet: bool = False) -> dict:
             "job_state": (info or {}).get("state", "gone")}
 
 
+def restart_slurm(state: dict, timeout: float, quiet: bool = False) -> dict:
+    """``pxcluster restart`` of a Slurm cluster: the batch script (slurm/pxfabric.sbatch) ends
+    its engine job and starts it again in the same allocation when its shell gets USR2
+    (``scancel --batch --signal=USR2``); the controller inside the job stays, and the new ranks
+    get the same ids. Returns the state once all ``n`` new engines registered."""
+    say = (lambda m: None) if quiet else cl._say
+    job_id = state["slurm"]["job_id"]
+    n = int(state["n"])
+    client_file = Path((state.get("connection_files") or {}).get("client", ""))
+    engine_log = (state.get("logs") or {}).get("engines") or ""
+    info = job_info(job_id)
+    if info.get("state") != "RUNNING":
+        raise SlurmError(f"job {job_id} is {info.get('state') or 'gone'}, not running: nothing "
+                         "to restart (`pxcluster list` says more; `pxcluster stop` removes it)")
+    marker = Path(engine_log).with_suffix(".restart") if engine_log else None
+    if marker is None or not marker.exists():
+        raise SlurmError(
+            f"job {job_id}'s batch script cannot restart its engines ({marker or 'no engine log recorded'} is missing: a "
+            "site template that does not run slurm/pxfabric.sbatch, or a pxfabric older than "
+            "restart); `pxcluster stop` and `pxcluster start --slurm ...` instead")
+    before = cl.registered_engines(client_file)
+    if before is None:
+        raise SlurmError(f"the controller of job {job_id} does not answer ({client_file}); "
+                         f"its log: {(state.get('logs') or {}).get('controller')}")
+    old_uuids = set(before.values())
+    t0 = time.monotonic()
+    say(f"restarting the engines of job {job_id} (scancel --batch --signal=USR2 {job_id})")
+    r = _run([_command("scancel"), "--batch", "--signal=USR2", str(job_id)])
+    if r.returncode != 0:
+        raise SlurmError(f"scancel --batch --signal=USR2 {job_id} failed: "
+                         f"{_slurm_words(r.stderr or r.stdout)}")
+    deadline = t0 + timeout
+    have: Dict[int, str] = {}
+    while True:
+        got = cl.registered_engines(client_file)
+        if got is not None:
+            have = {i: u for i, u in got.items() if u not in old_uuids}
+            if len(have) >= n and not old_uuids & set(got.values()):
+                break
+        info = job_info(job_id)
+        if info.get("state") != "RUNNING":
+            raise SlurmError(f"job {job_id} ended during the restart: "
+                             f"{info.get('state') or 'gone'}\n" + _job_output_tail(state))
+        if time.monotonic() > deadline:
+            raise SlurmError(
+                f"timed out after {timeout:.0f}s: {len(have)} of {n} engines of the new engine "
+                f"job registered; job {job_id} keeps running.\n" + _job_output_tail(state))
+        time.sleep(0.1)
+    elapsed = time.monotonic() - t0
+    state["restarts"] = int(state.get("restarts") or 0) + 1
+    state["restart_time"] = time.time()
+    state["restart_time_iso"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    state["restart_seconds"] = round(elapsed, 2)
+    state["hosts"] = cl.engine_hosts(client_file)
+    cl.save_state(state)
+    want = list(range(n))
+    if sorted(have) != want:
+        raise SlurmError(f"the new engine job of job {job_id} is running, but its engines got "
+                         f"ids {sorted(have)} instead of 0..{n - 1}")
+    span = f"{want[0]}-{want[-1]}" if n > 1 else "0"
+    say(f"restarted {n} engines (ids {span}) in {elapsed:.1f} s")
+    return state
+
+
 def slurm_status(state: dict) -> dict:
     """``pxcluster list``'s row for a Slurm cluster."""
     job_id = state["slurm"]["job_id"]

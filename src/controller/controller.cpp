@@ -471,20 +471,24 @@ void Controller::count_handshake_failure(const char* where, std::uint16_t event)
                            << "; #" << n << "): the peer needs the curve_serverkey of this controller's connection files";
 }
 
+bool Controller::probe_job(const std::string& uuid) {
+  Frames ids;
+  ids.push_back(wire::frame(uuid));
+  ids.push_back(wire::frame("link"));
+  mark_sent(fabric_);
+  try {
+    zmq::send_multipart(fabric_, session_->build(std::move(ids), "pxf_probe", json::object(), json::object()));
+  } catch (const zmq::error_t& e) {
+    if (e.num() != EHOSTUNREACH) throw;
+    return false;
+  }
+  return true;
+}
+
 void Controller::probe_jobs() {
   std::vector<std::string> gone;
-  for (auto& [uuid, job] : jobs_) {
-    Frames ids;
-    ids.push_back(wire::frame(uuid));
-    ids.push_back(wire::frame("link"));
-    mark_sent(fabric_);
-    try {
-      zmq::send_multipart(fabric_, session_->build(std::move(ids), "pxf_probe", json::object(), json::object()));
-    } catch (const zmq::error_t& e) {
-      if (e.num() != EHOSTUNREACH) throw;
-      gone.push_back(uuid);
-    }
-  }
+  for (auto& [uuid, job] : jobs_)
+    if (!probe_job(uuid)) gone.push_back(uuid);
   for (auto& j : gone) drop_job(j, "its gateway's connection closed and did not come back");
 }
 

@@ -209,6 +209,8 @@ class Controller {
   void drain_query_monitor();
   void count_handshake_failure(const char* where, std::uint16_t event);
   void probe_jobs();
+  // False when the fabric ROUTER can no longer route to the job's gateway (its connection closed).
+  bool probe_job(const std::string& uuid);
 
   EngineTable engines_;
   LoadBalancer balancer_;

@@ -137,6 +137,16 @@ void Controller::on_job_register(const std::string& job, const Message& m) {
     if (uuid.empty() || engines_.uuid_known(uuid)) return fail("KeyError", "uuid '" + uuid + "' in use");
     ranks.emplace_back(std::move(uuid), e["rank"].get<int>());
   }
+  // A job holding the ids asked for may be one whose ranks were killed before rank 0 could
+  // unregister them (srun or mpirun ending a step with SIGKILL, then starting the same job
+  // again): its gateway's connection is gone, and the ROUTER says so now rather than at the
+  // next probe one ping period later.
+  for (auto& [uuid, rank] : ranks) {
+    const Engine* held = engines_.by_id(rank);
+    if (!held || held->job.empty() || held->job == job) continue;
+    const std::string holder = held->job;  // a copy: drop_job removes the engine
+    if (!probe_job(holder)) drop_job(holder, "its gateway's connection closed (seen at a registration)");
+  }
   // Engine id = rank when no live engine holds those ids (a job started again after the old
   // one unregistered gets the same ids: pxcluster restart); otherwise the job is offset past
   // every id ever used.

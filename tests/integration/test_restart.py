@@ -231,8 +231,9 @@ def test_restart_needs_the_controller(px):
     assert "restart needs the controller: pxcluster stop" in res.stderr, res.stderr
 
 
-def test_restart_of_a_slurm_cluster_names_the_alternative(px):
-    """A state with a Slurm job: refused in one line before anything is touched."""
+def test_restart_of_a_slurm_job_that_is_gone(px):
+    """A state with a Slurm job Slurm does not know: refused in one line, nothing touched
+    (tests/integration/test_slurm_pxcluster.py restarts a real one)."""
     sec = px.profile_dir / "security"
     sec.mkdir(parents=True)
     (px.profile_dir / "log").mkdir()
@@ -247,7 +248,8 @@ def test_restart_of_a_slurm_cluster_names_the_alternative(px):
         spath.unlink()  # nothing to stop
     assert res.returncode == 1
     err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and "Slurm" in err[0] and "pxcluster start --slurm" in err[0], err
+    assert len(err) == 1 and "job 999999 is gone, not running" in err[0], err
+    assert "pxcluster stop" in err[0], err
 
 
 @pytest.mark.timeout(400)

@@ -155,6 +155,59 @@ def test_pxcluster_start_list_stop(slurm, ipydir):
     assert "stopping (signal TERM" in out and "pxfabric: stopped" in out
 
 
+@interactive
+def _pid():
+    import os as _os
+    return _os.getpid()
+
+
+def test_restart_in_the_allocation(slurm, ipydir):
+    """``pxcluster restart`` of a Slurm cluster with rank 0 stuck in a Barrier: the batch job
+    ends its engine step and starts a new one in the same allocation; the controller inside the
+    job and the client stay, the hung cell fails with EngineError, the new ranks get ids 0..3."""
+    from ipyparallel import RemoteError
+
+    profile = ipydir / "profile_default"
+    r = pxcluster(slurm, ipydir, "start", "-n", 4, "--slurm", "--time", "10", "--timeout",
+                  START_TIMEOUT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = (r.stdout + r.stderr).split("submitted job ")[1].split()[0]
+    rc = client(profile, n=4)
+    try:
+        old_pids = rc[:].apply_sync(_pid)
+        old_uuids = set(rc._engines.values())
+        hung = rc[0].execute("from mpi4py import MPI; MPI.COMM_WORLD.Barrier()", block=False)
+        time.sleep(0.5)
+        r = pxcluster(slurm, ipydir, "restart", "--timeout", START_TIMEOUT)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"scancel --batch --signal=USR2 {job}" in r.stdout
+        assert "restarted 4 engines (ids 0-3)" in r.stdout, r.stdout
+        with pytest.raises(RemoteError) as err:
+            hung.get(timeout=30)
+        assert err.value.ename == "EngineError"
+        deadline = time.monotonic() + 30
+        while old_uuids & set(rc._engines.values()) or len(rc.ids) != 4:
+            assert time.monotonic() < deadline, rc.ids
+            time.sleep(0.1)
+            rc.spin()
+        new_pids = rc[:].apply_sync(_pid)
+        assert not set(new_pids) & set(old_pids)
+        assert rc.ids == [0, 1, 2, 3]
+        assert rc[:].apply_sync(_allreduce) == [6, 6, 6, 6]
+        assert slurm.job_state(job) == "RUNNING"   # the same allocation
+    finally:
+        rc.close()
+    r = pxcluster(slurm, ipydir, "list", "--json")
+    (row,) = json.loads(r.stdout)
+    assert row["slurm_job"] == job and row["engines_registered"] == 4
+    r = pxcluster(slurm, ipydir, "stop")
+    assert r.returncode == 0, r.stderr
+    out = (profile / "log" / f"pxslurm-default-{job}.out").read_text()
+    assert "USR2: restarting the engines" in out and "restart 1: the old engine job ended" in out
+    assert not (profile / "log" / f"pxengines-{job}.restart").exists()
+    wait_no_processes(str(profile))
+
+
 def test_sbatch_by_hand_with_mpirun(slurm, ipydir):
     """What an HPC user types: sbatch the script; the job output says how to connect."""
     profile = ipydir / "profile_byhand"
