@@ -30,10 +30,6 @@ MPI_ENV_DEFAULTS = {
 }
 
 
-def _executable(path: Path) -> bool:
-    return path.is_file() and os.access(path, os.X_OK)
-
-
 def controller_program() -> List[str]:
     """``$PXF_CONTROLLER`` (a command line) or ``<repo>/build/bin/pxcontroller``."""
     env = os.environ.get("PXF_CONTROLLER")
