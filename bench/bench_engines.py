@@ -376,6 +376,42 @@ def print_report(res: dict) -> None:
     R.print_engines_report(res, METRICS)
 
 
+def snapshot(snap: Path, px_path: str, pxe_path: str, old: Optional[dict]):
+    """Copy what pxfabric runs (both binaries and python/pxfabric, which pxengine imports from
+    the source tree; with --against-* the old side's too) into ``snap``: someone may rebuild
+    build/bin during the run, and one run must not mix two builds. Sets $PXF_PYTHONPATH for
+    the new side's pxengine. Returns (binaries for the JSON, px_path, pxe_path, old), the
+    paths now those of the copies."""
+    binfo = H.binary_info
+    binaries = {"pxcontroller": binfo(px_path), "pxengine": binfo(pxe_path)}
+    (snap / "bin").mkdir(parents=True)
+    px_path = str(shutil.copy2(px_path, snap / "bin" / "pxcontroller"))
+    pxe_path = str(shutil.copy2(pxe_path, snap / "bin" / "pxengine"))
+    binaries["snapshot"] = {"pxcontroller": px_path, "pxengine": pxe_path}
+    if old:
+        binaries["against"] = {"pxcontroller": binfo(old["pxcontroller"]),
+                               "pxengine": binfo(old["pxengine"])}
+        (snap / "old-bin").mkdir()
+        copies = {k: str(shutil.copy2(old[k], snap / "old-bin" / k))
+                  for k in ("pxcontroller", "pxengine")}
+        binaries["against"]["snapshot"] = dict(copies)
+        if old.get("pythonpath"):
+            oldpy = Path(old["pythonpath"]) / "pxfabric"
+            shutil.copytree(oldpy, snap / "old-python" / "pxfabric",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            copies["pythonpath"] = str(snap / "old-python")
+            binaries["against"]["pxf_pythonpath"] = f"snapshot of {oldpy}"
+        old = copies
+    pysrc = H.REPO / "python" / "pxfabric"
+    if os.environ.get("PXF_PYTHONPATH"):
+        binaries["pxf_pythonpath"] = os.environ["PXF_PYTHONPATH"] + " (from the environment)"
+    elif pysrc.is_dir():
+        shutil.copytree(pysrc, snap / "python" / "pxfabric", ignore=shutil.ignore_patterns("__pycache__"))
+        os.environ["PXF_PYTHONPATH"] = str(snap / "python")  # read by pxengine; inherited by mpiexec
+        binaries["pxf_pythonpath"] = f"snapshot of {pysrc}"
+    return binaries, px_path, pxe_path, old
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> int:
@@ -447,6 +483,10 @@ def main() -> int:
     if against:  # the older pxfabric; a binary not given is the new one
         old = {"pxcontroller": H.px_binary(a.against_px or px_path),
                "pxengine": H.pxengine_binary(a.against_pxengine or pxe_path)}
+        if a.against_pythonpath:
+            old["pythonpath"] = str(Path(a.against_pythonpath).resolve())
+            if not (Path(old["pythonpath"]) / "pxfabric" / "__init__.py").is_file():
+                ap.error(f"--against-pythonpath {a.against_pythonpath}: no pxfabric package in it")
     label = R.sides(LABEL, against)
     mpiexec = H.mpiexec()
     import ipyparallel
@@ -464,38 +504,8 @@ def main() -> int:
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    binfo = H.binary_info
-
-    # Snapshot what pxfabric runs (both binaries and python/pxfabric, which pxengine imports
-    # from the source tree) into the temp dir: someone may rebuild build/bin during the run,
-    # and one run must not mix two builds.
-    binaries = {"pxcontroller": binfo(px_path), "pxengine": binfo(pxe_path)}
     snap = tmp / "snapshot"
-    (snap / "bin").mkdir(parents=True)
-    px_path = str(shutil.copy2(px_path, snap / "bin" / "pxcontroller"))
-    pxe_path = str(shutil.copy2(pxe_path, snap / "bin" / "pxengine"))
-    binaries["snapshot"] = {"pxcontroller": px_path, "pxengine": pxe_path}
-    if old:
-        binaries["against"] = {"pxcontroller": binfo(old["pxcontroller"]),
-                               "pxengine": binfo(old["pxengine"])}
-        (snap / "old-bin").mkdir()
-        old = {k: str(shutil.copy2(v, snap / "old-bin" / k)) for k, v in old.items()}
-        binaries["against"]["snapshot"] = dict(old)
-        if a.against_pythonpath:
-            oldpy = Path(a.against_pythonpath).resolve() / "pxfabric"
-            if not (oldpy / "__init__.py").is_file():
-                ap.error(f"--against-pythonpath {a.against_pythonpath}: no pxfabric package in it")
-            shutil.copytree(oldpy, snap / "old-python" / "pxfabric",
-                            ignore=shutil.ignore_patterns("__pycache__"))
-            old["pythonpath"] = str(snap / "old-python")
-            binaries["against"]["pxf_pythonpath"] = f"snapshot of {oldpy}"
-    pysrc = H.REPO / "python" / "pxfabric"
-    if os.environ.get("PXF_PYTHONPATH"):
-        binaries["pxf_pythonpath"] = os.environ["PXF_PYTHONPATH"] + " (from the environment)"
-    elif pysrc.is_dir():
-        shutil.copytree(pysrc, snap / "python" / "pxfabric", ignore=shutil.ignore_patterns("__pycache__"))
-        os.environ["PXF_PYTHONPATH"] = str(snap / "python")  # read by pxengine; inherited by mpiexec
-        binaries["pxf_pythonpath"] = f"snapshot of {pysrc}"
+    binaries, px_path, pxe_path, old = snapshot(snap, px_path, pxe_path, old)
 
     mpiver = ""
     try:
