@@ -32,6 +32,10 @@ import psutil
 
 PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python"))
+from pxfabric import processes as P  # noqa: E402  (stopping by PID, shared with pxcluster and tests)
+from pxfabric.cluster import hub  # noqa: E402  (pxf_stats_request)
+
 DEFAULT_PXCONTROLLER = REPO / "build" / "bin" / "pxcontroller"
 DEFAULT_PXENGINE = REPO / "build" / "bin" / "pxengine"
 
@@ -245,10 +249,11 @@ class Cluster:
     def __init__(self, kind: str, workdir: Path, n_engines: int, px_path: str,
                  ping_ms: int = 250, px_prefix: str = "", engine_mode: str = "ipengine",
                  engine_program: Optional[List[str]] = None,
-                 engine_args: Iterable[str] = ()) -> None:
+                 engine_args: Iterable[str] = (), label: Optional[str] = None) -> None:
         assert kind in KINDS
         assert engine_mode in ("ipengine", "mpi")
         self.kind = kind
+        self.label = label or LABEL[kind]  # in messages (e.g. "old pxcontroller" for --against-px)
         self.engine_mode = engine_mode
         self.engine_program = list(engine_program or [])
         self.engine_args = list(engine_args)
@@ -342,7 +347,7 @@ class Cluster:
     # ---- start
 
     def _fail(self, msg: str) -> None:
-        raise HarnessError(f"[{LABEL[self.kind]}] {msg}\n--- controller log tail:\n"
+        raise HarnessError(f"[{self.label}] {msg}\n--- controller log tail:\n"
                            f"{log_tail(self.controller_log)}")
 
     def start_controller(self, deadline: float) -> None:
@@ -421,23 +426,7 @@ class Cluster:
 
     def px_stats(self, timeout: float = 5.0) -> Optional[dict]:
         """pxcontroller's own counters (pxf_stats_request on the registration socket)."""
-        import zmq
-        from jupyter_client.session import Session
-
-        info = json.loads((self.security / "ipcontroller-client.json").read_text())
-        session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        try:
-            sock.connect(f"{info['interface']}:{info['registration']}")
-            session.send(sock, "pxf_stats_request", {})
-            if not sock.poll(int(timeout * 1000)):
-                return None
-            _, frames = session.feed_identities(sock.recv_multipart())
-            return session.deserialize(frames)["content"]
-        finally:
-            sock.close()
+        return hub.controller_stats(self.security / "ipcontroller-client.json", timeout)
 
     def check_alive(self) -> None:
         """Raise HarnessError (with the log tail) if the controller process has exited."""
@@ -476,40 +465,11 @@ class Cluster:
     def kill_all(self) -> None:
         """Last resort (watchdog): SIGKILL everything we know of, by PID."""
         self.refresh()
-        for p in self.known.values():
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.Error:
-                pass
+        P.send(self.known.values(), signal.SIGKILL)
 
 
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-alive = _alive
-
-
-def stop_procs(procs, grace: float = 5.0) -> List[int]:
-    """SIGTERM these processes (ours: found by PID), wait ``grace`` s, SIGKILL what is left;
-    returns the PIDs that needed SIGKILL."""
-    procs = [p for p in procs if _alive(p)]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, still = psutil.wait_procs(procs, timeout=grace)
-    for p in still:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(still, timeout=5)
-    return [p.pid for p in still]
+_alive = alive = P.is_alive
+stop_procs = P.stop_procs  # SIGTERM, wait ``grace`` s, SIGKILL; the PIDs that needed SIGKILL
 
 
 def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
@@ -517,7 +477,8 @@ def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
     (controller tree, engines, nannies), wait up to ``grace`` s, SIGKILL what is left.
 
     MPI engine jobs first get SIGTERM on mpiexec alone (it forwards the signal and takes its
-    ranks down), up to ``grace / 2`` s, before the round above."""
+    ranks down), up to ``grace / 2`` s, before the round above. One round for all clusters
+    (not pxfabric.processes.terminate per cluster): stopping many costs one grace, not many."""
     infos = []
     targets_of = []
     for c in clusters:
@@ -531,7 +492,7 @@ def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
                 p.send_signal(signal.SIGTERM)
             except OSError:
                 pass
-        psutil.wait_procs(ranks, timeout=grace / 2)
+        P.wait_gone(ranks, grace / 2)
     for c in clusters:
         info: dict = {}
         if c.controller is not None and c.controller.poll() is not None:
@@ -540,23 +501,14 @@ def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
         if err:
             info["client_close_error"] = err
         c.refresh()
-        targets = [p for p in c.known.values() if _alive(p)]
-        for p in targets:
-            try:
-                p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
+        targets = P.alive(c.known.values())
+        P.send(targets, signal.SIGTERM)
         info["terminated"] = len(targets)
         infos.append(info)
         targets_of.append(targets)
-    everything = [p for t in targets_of for p in t]
-    _, still = psutil.wait_procs(everything, timeout=grace)
-    for p in still:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.Error:
-            pass
-    psutil.wait_procs(still, timeout=5)
+    still = P.wait_gone([p for t in targets_of for p in t], grace)
+    P.send(still, signal.SIGKILL)
+    P.wait_gone(still, 5)
     still_pids = {p.pid for p in still}
     for c, info, targets in zip(clusters, infos, targets_of):
         for p in c.popens:
@@ -569,17 +521,6 @@ def stop_clusters(clusters: List[Cluster], grace: float = 10.0) -> List[dict]:
         if c in _ALL_CLUSTERS:
             _ALL_CLUSTERS.remove(c)
     return infos
-
-
-def fmt(x, nd=2):
-    """A number for a report table: 3 significant-ish digits, "-" for None."""
-    if x is None:
-        return "-"
-    if abs(x) >= 100:
-        return f"{x:.0f}"
-    if abs(x) >= 10:
-        return f"{x:.1f}"
-    return f"{x:.{nd}f}"
 
 
 def log_problems(path, limit: int = 10, extra_benign: str = "") -> dict:

@@ -15,8 +15,13 @@ Workloads (stock ipyparallel.Client calls):
   lb_apply         [lview.apply_async(f) for _ in range(N)]               tasks/s
 and the controller's CPU (whole process tree, psutil cpu_times deltas) per 1,000 tasks.
 
+With --against-px PATH the stock side is a second pxcontroller instead (an older build): new
+(--px-binary) and old are measured the same way, paired rep by rep, and reported as "new" and
+"old" (before/after benchmarks of a change to pxcontroller).
+
 Usage:  /usr/bin/python3 bench/bench_controller.py [--quick] [--reps 5] [--tasks 2000]
         [--calls 200] [--json PATH]     (PXF_CONTROLLER or --px-binary picks the binary)
+        [--against-px OLD_PXCONTROLLER]
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import psutil  # noqa: E402
 
 import _harness as H  # noqa: E402
+import _report as R  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -127,7 +133,7 @@ class Runner:
         wall = time.perf_counter() - t
         cpu = s0.delta(H.CpuSnapshot(g))
         if not ok:
-            raise AssertionError(f"{name}: wrong results on {H.LABEL[self.c.kind]}")
+            raise AssertionError(f"{name}: wrong results on {self.c.label}")
         out.update(value=tasks / wall, wall_s=wall, cpu=cpu, ops=tasks)
         return out
 
@@ -139,137 +145,7 @@ class Runner:
         self.clean()
 
 
-fmt = H.fmt  # one number format for every report
-
-
-def analyse(reps_data: dict, tasks: int) -> dict:
-    """reps_data[workload][kind] = list of rep dicts (index = rep)."""
-    out = {}
-    for name, metric, unit, _ in WORKLOADS:
-        d = reps_data.get(name)
-        if not d or not d["px"] or not d["stock"]:
-            continue
-        row = {"unit": unit, "metric": metric}
-        for kind in H.KINDS:
-            reps = d[kind]
-            vals = [r["value"] for r in reps]
-            row[kind] = H.summary(vals)
-            row[kind]["reps"] = vals
-            ctrl = [r["cpu"]["controller"] for r in reps]
-            per_op = [c / r["ops"] for c, r in zip(ctrl, reps)]
-            row[kind]["ctrl_cpu_s_per_1000_ops"] = H.median(p * 1000 for p in per_op)
-            row[kind]["ctrl_cpu_s_per_1000_ops_reps"] = [p * 1000 for p in per_op]
-            row[kind]["ctrl_user_s_per_1000_ops"] = H.median(
-                1000 * r["cpu"]["controller_user"] / r["ops"] for r in reps)
-            row[kind]["ctrl_system_s_per_1000_ops"] = H.median(
-                1000 * r["cpu"]["controller_system"] / r["ops"] for r in reps)
-            row[kind]["ctrl_cpu_pct_of_core"] = H.median(
-                100 * r["cpu"]["controller"] / r["cpu"]["wall"] for r in reps)
-            row[kind]["engines_cpu_pct_of_core"] = H.median(
-                100 * r["cpu"]["engines"] / r["cpu"]["wall"] for r in reps)
-            row[kind]["client_cpu_pct_of_core"] = H.median(
-                100 * r["cpu"]["client"] / r["cpu"]["wall"] for r in reps)
-            row[kind]["idle_other_cluster_cpu_pct_of_core"] = H.median(
-                100 * r["cpu"]["other_cluster"] / r["cpu"]["wall"] for r in reps)
-            row[kind]["foreign_cpu_pct_of_core"] = H.median(
-                100 * r["cpu"]["foreign"] / r["cpu"]["wall"] for r in reps)
-            if metric == "latency":
-                allc = [x for r in reps for x in r["calls_ms"]]
-                row[kind]["all_calls"] = H.summary(allc)
-            if name == "lb_apply":
-                row[kind]["submit_s_reps"] = [r["submit_s"] for r in reps]
-        n = min(len(d["px"]), len(d["stock"]))
-        if metric == "latency":  # better = lower; ratio = stock/px (>1: px faster)
-            paired = [d["stock"][i]["value"] / d["px"][i]["value"] for i in range(n)]
-            ratio_of_medians = row["stock"]["median"] / row["px"]["median"]
-        else:  # better = higher; ratio = px/stock (>1: px faster)
-            paired = [d["px"][i]["value"] / d["stock"][i]["value"] for i in range(n)]
-            ratio_of_medians = row["px"]["median"] / row["stock"]["median"]
-        row["speedup_paired"] = H.summary(paired)
-        row["speedup_paired"]["reps"] = paired
-        row["speedup_of_medians"] = ratio_of_medians
-        cp = [d["stock"][i]["cpu"]["controller"] / d["px"][i]["cpu"]["controller"]
-              if d["px"][i]["cpu"]["controller"] > 0 else None for i in range(n)]
-        cp = [x for x in cp if x is not None]
-        row["ctrl_cpu_stock_over_px_paired"] = H.summary(cp) if cp else None
-        out[name] = row
-    return out
-
-
-def print_report(res: dict) -> None:
-    A = res["analysis"]
-    print()
-    print(f"pxcontroller vs stock ipcontroller, {res['config']['engines']} stock engines each, "
-          f"{res['config']['reps']} interleaved reps, tasks={res['config']['tasks']}, "
-          f"calls={res['config']['calls']}")
-    mb = res["machine"]["before"]
-    print(f"machine before: {mb['ncpu']} cpus, busy {mb['cpu_busy_pct_1s']:.0f}% of all cores over 1 s, "
-          f"loadavg {mb['loadavg_1_5_15']}")
-    if "during" in res["machine"]:
-        md = res["machine"]["during"]
-        print(f"machine during reps: busy {md['busy_pct_of_all_cores']:.0f}% of all cores; "
-              f"other users (not our processes) {md['foreign_pct_of_one_core']:.0f}% of one core")
-    print()
-    hdr = (f"{'workload':<16} {'unit':<8} {'stock':>8} {'px':>8} {'speedup':>8} "
-           f"{'paired (min..max)':>18} {'stock reps min..max':>20} {'px reps min..max':>18}")
-    print(hdr)
-    print("-" * len(hdr))
-    for name, metric, unit, _ in WORKLOADS:
-        r = A.get(name)
-        if not r:
-            continue
-        sp = r["speedup_paired"]
-        print(f"{name:<16} {unit:<8} {fmt(r['stock']['median']):>8} {fmt(r['px']['median']):>8} "
-              f"{fmt(sp['median']):>7}x {fmt(sp['min']) + '..' + fmt(sp['max']):>18} "
-              f"{fmt(r['stock']['min']) + '..' + fmt(r['stock']['max']):>20} "
-              f"{fmt(r['px']['min']) + '..' + fmt(r['px']['max']):>18}")
-    print("speedup = median over reps of the paired ratio: stock/px for ms/call, px/stock for tasks/s "
-          "(>1 means pxcontroller is faster)")
-    print()
-    hdr2 = (f"{'controller CPU':<16} {'stock':>10} {'px':>10} {'stock/px':>9} {'px % of stock':>14} "
-            f"{'stock %core':>11} {'px %core':>9} {'px usr/sys':>12}")
-    print(hdr2)
-    print("-" * len(hdr2))
-    for name, metric, unit, _ in WORKLOADS:
-        r = A.get(name)
-        if not r:
-            continue
-        s, p = r["stock"]["ctrl_cpu_s_per_1000_ops"], r["px"]["ctrl_cpu_s_per_1000_ops"]
-        per = "s/1000 tasks" if metric == "rate" else "s/1000 calls"
-        ratio = s / p if p else None
-        print(f"{name:<16} {fmt(s, 3):>10} {fmt(p, 3):>10} {fmt(ratio):>8}x "
-              f"{fmt(100 * p / s if s else None, 1):>13}% {fmt(r['stock']['ctrl_cpu_pct_of_core'], 0):>10}% "
-              f"{fmt(r['px']['ctrl_cpu_pct_of_core'], 0):>8}% "
-              f"{fmt(r['px']['ctrl_user_s_per_1000_ops'], 2) + '/' + fmt(r['px']['ctrl_system_s_per_1000_ops'], 2):>12}"
-              f"   ({per})")
-    print("controller CPU = user+system seconds of the controller's whole process tree "
-          "(stock: every process; px: one), median over reps; px usr/sys = its user and system parts")
-    print()
-    for line in res["verdict"]["lines"]:
-        print(line)
-
-
-def verdict(A: dict) -> dict:
-    lines = []
-    ok_cpu = True
-    for name in ("lb_map", "lb_apply"):
-        r = A.get(name)
-        if not r:
-            continue
-        s, p = r["stock"]["ctrl_cpu_s_per_1000_ops"], r["px"]["ctrl_cpu_s_per_1000_ops"]
-        frac = p / s if s else float("inf")
-        good = frac <= 0.1
-        ok_cpu &= good
-        lines.append(f"goal CPU/task <= 1/10 of stock, {name}: px uses {100 * frac:.1f}% of stock "
-                     f"({s:.3f} vs {p:.3f} s/1000 tasks) -> {'MET' if good else 'NOT MET'}")
-    slower = []
-    for name, r in A.items():
-        sp = r["speedup_paired"]
-        if sp["median"] < 1.0:
-            noise = ", range straddles 1: within noise" if sp["max"] >= 1.0 else ", slower in every rep"
-            slower.append(f"{name} (paired speedup {sp['median']:.2f}x, reps {sp['min']:.2f}..{sp['max']:.2f}{noise})")
-    lines.append("goal no workload slower: " + ("MET" if not slower else "NOT MET: " + "; ".join(slower)))
-    return {"cpu_goal_met": ok_cpu, "no_slower_goal_met": not slower, "lines": lines}
+fmt = R.fmt  # one number format for every report
 
 
 def main() -> int:
@@ -285,6 +161,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=None,
                     help="hard limit for the whole run in s (default 1500, --quick 150)")
     ap.add_argument("--px-binary", default=None, help="pxcontroller to run (default $PXF_CONTROLLER or build/bin)")
+    ap.add_argument("--against-px", metavar="PATH", default=None,
+                    help="measure against this pxcontroller (an older build) instead of the stock "
+                         "ipcontroller; the report calls the sides new and old")
     ap.add_argument("--px-prefix", default="",
                     help="command prefix for pxcontroller, e.g. 'valgrind --tool=callgrind' (profiling)")
     ap.add_argument("--json", default=None, help="where to write the JSON (default bench/results/controller-<UTC>.json)")
@@ -303,6 +182,10 @@ def main() -> int:
 
     H.install_time_limit(a.timeout)
     px_path = H.px_binary(a.px_binary)
+    against = bool(a.against_px)
+    old_path = H.px_binary(a.against_px) if against else None
+    label = ({"px": "new pxcontroller", "stock": "old pxcontroller"} if against else dict(H.LABEL))
+    short = R.sides({"px": "px", "stock": "stock"}, against)  # in the progress lines
     st = os.stat(px_path)
     import ipyparallel
     import zmq
@@ -313,14 +196,17 @@ def main() -> int:
         "started_utc": stamp,
         "config": {"reps": a.reps, "tasks": a.tasks, "calls": a.calls, "engines": a.engines,
                    "quick": a.quick, "workloads": names, "latency_calls_per_rep": lat_calls,
-                   "ping_ms": 250, "px_prefix": a.px_prefix},
+                   "ping_ms": 250, "px_prefix": a.px_prefix, "against": against},
+        "sides": R.sides(R.CONTROLLER_SIDES, against),
         "px_binary": {"path": px_path, "mtime": _dt.datetime.fromtimestamp(st.st_mtime).isoformat(),
                       "size": st.st_size},
         "versions": {"python": platform.python_version(), "ipyparallel": ipyparallel.__version__,
                      "pyzmq": zmq.__version__, "libzmq": zmq.zmq_version()},
         "machine": {},
     }
-    print(f"bench_controller: px={px_path}  reps={a.reps} tasks={a.tasks} calls={a.calls}", flush=True)
+    if against:
+        res["against_binary"] = H.binary_info(old_path)
+    print(f"bench_controller: px={px_path}{f'  against={old_path}' if against else ''}  reps={a.reps} tasks={a.tasks} calls={a.calls}", flush=True)
     res["machine"]["before"] = H.machine_load()
     print(f"machine load before: {res['machine']['before']}", flush=True)
 
@@ -334,8 +220,12 @@ def main() -> int:
         deadline = time.monotonic() + min(180.0, H.remaining_alarm() - 10)
         for kind in ("stock", "px"):
             (tmp / kind).mkdir()
-            clusters[kind] = H.Cluster(kind, tmp / kind, a.engines, px_path,
-                                       px_prefix=a.px_prefix if kind == "px" else "")
+            # with --against-px the stock side is the old pxcontroller (same prefix, e.g. a profiler)
+            old_px = against and kind == "stock"
+            clusters[kind] = H.Cluster("px" if old_px else kind, tmp / kind, a.engines,
+                                       old_path if old_px else px_path,
+                                       px_prefix=a.px_prefix if kind == "px" or old_px else "",
+                                       label=label[kind])
         print(f"starting both controllers + {a.engines} engines each ...", flush=True)
         for c in clusters.values():
             c.start_controller(deadline)
@@ -343,7 +233,7 @@ def main() -> int:
             c.start_engines()
         for kind, c in clusters.items():
             c.connect(deadline)
-            print(f"  {H.LABEL[kind]} up: connection files {c.timings['connection_files_s']:.2f}s, "
+            print(f"  {label[kind]} up: connection files {c.timings['connection_files_s']:.2f}s, "
                   f"{a.engines} engines registered {c.timings['all_engines_registered_s']:.2f}s; "
                   f"controller processes {len(c.controller_procs())}, engine processes "
                   f"{len(c.engine_procs())}", flush=True)
@@ -381,9 +271,9 @@ def main() -> int:
                     reps_data[name][kind].append(d)
                 s, p = reps_data[name]["stock"][-1], reps_data[name]["px"][-1]
                 unit = "ms" if name in lat_calls else "tasks/s"
-                print(f"rep {rep + 1}/{a.reps} {name:<16} stock {fmt(s['value']):>7} {unit:<7} "
-                      f"px {fmt(p['value']):>7} {unit:<7} | ctrl cpu stock {s['cpu']['controller']:.2f}s "
-                      f"px {p['cpu']['controller']:.2f}s | foreign load "
+                print(f"rep {rep + 1}/{a.reps} {name:<16} {short['stock']} {fmt(s['value']):>7} {unit:<7} "
+                      f"{short['px']} {fmt(p['value']):>7} {unit:<7} | ctrl cpu {short['stock']} "
+                      f"{s['cpu']['controller']:.2f}s {short['px']} {p['cpu']['controller']:.2f}s | foreign load "
                       f"{100 * (s['cpu']['foreign'] + p['cpu']['foreign']) / (s['cpu']['wall'] + p['cpu']['wall']):.0f}% of a core",
                       flush=True)
         wall = time.perf_counter() - t0
@@ -406,7 +296,7 @@ def main() -> int:
                 p["purge_hub_results"] = "ok"
             except Exception as e:  # noqa: BLE001
                 p["purge_hub_results"] = f"{type(e).__name__}: {e}"[:300]
-            if kind == "px":
+            if c.kind == "px":
                 try:
                     p["pxf_stats"] = c.px_stats()
                 except Exception as e:  # noqa: BLE001
@@ -437,24 +327,24 @@ def main() -> int:
     res["machine"]["after"] = H.machine_load()
     res["raw_reps"] = {n: {k: [{kk: vv for kk, vv in r.items() if kk != "calls_ms"} for r in v]
                            for k, v in d.items()} for n, d in reps_data.items()}
-    res["analysis"] = analyse(reps_data, a.tasks)
-    res["verdict"] = verdict(res["analysis"])
+    res["analysis"] = R.controller_analysis(reps_data, WORKLOADS)
+    res["verdict"] = R.controller_verdict(res["analysis"], against)
     if res["analysis"]:
-        print_report(res)
+        R.print_controller_report(res, WORKLOADS)
     print(f"\nmachine load after: {res['machine']['after']}")
     for kind, s in res.get("stop", {}).items():
-        print(f"stopped {H.LABEL[kind]} cluster: {s}")
+        print(f"stopped {label[kind]} cluster: {s}")
     for kind, lp in res.get("controller_log", {}).items():
         if lp.get("count"):
-            print(f"{H.LABEL[kind]} log: {lp['count']} warning/error lines, e.g. {lp['lines'][:3]}")
+            print(f"{label[kind]} log: {lp['count']} warning/error lines, e.g. {lp['lines'][:3]}")
     if "probes" in res:
         for kind, p in res["probes"].items():
-            print(f"{H.LABEL[kind]} purge_hub_results('all'): {p['purge_hub_results']}")
-        st_ = res["probes"].get("px", {}).get("pxf_stats")
-        if isinstance(st_, dict):
-            drops = {k: v for k, v in st_.get("drops", {}).items() if v}
-            print(f"pxcontroller stats: drops {drops or 'none'}, waiting {st_.get('waiting')}, "
-                  f"in_flight {st_.get('in_flight')}")
+            print(f"{label[kind]} purge_hub_results('all'): {p['purge_hub_results']}")
+            st_ = p.get("pxf_stats")
+            if isinstance(st_, dict):
+                drops = {k: v for k, v in st_.get("drops", {}).items() if v}
+                print(f"{label[kind]} stats: drops {drops or 'none'}, waiting {st_.get('waiting')}, "
+                      f"in_flight {st_.get('in_flight')}")
 
     out = Path(a.json) if a.json else HERE / "results" / f"controller-{stamp}{'-quick' if a.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

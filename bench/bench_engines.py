@@ -29,8 +29,16 @@ Workloads (stock ipyparallel.Client calls; dv = rc[:], after `from mpi4py import
   idle            after ~5 s idle, CPU % of one core per engine rank (and of the
                   controller, mpiexec) over ~5 s, psutil cpu_times
 
+With --against-px PATH and/or --against-pxengine PATH the stock side is a second pxfabric
+instead (an older pxcontroller and pxengine; the one not given is the new one): new and old
+are measured the same way, paired rep by rep, reported as "new" and "old", and every goal
+becomes "not worse" (before/after benchmarks of a change to pxfabric). The old pxengine
+imports python/pxfabric from --against-pythonpath (default: the same snapshot as the new one).
+
 Usage:  /usr/bin/python3 bench/bench_engines.py [--quick] [--reps 3] [--ns 2,4,8]
         [--workloads ...] [--json PATH] [--keep]
+        [--against-px OLD_PXCONTROLLER] [--against-pxengine OLD_PXENGINE]
+        [--against-pythonpath DIR]
 The machine has 2 cores: N=4 is 2x and N=8 4x oversubscribed (rank counts honest).
 """
 
@@ -51,12 +59,14 @@ import time
 import traceback
 from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Optional
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import psutil  # noqa: E402
 
 import _harness as H  # noqa: E402
+import _report as R  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 LABEL = {"px": "pxfabric", "stock": "stock"}
@@ -109,14 +119,7 @@ METRICS = [
     ("idle_controller_cpu", "idle", "lower", "%core", "idle CPU of the controller (whole tree)", 1.0),
 ]
 METRIC = {m[0]: m for m in METRICS}
-# CPU times come in 10 ms ticks: over a 5 s window one tick is 0.2 % of a core. Idle-CPU
-# ratios treat a difference of at most one tick as equal (ratio 1) and otherwise clamp both
-# sides to one tick, so an idle process does not divide by zero.
-CPU_TICK_S = 0.01
-# "not worse" goals: a paired median within 5 % below 1 is reported as parity, not as worse
-PARITY = 0.95
-
-GOAL_TEXT = {3.0: ">= 3x better", 2.0: ">= 2x better", 1.0: "not worse"}
+# (goals, parity and the idle-CPU tick rule: bench/_report.py)
 
 
 class Timeout:
@@ -131,11 +134,20 @@ class Lifecycle:
     """One cluster of one kind at one N: start (timed), workloads, idle CPU, stop."""
 
     def __init__(self, kind: str, n: int, rep: int, workdir: Path, cfg: argparse.Namespace,
-                 px_path: str, pxengine_path: str, shell):
+                 px_path: str, pxengine_path: str, shell, old: Optional[dict] = None,
+                 label: Optional[str] = None):
+        """``old`` (--against-px/--against-pxengine): the stock side runs this older pxfabric
+        instead, {"pxcontroller", "pxengine", "pythonpath" (its PXF_PYTHONPATH)}."""
         self.kind, self.n, self.rep, self.cfg = kind, n, rep, cfg
-        program = [pxengine_path] if kind == "px" else list(H.STOCK_MPI_ENGINE)
-        self.c = H.Cluster(kind, workdir, n, px_path, engine_mode="mpi", engine_program=program,
-                           engine_args=["--log-level=20"])
+        old_px = kind == "stock" and old is not None
+        if old_px:
+            px_path, program = old["pxcontroller"], [old["pxengine"]]
+        else:
+            program = [pxengine_path] if kind == "px" else list(H.STOCK_MPI_ENGINE)
+        self.c = H.Cluster("px" if old_px else kind, workdir, n, px_path, engine_mode="mpi",
+                           engine_program=program, engine_args=["--log-level=20"], label=label)
+        if old_px and old.get("pythonpath"):
+            self.c.env["PXF_PYTHONPATH"] = old["pythonpath"]  # what the old pxengine imports
         self.shell = shell
         self.T = Timeout(cfg.call_timeout)
         self.out: dict = {"kind": kind, "n": n, "rep": rep, "metrics": {}, "calls": {}, "cpu": {}}
@@ -184,7 +196,7 @@ class Lifecycle:
         sizes = {v[1] for v in rs.values()}
         if sizes != {self.n} or sorted(v[0] for v in rs.values()) != list(range(self.n)):
             raise AssertionError(f"engines are not the {self.n} ranks of one job: {rs}")
-        if self.kind == "px":  # which python/pxfabric the ranks run (the run's snapshot)
+        if self.c.kind == "px":  # which python/pxfabric the ranks run (the run's snapshot)
             self.out["pxfabric_module"] = self.rc[0].apply_async(pxfabric_file).get(timeout=T)
         self.out["processes"] = {"controller": len(c.controller_procs()),
                                  "engine_job": len(c.engine_procs())}
@@ -345,192 +357,59 @@ def engine_log_problems(path: Path, limit: int = 10) -> dict:
 
 # ----------------------------------------------------------------------------- analysis
 
-fmt = H.fmt  # one number format for every report
-
-
-def analyse(lifecycles: list, ns: list) -> dict:
-    """Per (metric, N): medians per kind over reps and the paired ratios (rep i vs rep i)."""
-    by = {}
-    for lc in lifecycles:
-        by.setdefault((lc["n"], lc["rep"], lc["kind"]), lc)
-    out = {}
-    for name, _, better, unit, _, goal in METRICS:
-        for n in ns:
-            row = {"unit": unit, "better": better, "goal": goal}
-            for kind in H.KINDS:
-                vals = [lc["metrics"][name] for (nn, _, k), lc in sorted(by.items())
-                        if nn == n and k == kind and lc["metrics"].get(name) is not None]
-                row[kind] = H.summary(vals)
-                row[kind]["reps"] = vals
-            paired = []
-            reps = sorted({r for (nn, r, _) in by if nn == n})
-            for r in reps:
-                s = by.get((n, r, "stock"), {}).get("metrics", {}).get(name)
-                p = by.get((n, r, "px"), {}).get("metrics", {}).get(name)
-                if s is None or p is None:
-                    continue
-                if unit.startswith("%core"):
-                    tick = 100 * CPU_TICK_S / by[(n, r, "px")]["idle"]["window_s"]
-                    if abs(s - p) <= tick + 1e-9:
-                        s = p = 1.0
-                    s, p = max(s, tick), max(p, tick)
-                if better == "lower":
-                    paired.append(s / p if p > 0 else None)
-                else:
-                    paired.append(p / s if s > 0 else None)
-            paired = [x for x in paired if x is not None]
-            if not paired and not row["px"]["n"] and not row["stock"]["n"]:
-                continue
-            row["ratio_paired"] = H.summary(paired)
-            row["ratio_paired"]["reps"] = paired
-            out.setdefault(name, {})[str(n)] = row
-    return out
-
-
+fmt = R.fmt  # one number format for every report
 # Timed workloads whose CPU per call is recorded by process group (Lifecycle.timed_calls).
 CEILING_WORKLOADS = ["px_allreduce", "px_execute", "px_magic", "broadcast", "push", "scatter_gather"]
 
 
-def ceiling(lifecycles: list, ns: list, ncpu: int) -> dict:
-    """How far the unchanged client lets pxfabric get, per workload at the largest N.
-
-    The stock client runs on the same cores and spends the same CPU whatever it talks to, so
-    even a pxfabric whose processes took no CPU at all would not beat stock's wall time by
-    more than stock wall / (px side's client CPU per call): the ceiling. The px side's total
-    CPU per call over the machine's cores is a floor for its wall time on this machine."""
-    top = max(ns)
-    by = {(lc["n"], lc["rep"], lc["kind"]): lc for lc in lifecycles}
-    out = {}
-    for w in CEILING_WORKLOADS:
-        rows = []
-        for r in sorted({r for (n, r, _) in by if n == top}):
-            px, st = by.get((top, r, "px")), by.get((top, r, "stock"))
-            if not px or not st or w not in px.get("cpu", {}) or not px["calls"].get(w) \
-                    or not st["calls"].get(w):
-                continue
-            k = len(px["calls"][w])
-            client_ms = px["cpu"][w]["client"] / k * 1e3
-            machine_ms = px["cpu"][w]["machine"] / k * 1e3
-            stock_wall = H.median(st["calls"][w])
-            rows.append({"stock_wall_ms": stock_wall, "px_wall_ms": H.median(px["calls"][w]),
-                         "px_client_cpu_ms": client_ms, "px_machine_cpu_ms": machine_ms,
-                         "px_wall_floor_ms": machine_ms / ncpu,
-                         "ceiling": stock_wall / client_ms if client_ms > 0 else None})
-        if rows:
-            out[w] = {"n": top, "reps": rows,
-                      **{f"{key}_median": H.median([x[key] for x in rows if x[key] is not None])
-                         for key in ("stock_wall_ms", "px_wall_ms", "px_client_cpu_ms",
-                                     "px_machine_cpu_ms", "px_wall_floor_ms", "ceiling")}}
-    return out
-
-
-def print_ceiling(C: dict, ncpu: int) -> None:
-    if not C:
-        return
-    print()
-    print(f"what the client leaves (N={next(iter(C.values()))['n']}, medians over reps; CPU per call "
-          f"of the px side's processes):")
-    print(f"{'workload':<16} {'stock wall':>10} {'px wall':>8} {'client CPU':>10} {'all CPU':>8} "
-          f"{'all CPU/' + str(ncpu):>9} {'ceiling':>8}")
-    for w, c in C.items():
-        print(f"{w:<16} {fmt(c['stock_wall_ms_median']):>10} {fmt(c['px_wall_ms_median']):>8} "
-              f"{fmt(c['px_client_cpu_ms_median']):>10} {fmt(c['px_machine_cpu_ms_median']):>8} "
-              f"{fmt(c['px_wall_floor_ms_median']):>9} {fmt(c['ceiling_median']):>7}x")
-    print("ceiling = stock wall / the stock client's own CPU per call on the px side: the best "
-          "ratio possible if pxfabric's processes took no CPU at all (the client shares the cores). "
-          "all CPU/cores: a floor for px's wall time at the CPU the px side spent.")
-
-
-def verdict(A: dict, ns: list) -> dict:
-    """Goals at the largest N (the issue's N=8), plus 'nothing worse' at every N."""
-    top = str(max(ns))
-    rows = {}
-    lines = []
-    for name, _, _, _, what, goal in METRICS:
-        if goal is None or name not in A or top not in A[name]:
-            continue
-        rp = A[name][top].get("ratio_paired", {})
-        if not rp.get("n"):
-            rows[name] = "NO DATA"
-            continue
-        med, lo, hi = rp["median"], rp["min"], rp["max"]
-        if med >= goal:
-            v = "MET" + (" (not in every rep)" if lo < goal else "")
-        elif goal == 1.0 and med >= PARITY:
-            v = f"PARITY (within {100 * (1 - PARITY):.0f}%)"
-        elif goal == 1.0:
-            v = "WORSE (within noise)" if hi >= 1.0 else "WORSE"
-        else:
-            v = "NOT MET" + (" (worse than stock)" if med < 1.0 else "")
-        rows[name] = v
-        lines.append(f"goal at N={top}: {name:<20} {GOAL_TEXT[goal]:<13} paired {fmt(med)}x "
-                     f"({fmt(lo)}..{fmt(hi)}) -> {v}")
-    worse = []
-    for name, per_n in A.items():
-        if METRIC[name][5] is None:
-            continue
-        for n, row in per_n.items():
-            rp = row.get("ratio_paired", {})
-            if rp.get("n") and rp["median"] < PARITY:
-                noise = "within noise" if rp["max"] >= 1.0 else "worse in every rep"
-                worse.append(f"{name}@N={n} {fmt(rp['median'])}x ({noise})")
-    lines.append(f"nothing worse than stock (paired median < {PARITY}) at any N: "
-                 + ("yes" if not worse else "NO: " + "; ".join(worse)))
-    return {"at_n": int(top), "rows": rows, "worse_anywhere": worse, "lines": lines}
-
-
 def summarise(res: dict, lifecycles: list, ns: list) -> None:
-    """The run's analysis, verdict and ceilings (also for --report on a saved JSON)."""
-    res["analysis"] = analyse(lifecycles, ns)
-    res["verdict"] = verdict(res["analysis"], ns)
-    res["ceiling"] = ceiling(lifecycles, ns, res["machine"]["before"]["ncpu"])
+    """The run's analysis, verdict and ceilings (also for --report on a saved JSON);
+    bench/_report.py."""
+    against = res["config"].get("against", False)
+    res["analysis"] = R.engines_analysis(lifecycles, ns, METRICS, against)
+    res["verdict"] = R.engines_verdict(res["analysis"], ns, METRICS, against)
+    res["ceiling"] = R.engines_ceiling(lifecycles, ns, res["machine"]["before"]["ncpu"],
+                                       CEILING_WORKLOADS)
 
 
 def print_report(res: dict) -> None:
-    A, V = res["analysis"], res["verdict"]
-    cfg = res["config"]
-    top = str(V["at_n"])
-    print()
-    print(f"pxfabric (pxcontroller + mpiexec pxengine) vs stock (ipcontroller + mpiexec "
-          f"ipyparallel.engine --mpi), N={cfg['ns']}, {cfg['reps']} interleaved reps, "
-          f"{cfg['calls']} calls/latency rep, {cfg['pushes']} pushes of {cfg['push_mb']} MB, "
-          f"{cfg['scatters']} scatter+gather of {cfg['scatter_n']:,} int64, {cfg['tasks']} tasks")
-    print(f"machine: {res['machine']['before']['ncpu']} cores; N=4 is 2x and N=8 4x oversubscribed "
-          f"(rank counts honest: one process per rank)")
-    mb, ma = res["machine"]["before"], res["machine"].get("after", {})
-    print(f"machine load before: busy {mb['cpu_busy_pct_1s']:.0f}% of all cores, loadavg "
-          f"{mb['loadavg_1_5_15']}; after: {ma.get('cpu_busy_pct_1s', '-')}% loadavg "
-          f"{ma.get('loadavg_1_5_15', '-')}")
-    if "during" in res["machine"]:
-        md = res["machine"]["during"]
-        print(f"during: other users' load (not our processes) median {md['foreign_pct_of_one_core_median']:.0f}% "
-              f"of one core per cluster lifetime (max {md['foreign_pct_of_one_core_max']:.0f}%)")
-    print()
-    hdr = (f"{'metric':<20} {'N':>2} {'unit':<10} {'stock':>8} {'px':>8} {'ratio':>7} {'pairs':>5} "
-           f"{'paired min..max':>16} {'stock min..max':>16} {'px min..max':>16}  verdict (N={top})")
-    print(hdr)
-    print("-" * len(hdr))
-    for name, _, better, unit, _, goal in METRICS:
-        if name not in A:
-            continue
-        for n in sorted(A[name], key=int):
-            r = A[name][n]
-            rp = r.get("ratio_paired", {})
-            v = ""
-            if n == top and goal is not None:
-                v = f"{GOAL_TEXT[goal]}: {V['rows'].get(name, '-')}"
-            print(f"{name:<20} {n:>2} {unit:<10} {fmt(r['stock'].get('median')):>8} "
-                  f"{fmt(r['px'].get('median')):>8} {fmt(rp.get('median')):>6}x {rp.get('n', 0):>5} "
-                  f"{fmt(rp.get('min')) + '..' + fmt(rp.get('max')):>16} "
-                  f"{fmt(r['stock'].get('min')) + '..' + fmt(r['stock'].get('max')):>16} "
-                  f"{fmt(r['px'].get('min')) + '..' + fmt(r['px'].get('max')):>16}  {v}")
-    print("ratio = median over reps of the paired ratio (rep i of stock vs rep i of px, run back to "
-          "back): stock/px for times and CPU, px/stock for tasks/s. >1 means pxfabric is better. "
-          "Idle CPU: a difference of one 10 ms tick over the window or less counts as equal.")
-    print()
-    for line in V["lines"]:
-        print(line)
-    print_ceiling(res.get("ceiling", {}), res["machine"]["before"]["ncpu"])
+    R.print_engines_report(res, METRICS)
+
+
+def snapshot(snap: Path, px_path: str, pxe_path: str, old: Optional[dict]):
+    """Copy what pxfabric runs (both binaries and python/pxfabric, which pxengine imports from
+    the source tree; with --against-* the old side's too) into ``snap``: someone may rebuild
+    build/bin during the run, and one run must not mix two builds. Sets $PXF_PYTHONPATH for
+    the new side's pxengine. Returns (binaries for the JSON, px_path, pxe_path, old), the
+    paths now those of the copies."""
+    binfo = H.binary_info
+    binaries = {"pxcontroller": binfo(px_path), "pxengine": binfo(pxe_path)}
+    (snap / "bin").mkdir(parents=True)
+    px_path = str(shutil.copy2(px_path, snap / "bin" / "pxcontroller"))
+    pxe_path = str(shutil.copy2(pxe_path, snap / "bin" / "pxengine"))
+    binaries["snapshot"] = {"pxcontroller": px_path, "pxengine": pxe_path}
+    if old:
+        binaries["against"] = {"pxcontroller": binfo(old["pxcontroller"]),
+                               "pxengine": binfo(old["pxengine"])}
+        (snap / "old-bin").mkdir()
+        copies = {k: str(shutil.copy2(old[k], snap / "old-bin" / k))
+                  for k in ("pxcontroller", "pxengine")}
+        binaries["against"]["snapshot"] = dict(copies)
+        if old.get("pythonpath"):
+            oldpy = Path(old["pythonpath"]) / "pxfabric"
+            shutil.copytree(oldpy, snap / "old-python" / "pxfabric",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            copies["pythonpath"] = str(snap / "old-python")
+            binaries["against"]["pxf_pythonpath"] = f"snapshot of {oldpy}"
+        old = copies
+    pysrc = H.REPO / "python" / "pxfabric"
+    if os.environ.get("PXF_PYTHONPATH"):
+        binaries["pxf_pythonpath"] = os.environ["PXF_PYTHONPATH"] + " (from the environment)"
+    elif pysrc.is_dir():
+        shutil.copytree(pysrc, snap / "python" / "pxfabric", ignore=shutil.ignore_patterns("__pycache__"))
+        os.environ["PXF_PYTHONPATH"] = str(snap / "python")  # read by pxengine; inherited by mpiexec
+        binaries["pxf_pythonpath"] = f"snapshot of {pysrc}"
+    return binaries, px_path, pxe_path, old
 
 
 # ----------------------------------------------------------------------------- main
@@ -564,6 +443,15 @@ def main() -> int:
                     help="hard limit for the whole run in s (default 3000, --quick 240)")
     ap.add_argument("--px-binary", default=None, help="pxcontroller (default $PXF_CONTROLLER or build/bin)")
     ap.add_argument("--pxengine", default=None, help="pxengine (default $PXF_PXENGINE or build/bin)")
+    ap.add_argument("--against-px", metavar="PATH", default=None,
+                    help="the stock side becomes this (older) pxcontroller with --against-pxengine "
+                         "(default: the new pxengine); sides reported as new and old")
+    ap.add_argument("--against-pxengine", metavar="PATH", default=None,
+                    help="the stock side's engines: this (older) pxengine (with --against-px, "
+                         "default: the new pxcontroller)")
+    ap.add_argument("--against-pythonpath", metavar="DIR", default=None,
+                    help="PXF_PYTHONPATH of the old pxengine (a dir holding pxfabric/; default: "
+                         "the new side's snapshot of python/)")
     ap.add_argument("--json", default=None,
                     help="where to write the JSON (default bench/results/engines-<UTC>[-quick].json)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (controller/engine logs)")
@@ -588,6 +476,18 @@ def main() -> int:
     H.install_time_limit(a.timeout)
     px_path = H.px_binary(a.px_binary)
     pxe_path = H.pxengine_binary(a.pxengine)
+    against = bool(a.against_px or a.against_pxengine)
+    if a.against_pythonpath and not against:
+        ap.error("--against-pythonpath needs --against-px or --against-pxengine")
+    old = None
+    if against:  # the older pxfabric; a binary not given is the new one
+        old = {"pxcontroller": H.px_binary(a.against_px or px_path),
+               "pxengine": H.pxengine_binary(a.against_pxengine or pxe_path)}
+        if a.against_pythonpath:
+            old["pythonpath"] = str(Path(a.against_pythonpath).resolve())
+            if not (Path(old["pythonpath"]) / "pxfabric" / "__init__.py").is_file():
+                ap.error(f"--against-pythonpath {a.against_pythonpath}: no pxfabric package in it")
+    label = R.sides(LABEL, against)
     mpiexec = H.mpiexec()
     import ipyparallel
     import mpi4py
@@ -604,24 +504,8 @@ def main() -> int:
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
-    binfo = H.binary_info
-
-    # Snapshot what pxfabric runs (both binaries and python/pxfabric, which pxengine imports
-    # from the source tree) into the temp dir: someone may rebuild build/bin during the run,
-    # and one run must not mix two builds.
-    binaries = {"pxcontroller": binfo(px_path), "pxengine": binfo(pxe_path)}
     snap = tmp / "snapshot"
-    (snap / "bin").mkdir(parents=True)
-    px_path = str(shutil.copy2(px_path, snap / "bin" / "pxcontroller"))
-    pxe_path = str(shutil.copy2(pxe_path, snap / "bin" / "pxengine"))
-    binaries["snapshot"] = {"pxcontroller": px_path, "pxengine": pxe_path}
-    pysrc = H.REPO / "python" / "pxfabric"
-    if os.environ.get("PXF_PYTHONPATH"):
-        binaries["pxf_pythonpath"] = os.environ["PXF_PYTHONPATH"] + " (from the environment)"
-    elif pysrc.is_dir():
-        shutil.copytree(pysrc, snap / "python" / "pxfabric", ignore=shutil.ignore_patterns("__pycache__"))
-        os.environ["PXF_PYTHONPATH"] = str(snap / "python")  # read by pxengine; inherited by mpiexec
-        binaries["pxf_pythonpath"] = f"snapshot of {pysrc}"
+    binaries, px_path, pxe_path, old = snapshot(snap, px_path, pxe_path, old)
 
     mpiver = ""
     try:
@@ -635,6 +519,7 @@ def main() -> int:
         "config": {k: getattr(a, k) for k in ("reps", "calls", "warmup", "pushes", "push_mb", "scatters",
                                               "scatter_n", "tasks", "idle_wait", "idle_measure",
                                               "quick", "call_timeout", "timeout")},
+        "sides": label,
         "binaries": binaries,
         "argv": {
             "controller_args": ["--profile-dir=<tmp>", "--ip=127.0.0.1", "--ping=250"],
@@ -650,13 +535,19 @@ def main() -> int:
                      "numpy": numpy.__version__, "mpi": mpiver},
         "machine": {},
     }
-    res["config"].update(ns=ns, workloads=names)
+    res["config"].update(ns=ns, workloads=names, against=against)
+    if old:
+        res["argv"].update(old_controller=[old["pxcontroller"]], old_engine_program=[old["pxengine"]])
     print(f"bench_engines: N={ns} reps={a.reps} calls={a.calls} pushes={a.pushes}x{a.push_mb}MB "
           f"scatters={a.scatters}x{a.scatter_n:,} tasks={a.tasks}  (2 cores: N>2 is oversubscribed)",
           flush=True)
     print(f"  px: {binaries['pxcontroller']['path']} (mtime {binaries['pxcontroller']['mtime']}) + "
           f"{binaries['pxengine']['path']} (mtime {binaries['pxengine']['mtime']}), run from copies "
           f"in {snap}", flush=True)
+    if old:
+        ob = binaries["against"]
+        print(f"  against (old): {ob['pxcontroller']['path']} (mtime {ob['pxcontroller']['mtime']}) + "
+              f"{ob['pxengine']['path']} (mtime {ob['pxengine']['mtime']})", flush=True)
     res["machine"]["before"] = H.machine_load()
     print(f"machine load before: {res['machine']['before']}", flush=True)
 
@@ -670,7 +561,8 @@ def main() -> int:
                 for kind in order:
                     wd = tmp / f"{kind}-n{n}-r{rep}"
                     wd.mkdir()
-                    lc = Lifecycle(kind, n, rep, wd, a, px_path, pxe_path, shell)
+                    lc = Lifecycle(kind, n, rep, wd, a, px_path, pxe_path, shell, old=old,
+                                   label=label[kind])
                     lc.out["first"] = kind == order[0]
                     g0 = None
                     t0 = time.perf_counter()
@@ -689,7 +581,7 @@ def main() -> int:
                         dead = [p.pid for p in lc.c.engines if p.poll() is not None]
                         if dead:
                             lc.out["error"] += f" [mpiexec exited {lc.c.engines[0].returncode}]"
-                        print(f"ERROR rep {rep + 1} N={n} {LABEL[kind]}: {lc.out['error'][:1500]}",
+                        print(f"ERROR rep {rep + 1} N={n} {label[kind]}: {lc.out['error'][:1500]}",
                               flush=True)
                         lc.out["kept_dir"] = str(wd)
                         rc_exit = 1
@@ -713,7 +605,7 @@ def main() -> int:
                     m = lc.out["metrics"]
                     cpu = lc.out["cpu"].get("lifetime")
                     foreign = f"{100 * cpu['foreign'] / cpu['wall']:.0f}%" if cpu else "-"
-                    print(f"rep {rep + 1}/{a.reps} N={n} {LABEL[kind]:<8} "
+                    print(f"rep {rep + 1}/{a.reps} N={n} {label[kind]:<8} "
                           f"up {fmt(m.get('startup_ready'))}s | allreduce {fmt(m.get('px_allreduce'))} "
                           f"exec {fmt(m.get('px_execute'))} %px {fmt(m.get('px_magic'))} "
                           f"bcast {fmt(m.get('broadcast'))} ms | push {fmt(m.get('push'))} "
@@ -750,7 +642,7 @@ def main() -> int:
     print(f"\nrun took {res['run_wall_s'] / 60:.1f} min; machine load after: {res['machine']['after']}")
     errs = [lc for lc in lifecycles if "error" in lc]
     for lc in errs:
-        print(f"error in rep {lc['rep'] + 1} N={lc['n']} {LABEL[lc['kind']]}: {lc['error'][:300]}")
+        print(f"error in rep {lc['rep'] + 1} N={lc['n']} {label[lc['kind']]}: {lc['error'][:300]}")
     ids = {(lc["kind"], lc["n"]): lc.get("ids_equal_ranks") for lc in lifecycles}
     if any(v is False for v in ids.values()):
         print(f"engine id != MPI rank for: {[k for k, v in ids.items() if v is False]}")
@@ -762,7 +654,7 @@ def main() -> int:
         n_eng = sum(lc.get("engine_log", {}).get("count", 0) for lc in lifecycles if lc["kind"] == kind)
         ex = [l for lc in lifecycles if lc["kind"] == kind
               for l in lc.get("controller_log", {}).get("lines", [])[:1] + lc.get("engine_log", {}).get("lines", [])[:1]]
-        print(f"{LABEL[kind]} logs: {n_ctl} controller and {n_eng} engine-job warning/error lines"
+        print(f"{label[kind]} logs: {n_ctl} controller and {n_eng} engine-job warning/error lines"
               + (f", e.g. {ex[:2]}" if ex else ""))
 
     out = Path(a.json) if a.json else HERE / "results" / f"engines-{stamp}{'-quick' if a.quick else ''}.json"

@@ -76,6 +76,7 @@ sys.path.insert(0, str(HERE))
 import psutil  # noqa: E402
 
 import _harness as H  # noqa: E402
+import _report as R  # noqa: E402
 
 REPO = HERE.parent
 N_RANKS = 4
@@ -148,7 +149,7 @@ def split_times(ar, returned) -> dict:
             "client_ms": ms(recv, returned)}
 
 
-fmt = H.fmt  # one number format for every report
+fmt = R.fmt  # one number format for every report
 
 
 _alive = H.alive

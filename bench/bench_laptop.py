@@ -60,11 +60,12 @@ sys.path.insert(0, str(HERE))
 import psutil  # noqa: E402
 
 import _harness as H  # noqa: E402
+import _report as R  # noqa: E402
 
 REPO = HERE.parent
 N_RANKS = 2
 PING_MS = 3000          # pxcontroller's default heartbeat, given explicitly (the harness needs one)
-fmt = H.fmt
+fmt = R.fmt  # one number format for every report
 
 CURVE_METRICS = [  # name, unit, what
     ("apply", "ms/call", "rc[0].apply_sync(lambda: None)"),

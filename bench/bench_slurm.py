@@ -63,6 +63,7 @@ from typing import Dict, List, Optional
 import psutil
 
 import _harness as H
+import _report as R
 
 HERE = Path(__file__).resolve().parent
 REPO = H.REPO
@@ -416,25 +417,25 @@ def print_report(res: dict) -> None:
     print("-" * len(hdr))
     for k in range(cfg["trials"]):
         row = {t["variant"]: t for t in res["trials"] if t["trial"] == k}
-        order = " ".join(f"{t['variant']} ({H.fmt((t.get('loadavg_before') or [None])[0], 1)})"
+        order = " ".join(f"{t['variant']} ({R.fmt((t.get('loadavg_before') or [None])[0], 1)})"
                          for t in res["trials"] if t["trial"] == k)
-        print(f"{k + 1:<6}" + "".join(f"{H.fmt(row.get(v, {}).get('ready_s')):>{w[v]}}" for v in variants)
+        print(f"{k + 1:<6}" + "".join(f"{R.fmt(row.get(v, {}).get('ready_s')):>{w[v]}}" for v in variants)
               + f"   {order}")
     print("-" * len(hdr))
-    print(f"{'median':<6}" + "".join(f"{H.fmt(A['per_variant'][v]['ready'].get('median')):>{w[v]}}"
+    print(f"{'median':<6}" + "".join(f"{R.fmt(A['per_variant'][v]['ready'].get('median')):>{w[v]}}"
                                     for v in variants))
-    print(f"{'min':<6}" + "".join(f"{H.fmt(A['per_variant'][v]['ready'].get('min')):>{w[v]}}" for v in variants))
-    print(f"{'max':<6}" + "".join(f"{H.fmt(A['per_variant'][v]['ready'].get('max')):>{w[v]}}" for v in variants))
+    print(f"{'min':<6}" + "".join(f"{R.fmt(A['per_variant'][v]['ready'].get('min')):>{w[v]}}" for v in variants))
+    print(f"{'max':<6}" + "".join(f"{R.fmt(A['per_variant'][v]['ready'].get('max')):>{w[v]}}" for v in variants))
     pxreg = [t.get("registered_in_s") for t in res["trials"] if t["variant"] == "px"]
     print(f"px: pxcluster's own 'registered in X s' (from sbatch accepted): "
-          f"{' '.join(H.fmt(x) for x in pxreg)}; median {H.fmt(H.median([x for x in pxreg if x]))}")
+          f"{' '.join(R.fmt(x) for x in pxreg)}; median {R.fmt(H.median([x for x in pxreg if x]))}")
     print()
     for v, P in A["pairs"].items():
         goal = "  goal >= 3x: " + ("MET" if (P["paired_median"] or 0) >= 3 else "not met") \
             if v == "stock_mpi" else ""
-        print(f"{v} / px: ratio of medians {H.fmt(P['ratio_of_medians'])}x, median of paired ratios "
-              f"{H.fmt(P['paired_median'])}x ({H.fmt(P['paired_min'])}..{H.fmt(P['paired_max'])}; "
-              f"per trial {' '.join(H.fmt(r) for r in P['paired_ratios'])}){goal}")
+        print(f"{v} / px: ratio of medians {R.fmt(P['ratio_of_medians'])}x, median of paired ratios "
+              f"{R.fmt(P['paired_median'])}x ({R.fmt(P['paired_min'])}..{R.fmt(P['paired_max'])}; "
+              f"per trial {' '.join(R.fmt(r) for r in P['paired_ratios'])}){goal}")
     print()
     print("where the time goes (median over trials, s; wall clock from the command's launch, "
           "read from slurmctld/slurmd/controller logs):")
@@ -442,7 +443,7 @@ def print_report(res: dict) -> None:
     print(hdr)
     print("-" * len(hdr))
     for label, _, _ in STEPS:
-        print(f"{label:<58}" + "".join(f"{H.fmt(A['per_variant'][v]['phases'].get(label)):>{w[v]}}"
+        print(f"{label:<58}" + "".join(f"{R.fmt(A['per_variant'][v]['phases'].get(label)):>{w[v]}}"
                                        for v in variants))
     print()
     for t in res["trials"]:
@@ -557,7 +558,7 @@ def main() -> int:
                 rec["loadavg_before"] = load_before
                 rec["queue_after"] = ensure_clean(slurm, f"after trial {k + 1} {v}")
                 res["trials"].append(rec)
-                print(f"  trial {k + 1} {v:<9} ready {H.fmt(rec.get('ready_s'))} s"
+                print(f"  trial {k + 1} {v:<9} ready {R.fmt(rec.get('ready_s'))} s"
                       + (f" (pxcluster: registered in {rec.get('registered_in_s')} s)"
                          if v == "px" else "")
                       + (f"  ERROR {rec.get('error') or rec.get('rc')}"

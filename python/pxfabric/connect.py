@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -146,14 +145,7 @@ def disconnect(name: str, cluster_id: str = "", grace: float = DISCONNECT_GRACE)
     summary = {"pid": state.get("pid"), "was_running": proc is not None, "killed": False,
                "removed_file": False}
     if proc is not None:
-        with contextlib.suppress(psutil.Error):
-            proc.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs([proc], timeout=grace)
-        if alive:
-            with contextlib.suppress(psutil.Error):
-                proc.send_signal(signal.SIGKILL)
-            psutil.wait_procs(alive, timeout=5)
-            summary["killed"] = True
+        summary["killed"] = bool(cl.terminate([proc], grace))  # SIGTERM, wait, SIGKILL
         if cl._process(state) is not None:
             raise cl.ClusterError(f"pxtunnel pid {state['pid']} survived SIGKILL; state kept in "
                                   f"{paths['state']}")

@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import psutil
+
 from pxfabric import cluster as cl
 from pxfabric import paths
 
@@ -280,7 +282,7 @@ def start_slurm_cluster(n: int, *, profile: Optional[str] = None,
             "cluster_id": cluster_id, "engine_kind": "pxengine", "n": n,
             "hostfile": None, "controller_address": None,
             "start_time": time.time(), "start_time_iso": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "status": "starting", "pxcluster": cl._proc_record(cl.psutil.Process()),
+            "status": "starting", "pxcluster": cl._proc_record(psutil.Process()),
             "controller": None, "engines": None,
             "slurm": {"job_id": job_id, "script": str(script_path),
                       "output": context["output"].replace("%j", job_id),

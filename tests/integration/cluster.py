@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -22,6 +22,10 @@ import psutil
 
 PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "python"))
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
+from pxfabric.cluster import hub  # noqa: E402  (queries to the registration socket)
+
 # $PXF_PXCONTROLLER may point at another build (e.g. a sanitizer build).
 PXCONTROLLER = Path(os.environ.get("PXF_PXCONTROLLER") or REPO / "build" / "bin" / "pxcontroller")
 # $PXF_PXENGINE likewise for the engine binary.
@@ -218,34 +222,13 @@ class ProcessTracker:
 
     @staticmethod
     def alive(procs: Iterable[psutil.Process]) -> List[psutil.Process]:
-        out = []
-        for proc in procs:
-            try:
-                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                    out.append(proc)
-            except psutil.Error:
-                pass
-        return out
+        return processes.alive(procs)
 
     def stop(self, procs: Optional[Iterable[psutil.Process]] = None,
              timeout: float = STOP_TIMEOUT) -> List[int]:
         """SIGTERM, wait up to ``timeout``, then SIGKILL. Returns the PIDs that needed SIGKILL."""
         self.refresh()
-        targets = self.alive(self._procs.values() if procs is None else procs)
-        for proc in targets:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, still = psutil.wait_procs(targets, timeout=timeout)
-        killed = []
-        for proc in still:
-            try:
-                proc.send_signal(signal.SIGKILL)
-                killed.append(proc.pid)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(still, timeout=5)
+        killed = processes.terminate(self._procs.values() if procs is None else procs, timeout)
         self.reap()
         return killed
 
@@ -415,27 +398,7 @@ class Cluster(ClientsMixin):
 
     def query(self, msg_type: str, content: dict, timeout: float) -> Optional[dict]:
         """Send one signed request to the registration port; the reply, or None on timeout."""
-        import zmq
-        from jupyter_client.session import Session
-
-        info = self.client_info()
-        session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"])
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        if info.get("curve_serverkey"):  # --curve: the controller's key, a keypair of our own
-            sock.curve_serverkey = info["curve_serverkey"].encode()
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-        try:
-            sock.connect(f"{info['interface']}:{info['registration']}")
-            session.send(sock, msg_type, content)
-            if not sock.poll(int(timeout * 1000)):
-                return None
-            _, frames = session.feed_identities(sock.recv_multipart())
-            return session.deserialize(frames)
-        finally:
-            sock.close()
-            ctx.term()
+        return hub.request(self.client_file, msg_type, content, timeout)
 
     def start_engines(self, n: Optional[int] = None,
                       timeout: float = ENGINE_START_TIMEOUT) -> None:

@@ -54,6 +54,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -61,6 +62,9 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
 
 PYTHON = "/usr/bin/python3"
 SUBNET = "10.200.0"  # node i (0-based) is SUBNET.(i+1)/24
@@ -125,38 +129,6 @@ def _run(argv: Sequence[str], timeout: float = CMD_TIMEOUT, check: bool = True,
         msg = f"`{' '.join(argv)}` failed (rc {p.returncode}): {p.stderr.strip() or p.stdout.strip()}"
         raise (HostsUnavailable if unavailable else HostsError)(msg)
     return p
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _terminate(procs: Iterable[psutil.Process], grace: float = STOP_GRACE) -> List[int]:
-    """SIGTERM, wait up to ``grace``, SIGKILL the rest (psutil refuses reused PIDs).
-    Returns the PIDs that had to be killed."""
-    procs = [p for p in procs if _alive(p)]
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        procs = [p for p in procs if _alive(p)]
-        if not procs:
-            return []
-        time.sleep(0.02)
-    killed = []
-    for p in procs:
-        try:
-            p.kill()
-            killed.append(p.pid)
-        except psutil.Error:
-            pass
-    return killed
 
 
 def _terminate_children(popens: Iterable[subprocess.Popen], grace: float = STOP_GRACE) -> None:
@@ -616,7 +588,7 @@ class Hosts:
                 rest = self._ns_procs()
                 if not rest:
                     break
-                _terminate(rest)
+                processes.terminate(rest, STOP_GRACE)  # SIGTERM, wait, SIGKILL, by PID
             for ns in reversed(self._netns):
                 _run(["ip", "netns", "del", ns], check=False)
             self._netns.clear()

@@ -84,6 +84,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 import psutil
 
 import hosts as _hosts
+from pxfabric import processes  # (on sys.path through hosts: stopping by PID, shared)
 
 SLURMCTLD = "/usr/sbin/slurmctld"
 SLURMD = "/usr/sbin/slurmd"
@@ -540,7 +541,7 @@ class Slurm:
             except psutil.Error:
                 pass
         if mine:
-            _hosts._terminate(mine)
+            processes.terminate(mine, _hosts.STOP_GRACE)
 
 
 def make_slurm(workdir: Union[str, Path, None] = None, nodes: Optional[Sequence[str]] = None,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
+import sys
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -21,6 +21,8 @@ PYTHON = "/usr/bin/python3"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PYENGINE = HERE / "pyengine.py"
+sys.path.insert(0, str(REPO / "python"))
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
 
 CONTROLLER_TIMEOUT = 60.0
 ENGINE_TIMEOUT = 90.0
@@ -82,27 +84,9 @@ class Processes:
     def stop(self, pids: Optional[List[int]] = None, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM the given PIDs (default: all) and their descendants, SIGKILL stragglers."""
         self.refresh()
-        targets = []
-        for pid, proc in self.known.items():
-            if pids is not None and pid not in pids and not _descends(proc, pids):
-                continue
-            try:
-                if proc.is_running():
-                    targets.append(proc)
-            except psutil.Error:
-                pass
-        for proc in targets:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(targets, timeout=timeout)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        targets = [proc for pid, proc in self.known.items()
+                   if pids is None or pid in pids or _descends(proc, pids)]
+        processes.terminate(targets, timeout)
         for pid, popen in self.popens.items():
             if pids is None or pid in pids:
                 try:
