@@ -51,100 +51,6 @@ thread_local std::vector<Frames>* t_deferred = nullptr;
 // On the main thread while a shell request runs (see publish).
 thread_local bool t_in_shell = false;
 
-// Python half of the bridge: JSON in and out exactly as jupyter_client packs it, and the calls
-// into the runtime, so the C++ side only moves bytes.
-constexpr const char* kGlue = R"PY(
-import json, logging, os, sys
-
-def _json_default(obj):
-    from jupyter_client.jsonutil import json_default
-    return json_default(obj)
-
-def pack(obj):
-    try:
-        s = json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        from ipykernel.jsonutil import json_clean
-        s = json.dumps(json_clean(obj), default=_json_default, ensure_ascii=False)
-    return s.encode("utf8", "surrogateescape")
-
-def _loads(b):
-    if not b:
-        return {}
-    v = json.loads(b)
-    return v if isinstance(v, dict) else {}
-
-def run_shell(rt, header_b, md_b, content_b, bufs, received):
-    header = json.loads(header_b)
-    md = _loads(md_b)
-    content = _loads(content_b)
-    r = rt.handle_shell(header.get("msg_type"), header, md, content, bufs, received)
-    down = bool(rt.shutdown_requested or rt.exit_requested)
-    if r is None:
-        return None, down
-    t, c, m, b = r
-    return (t, pack(c), pack(m), list(b)), down
-
-def run_control(rt, header_b, content_b):
-    header = json.loads(header_b)
-    content = _loads(content_b)
-    r = rt.handle_control(header.get("msg_type"), header, content)
-    down = bool(rt.shutdown_requested)
-    if r is None:
-        return None, down
-    t, c, m = r
-    return (t, pack(c), pack(m)), down
-
-def flush(rt):
-    if rt.output_pending:
-        rt.flush_output()
-
-def interrupt(rt):
-    return rt.interrupt()
-
-def setup_logging(fd, level):
-    stream = os.fdopen(os.dup(fd), "w", buffering=1)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s [pxengine %(process)d] %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-
-def setup_stack_dump(sig):
-    # The fallback for a main thread that holds the GIL in native code: faulthandler's handler
-    # writes the stack of the thread it runs on (the main thread: pthread_kill) without the GIL.
-    # Both ends non-blocking: a dump nobody reads must never block the main thread.
-    import faulthandler
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    faulthandler.register(sig, file=w, all_threads=False, chain=False)
-    return r
-
-def where_state(rt, info_b):
-    from pxfabric.stuck import where_state
-    return pack(where_state(rt, json.loads(info_b)))
-
-def stuck_report(rt, info_b, parent_b):
-    from pxfabric.stuck import publish_report
-    publish_report(rt, json.loads(info_b), json.loads(parent_b))
-
-def make_runtime(engine_id, uuid, publish, profile_dir, capture_fds):
-    from pxfabric.engine import EngineRuntime
-    return EngineRuntime(engine_id, uuid, publish, profile_dir=profile_dir or None,
-                         capture_fds=capture_fds)
-)PY";
-
-py::object load_glue() {
-  py::module_ types = py::module_::import("types");
-  py::object mod = types.attr("ModuleType")("_pxf_glue");
-  py::exec(kGlue, mod.attr("__dict__"));
-  return mod;
-}
-
 std::string to_bytes(const py::handle& obj) {
   if (PyBytes_Check(obj.ptr())) return obj.cast<std::string>();
   if (PyUnicode_Check(obj.ptr())) return obj.cast<std::string>();
@@ -275,12 +181,12 @@ PyHost::~PyHost() {
 }
 
 void PyHost::create_runtime() {
-  glue_ = load_glue();
-  glue_.attr("setup_logging")(cfg_.log_fd, cfg_.log_level);
+  host_py_ = py::module_::import("pxfabric.host");
+  host_py_.attr("setup_logging")(cfg_.log_fd, cfg_.log_level);
   py::cpp_function pub([this](py::object t, py::object c, py::object p, py::object m, py::object b, py::object tp) {
     publish(std::move(t), std::move(c), std::move(p), std::move(m), std::move(b), std::move(tp));
   });
-  rt_ = glue_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds);
+  rt_ = host_py_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds);
   // SIGINT's handler while a request runs: signal.default_int_handler, plus a note that the
   // interrupt reached Python (a C function: no extra frame in the KeyboardInterrupt traceback).
   rt_.attr("request_sigint_handler") = py::cpp_function([this](py::args) {
@@ -294,7 +200,7 @@ void PyHost::create_runtime() {
   main_thread_ = pthread_self();
   stack_signal_ = SIGRTMIN + 7;
   try {
-    stack_pipe_ = glue_.attr("setup_stack_dump")(stack_signal_).cast<int>();
+    stack_pipe_ = host_py_.attr("setup_stack_dump")(stack_signal_).cast<int>();
   } catch (const py::error_already_set& e) {
     PXF_LOG(warning, kLog) << "no stack dumps without the GIL: " << e.what();
   }
@@ -305,7 +211,7 @@ void PyHost::create_runtime() {
 
 void PyHost::publish(py::object msg_type, py::object content, py::object parent, py::object metadata,
                      py::object buffers, py::object topic) {
-  std::string c = glue_.attr("pack")(content).cast<std::string>();
+  std::string c = host_py_.attr("pack")(content).cast<std::string>();
   std::string p = parent.is_none() ? std::string("{}") : pack_cached(parent, parent_cache_);
   std::string m = metadata.is_none() ? std::string("{}") : pack_cached(metadata, metadata_cache_);
   std::string type = py::str(msg_type).cast<std::string>();
@@ -342,7 +248,7 @@ std::string PyHost::pack_cached(py::handle d, PackCache& cache) {
       }
   }
   if (cacheable && cache.key && PyObject_RichCompareBool(o, cache.key.ptr(), Py_EQ) == 1) return cache.json;
-  std::string json = glue_.attr("pack")(d).cast<std::string>();
+  std::string json = host_py_.attr("pack")(d).cast<std::string>();
   if (cacheable) {
     PyObject* copy = PyDict_Copy(o);  // immune to later changes of the caller's dict
     if (copy) {
@@ -487,7 +393,7 @@ void PyHost::run_shell(Work& w) {
     bufs.append(py::reinterpret_steal<py::object>(mv));
   }
   w.buffers.clear();
-  py::tuple res = glue_.attr("run_shell")(rt_, py::bytes(w.parent), py::bytes(w.metadata),
+  py::tuple res = host_py_.attr("run_shell")(rt_, py::bytes(w.parent), py::bytes(w.metadata),
                                           py::bytes(static_cast<const char*>(w.content.data()), w.content.size()),
                                           bufs, w.received);
   py::object reply = res[0];
@@ -503,7 +409,7 @@ void PyHost::run_control(Work& w) {
   if (w.msg_type == "shutdown_request") t_deferred = &deferred;
   py::tuple res;
   try {
-    res = glue_.attr("run_control")(rt_, py::bytes(w.parent),
+    res = host_py_.attr("run_control")(rt_, py::bytes(w.parent),
                                     py::bytes(static_cast<const char*>(w.content.data()), w.content.size()));
   } catch (...) {
     t_deferred = nullptr;
@@ -519,7 +425,7 @@ void PyHost::run_control(Work& w) {
   for (auto& f : deferred) fabric_->post(std::move(f));
   if (res[1].cast<bool>()) {
     rank_down("shutdown_request");
-    glue_.attr("interrupt")(rt_);  // the stock engine process would exit mid-cell
+    host_py_.attr("interrupt")(rt_);  // the stock engine process would exit mid-cell
     Work exit;
     exit.kind = Work::exit;
     push_work(std::move(exit), true);
@@ -595,11 +501,11 @@ void PyHost::control_loop() {
       if (have) run_control(w);
       if (job_over_ && !interrupted) {
         interrupted = true;
-        glue_.attr("interrupt")(rt_);
+        host_py_.attr("interrupt")(rt_);
       }
       if (clock::now() >= next_flush) {
         release_sent_buffers();
-        glue_.attr("flush")(rt_);
+        host_py_.attr("flush")(rt_);
         next_flush = clock::now() + std::chrono::milliseconds(200);
       }
     } catch (const py::error_already_set& e) {
@@ -788,7 +694,7 @@ void PyHost::answer_where(Work& w) {
   if (r.busy) {
     std::string in = info.dump();
     answered = with_gil_for(std::chrono::milliseconds(1000), [&] {
-      content = glue_.attr("where_state")(rt_, py::bytes(in)).cast<std::string>();
+      content = host_py_.attr("where_state")(rt_, py::bytes(in)).cast<std::string>();
     });
     if (!answered) {
       info["gil"] = "held";
@@ -814,7 +720,7 @@ void PyHost::report_stuck(const Running& r) {
             {"grace", cfg_.interrupt_grace}};
   std::string in = info.dump();
   bool done = with_gil_for(std::chrono::milliseconds(1000), [&] {
-    glue_.attr("stuck_report")(rt_, py::bytes(in), py::bytes(r.parent));
+    host_py_.attr("stuck_report")(rt_, py::bytes(in), py::bytes(r.parent));
   });
   if (done) return;
   // The main thread holds the GIL inside native code: what faulthandler saw, said in C++.
@@ -924,7 +830,7 @@ void PyHost::close() {
     PXF_LOG(warning, kLog) << "closing the runtime: " << e.what();
   }
   rt_ = py::object();
-  glue_ = py::object();
+  host_py_ = py::object();
 }
 
 } // namespace pxf::mpi

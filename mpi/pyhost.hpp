@@ -3,6 +3,7 @@
 // on the main thread, control requests (abort/shutdown/signal) and the 0.2 s output flush on a
 // control thread, and turns replies and IOPub messages into signed link-format messages handed to
 // the Fabric. Requests arrive from the fabric thread through deliver(), which never takes the GIL.
+// The Python half of this bridge is python/pxfabric/host.py.
 #include "mpi/fabric.hpp"
 #include "wire/session.hpp"
 
@@ -114,7 +115,7 @@ class PyHost final : public LocalRank {
   wire::Session session_;
   Fabric* fabric_ = nullptr;
 
-  py::object glue_, rt_;
+  py::object host_py_, rt_;  // pxfabric.host (python/pxfabric/host.py), the EngineRuntime
   // The last JSON packed for a dict of str values (a request's parent header, the engine's
   // metadata: each published again with every message of a request), keyed by a copy of it.
   struct PackCache {

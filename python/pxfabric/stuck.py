@@ -49,7 +49,7 @@ def _internal_dirs() -> List[str]:
 def _is_internal(frame, internal: List[str]) -> bool:
     code = frame.f_code
     fn = code.co_filename
-    if frame.f_globals.get("__name__") == "_pxf_glue":  # pyhost.cpp's bridge
+    if frame.f_globals.get("__name__") == "pxfabric.host":  # pyhost.cpp's bridge
         return True
     if fn == "<string>" and code.co_name == "<module>":
         # The apply call template "_<msg_id>_result = _<msg_id>_f(*...)" (engine.py).
