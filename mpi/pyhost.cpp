@@ -3,18 +3,11 @@
 #include "gateway/gateway.hpp"
 #include "util/log.hpp"
 
-#include <csignal>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <vector>
-
-#include <poll.h>
-#include <pthread.h>
-#include <unistd.h>
 
 namespace pxf::mpi {
 
@@ -167,17 +160,14 @@ PyHost::PyHost(HostConfig cfg, wire::SessionOptions session)
     : cfg_(std::move(cfg)), session_([&] {
         session.session_id = cfg_.uuid;
         return session;
-      }()) {}
+      }()),
+      watch_(cfg_.rank, cfg_.engine_id, cfg_.uuid, cfg_.interrupt_grace, session_, *this) {}
 
 PyHost::~PyHost() {
   stop_control_ = true;
-  stop_watch_ = true;
   control_cv_.notify_all();
-  watch_cv_.notify_all();
-  gil_cv_.notify_all();
   if (control_thread_.joinable()) control_thread_.join();
-  if (watch_thread_.joinable()) watch_thread_.join();
-  if (gil_thread_.joinable()) gil_thread_.join();
+  watch_.stop();
 }
 
 void PyHost::create_runtime() {
@@ -190,23 +180,18 @@ void PyHost::create_runtime() {
   // SIGINT's handler while a request runs: signal.default_int_handler, plus a note that the
   // interrupt reached Python (a C function: no extra frame in the KeyboardInterrupt traceback).
   rt_.attr("request_sigint_handler") = py::cpp_function([this](py::args) {
-    {
-      std::lock_guard lock(run_mu_);
-      run_.landed = std::chrono::steady_clock::now();
-    }
+    watch_.interrupt_landed();
     PyErr_SetNone(PyExc_KeyboardInterrupt);
     throw py::error_already_set();
   });
-  main_thread_ = pthread_self();
-  stack_signal_ = SIGRTMIN + 7;
+  int stack_pipe = -1;
   try {
-    stack_pipe_ = host_py_.attr("setup_stack_dump")(stack_signal_).cast<int>();
+    stack_pipe = host_py_.attr("setup_stack_dump")(RankWatch::stack_signal()).cast<int>();
   } catch (const py::error_already_set& e) {
     PXF_LOG(warning, kLog) << "no stack dumps without the GIL: " << e.what();
   }
   control_thread_ = std::thread([this] { control_loop(); });
-  gil_thread_ = std::thread([this] { gil_loop(); });
-  watch_thread_ = std::thread([this] { watch_loop(); });
+  watch_.start(stack_pipe);  // on the main thread: the one whose stack it dumps
 }
 
 void PyHost::publish(py::object msg_type, py::object content, py::object parent, py::object metadata,
@@ -338,14 +323,10 @@ void PyHost::deliver(Frames&& frames, double received) {
   w.route = std::move(m.identities);
   w.msg_type = m.msg_type();
   if (ch == "control" && w.msg_type == "pxf_where_request") {
-    {
-      std::lock_guard lock(watch_mu_);
-      where_.push_back(std::move(w));
-    }
-    watch_cv_.notify_all();
+    watch_.where_requested(std::move(w.route), std::move(w.parent));
     return;
   }
-  if (ch == "control" && w.msg_type == "signal_request") note_signal_request(w.content);
+  if (ch == "control" && w.msg_type == "signal_request") watch_.signal_requested(w.content);
   if (ch == "control") {
     w.kind = Work::control;
     if (m.msg_type() == "clear_request") push_work(std::move(w), true);  // touches the namespace
@@ -446,25 +427,14 @@ void PyHost::run() {
     if (w.kind == Work::exit) continue;
     if (down_) continue;
     release_sent_buffers();
-    struct Busy {
-      PyHost* h;
-      Busy(PyHost* host, const Work& w) : h(host) {
-        std::lock_guard lock(h->run_mu_);
-        ++h->run_.seq;
-        h->run_.busy = true;
-        h->run_.parent = w.parent;
-        h->run_.msg_type = w.msg_type;
-        h->run_.since = std::chrono::steady_clock::now();
-        h->run_.was_interrupted = false;
-      }
-      ~Busy() {
-        std::lock_guard lock(h->run_mu_);
-        h->run_.busy = false;
-      }
+    struct Busy {  // what the watch sees the main thread run
+      RankWatch& watch;
+      Busy(RankWatch& wt, const Work& w) : watch(wt) { watch.request_started(w.parent, w.msg_type); }
+      ~Busy() { watch.request_finished(); }
     };
     try {
       if (w.kind == Work::shell) {
-        Busy busy(this, w);
+        Busy busy(watch_, w);
         run_shell(w);
       } else {
         run_control(w);
@@ -514,296 +484,17 @@ void PyHost::control_loop() {
   }
 }
 
-// ---- diagnosis of stuck ranks ------------------------------------------------------------
+// ---- RankWatch::Host ----------------------------------------------------------------------
 
-struct PyHost::GilJob {
-  std::function<void()> fn;
-  std::mutex mu;
-  std::condition_variable cv;
-  bool started = false, done = false, abandoned = false;  // under mu
-};
-
-PyHost::Running PyHost::running() {
-  std::lock_guard lock(run_mu_);
-  return run_;
+std::string PyHost::where_state(const std::string& info) {
+  return host_py_.attr("where_state")(rt_, py::bytes(info)).cast<std::string>();
 }
 
-void PyHost::note_signal_request(const zmq::message_t& content) {
-  // Only SIGINT frees a rank that is running a request (other signals end the process).
-  bool sigint = false;
-  try {
-    auto c = json::parse(view(content));
-    auto it = c.find("sig");
-    if (it != c.end()) {
-      if (it->is_number_integer()) sigint = it->get<int>() == SIGINT;
-      else if (it->is_string()) sigint = it->get_ref<const std::string&>() == "SIGINT" ||
-                                         it->get_ref<const std::string&>() == std::to_string(SIGINT);
-    }
-  } catch (const std::exception&) {
-    return;  // the control thread answers a malformed request
-  }
-  if (!sigint) return;
-  auto now = std::chrono::steady_clock::now();
-  std::uint64_t seq = 0;
-  {
-    std::lock_guard lock(run_mu_);
-    if (!run_.busy) return;
-    run_.interrupted = now;
-    run_.was_interrupted = true;
-    seq = run_.seq;
-  }
-  if (cfg_.interrupt_grace <= 0) return;
-  {
-    std::lock_guard lock(watch_mu_);
-    watches_.push_back({seq, now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                       std::chrono::duration<double>(cfg_.interrupt_grace))});
-  }
-  watch_cv_.notify_all();
+void PyHost::stuck_report(const std::string& info, const std::string& parent) {
+  host_py_.attr("stuck_report")(rt_, py::bytes(info), py::bytes(parent));
 }
 
-bool PyHost::with_gil_for(std::chrono::milliseconds wait, std::function<void()> fn) {
-  auto job = std::make_shared<GilJob>();
-  job->fn = std::move(fn);
-  {
-    std::lock_guard lock(gil_mu_);
-    gil_jobs_.push_back(job);
-  }
-  gil_cv_.notify_one();
-  std::unique_lock lock(job->mu);
-  if (!job->cv.wait_for(lock, wait, [&] { return job->started || job->done; })) {
-    job->abandoned = true;  // fn refers to the caller's locals: it must never run now
-    return false;
-  }
-  job->cv.wait(lock, [&] { return job->done; });
-  return true;
-}
-
-void PyHost::gil_loop() {
-  for (;;) {
-    std::shared_ptr<GilJob> job;
-    {
-      std::unique_lock lock(gil_mu_);
-      gil_cv_.wait(lock, [&] { return stop_watch_.load() || !gil_jobs_.empty(); });
-      if (stop_watch_) return;
-      job = std::move(gil_jobs_.front());
-      gil_jobs_.pop_front();
-    }
-    {
-      py::gil_scoped_acquire gil;
-      bool run = false;
-      {
-        std::lock_guard lock(job->mu);
-        if (!job->abandoned) job->started = run = true;
-      }
-      job->cv.notify_all();
-      if (run) {
-        try {
-          job->fn();
-        } catch (const py::error_already_set& e) {
-          PXF_LOG(warning, kLog) << "diagnosis: " << e.what();
-        } catch (const std::exception& e) {
-          PXF_LOG(warning, kLog) << "diagnosis: " << e.what();
-        }
-      }
-    }
-    {
-      std::lock_guard lock(job->mu);
-      job->done = true;
-    }
-    job->cv.notify_all();
-  }
-}
-
-std::string PyHost::native_stack() {
-  if (stack_pipe_ < 0) return "";
-  char buf[4096];
-  while (::read(stack_pipe_, buf, sizeof buf) > 0) {
-  }
-  if (pthread_kill(main_thread_, stack_signal_) != 0) return "";
-  std::string out;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
-  while (std::chrono::steady_clock::now() < deadline) {
-    pollfd p{stack_pipe_, POLLIN, 0};
-    int r = ::poll(&p, 1, out.empty() ? 100 : 30);
-    if (r <= 0) {
-      if (!out.empty()) break;  // quiet after some output: the dump is complete
-      continue;
-    }
-    ssize_t n = ::read(stack_pipe_, buf, sizeof buf);
-    if (n > 0) out.append(buf, static_cast<std::size_t>(n));
-  }
-  return out;
-}
-
-namespace {
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-// The engine's own frames (the bridge, the runtime, IPython running a cell), which a user does
-// not want to read: what python/pxfabric/stuck.py leaves out too.
-bool internal_file(const std::string& file) {
-  static const char* const kInternal[] = {"/pxfabric/", "/IPython/", "/ipykernel/", "/ipyparallel/",
-                                          "/traitlets/"};
-  if (file == "<string>") return true;
-  for (const char* dir : kInternal)
-    if (file.find(dir) != std::string::npos) return true;
-  return false;
-}
-
-// faulthandler's `  File "x.py", line 3 in f` lines as frames, outermost first, without the
-// engine's own frames.
-json frames_of_dump(const std::string& dump) {
-  json frames = json::array();
-  std::istringstream in(dump);
-  std::string line;
-  while (std::getline(in, line)) {
-    auto f = line.find("File \"");
-    auto l = line.rfind("\", line ");
-    if (f == std::string::npos || l == std::string::npos || l < f) continue;
-    std::string file = line.substr(f + 6, l - f - 6);
-    std::string rest = line.substr(l + 8);
-    auto sp = rest.find(" in ");
-    int lineno = std::atoi(rest.substr(0, sp).c_str());
-    std::string func = sp == std::string::npos ? "?" : rest.substr(sp + 4);
-    if (internal_file(file)) continue;
-    frames.insert(frames.begin(), json{{"file", file}, {"line", lineno}, {"function", func}, {"code", ""}});
-  }
-  return frames;
-}
-} // namespace
-
-void PyHost::answer_where(Work& w) {
-  Running r = running();
-  json info{{"status", "ok"}, {"rank", cfg_.rank}, {"engine_id", cfg_.engine_id},
-            {"state", r.busy ? "busy" : "idle"}};
-  if (r.busy) {
-    try {
-      info["msg_id"] = json::parse(r.parent).value("msg_id", "");
-    } catch (const std::exception&) {
-      info["msg_id"] = "";
-    }
-    info["msg_type"] = r.msg_type;
-    info["running_for"] = seconds_since(r.since);
-    // Only an interrupt that has not reached Python: the rank is stuck, not just busy.
-    info["interrupted_for"] =
-        r.was_interrupted && !r.interrupt_landed() ? json(seconds_since(r.interrupted)) : json(nullptr);
-  }
-  std::string content;
-  bool answered = false;
-  if (r.busy) {
-    std::string in = info.dump();
-    answered = with_gil_for(std::chrono::milliseconds(1000), [&] {
-      content = host_py_.attr("where_state")(rt_, py::bytes(in)).cast<std::string>();
-    });
-    if (!answered) {
-      info["gil"] = "held";
-      info["frames"] = frames_of_dump(native_stack());
-      json& frames = info["frames"];
-      info["where"] = frames.empty() ? std::string("in native code, holding the GIL")
-                                     : "in native code, holding the GIL, called from " +
-                                           frames.back()["file"].get<std::string>() + " line " +
-                                           std::to_string(frames.back()["line"].get<int>()) + " in " +
-                                           frames.back()["function"].get<std::string>();
-    }
-  }
-  if (!answered) content = info.dump();
-  json md{{"engine", cfg_.uuid}, {"status", "ok"}};
-  fabric_->post(session_.encode_frames(std::move(w.route),
-                                       frame(wire::dump_json(session_.make_header("pxf_where_reply"))),
-                                       frame(w.parent), frame(md.dump()), frame(content)));
-}
-
-void PyHost::report_stuck(const Running& r) {
-  json info{{"rank", cfg_.rank}, {"engine_id", cfg_.engine_id}, {"msg_type", r.msg_type},
-            {"running_for", seconds_since(r.since)}, {"interrupted_for", seconds_since(r.interrupted)},
-            {"grace", cfg_.interrupt_grace}};
-  std::string in = info.dump();
-  bool done = with_gil_for(std::chrono::milliseconds(1000), [&] {
-    host_py_.attr("stuck_report")(rt_, py::bytes(in), py::bytes(r.parent));
-  });
-  if (done) return;
-  // The main thread holds the GIL inside native code: what faulthandler saw, said in C++.
-  json frames = frames_of_dump(native_stack());
-  std::ostringstream text;
-  text << "[pxfabric] rank " << cfg_.rank << " (engine " << cfg_.engine_id << ") did not return to Python "
-       << static_cast<int>(seconds_since(r.interrupted) + 0.5)
-       << " s after the interrupt: it holds the GIL in native code";
-  if (!frames.empty()) {
-    const json& top = frames.back();
-    text << ", called from " << top["file"].get<std::string>() << " line " << top["line"].get<int>() << " in "
-         << top["function"].get<std::string>();
-  }
-  text << ".\n";
-  if (!frames.empty()) {
-    text << "Python stack (most recent call last):\n";
-    std::size_t first = frames.size() > 6 ? frames.size() - 6 : 0;
-    for (std::size_t i = first; i < frames.size(); ++i)
-      text << "  " << frames[i]["file"].get<std::string>() << ", line " << frames[i]["line"].get<int>() << ", in "
-           << frames[i]["function"].get<std::string>() << "\n";
-  }
-  text << "An interrupt cannot stop native code that never returns to Python. `pxcluster where` shows "
-          "every rank; `pxcluster restart` recovers with the same engine ids.\n";
-  json content{{"name", "stderr"}, {"text", text.str()}};
-  json md{{"engine", cfg_.uuid}};
-  Frames route;
-  route.push_back(frame("iopub"));
-  route.push_back(frame("engine." + std::to_string(cfg_.engine_id) + ".stderr"));
-  fabric_->post(session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header("stream"))),
-                                       frame(r.parent), frame(md.dump()), frame(content.dump())));
-}
-
-void PyHost::watch_loop() {
-  std::uint64_t reported_seq = 0;
-  std::chrono::steady_clock::time_point reported_at{};
-  std::unique_lock lock(watch_mu_);
-  for (;;) {
-    if (stop_watch_) return;
-    if (!where_.empty()) {
-      Work w = std::move(where_.front());
-      where_.pop_front();
-      lock.unlock();
-      try {
-        answer_where(w);
-      } catch (const std::exception& e) {
-        PXF_LOG(warning, kLog) << "where-request: " << e.what();
-      }
-      lock.lock();
-      continue;
-    }
-    auto now = std::chrono::steady_clock::now();
-    auto due = watches_.end();
-    auto next = std::chrono::steady_clock::time_point::max();
-    for (auto it = watches_.begin(); it != watches_.end(); ++it) {
-      if (it->due <= now) {
-        due = it;
-        break;
-      }
-      next = std::min(next, it->due);
-    }
-    if (due != watches_.end()) {
-      Watch wt = *due;
-      watches_.erase(due);
-      lock.unlock();
-      Running r = running();
-      // Still in the request the interrupt was for, and not yet reported since that interrupt.
-      if (r.busy && r.seq == wt.seq && !r.interrupt_landed() &&
-          !(reported_seq == r.seq && r.interrupted <= reported_at)) {
-        reported_seq = r.seq;
-        reported_at = std::chrono::steady_clock::now();
-        try {
-          report_stuck(r);
-        } catch (const std::exception& e) {
-          PXF_LOG(warning, kLog) << "stuck report: " << e.what();
-        }
-      }
-      lock.lock();
-      continue;
-    }
-    if (next == std::chrono::steady_clock::time_point::max()) watch_cv_.wait(lock);
-    else watch_cv_.wait_until(lock, next);
-  }
-}
+void PyHost::post(Frames&& frames) { fabric_->post(std::move(frames)); }
 
 void PyHost::close() {
   stop_control_ = true;
@@ -811,18 +502,10 @@ void PyHost::close() {
     std::lock_guard lock(mu_);
   }
   control_cv_.notify_all();
-  stop_watch_ = true;
   {
-    std::lock_guard l1(watch_mu_);
-    std::lock_guard l2(gil_mu_);
-  }
-  watch_cv_.notify_all();
-  gil_cv_.notify_all();
-  {
-    py::gil_scoped_release nogil;
+    py::gil_scoped_release nogil;  // the watch's GIL thread may be waiting for it
     if (control_thread_.joinable()) control_thread_.join();
-    if (watch_thread_.joinable()) watch_thread_.join();
-    if (gil_thread_.joinable()) gil_thread_.join();
+    watch_.stop();
   }
   try {
     if (rt_) rt_.attr("close")();
