@@ -3,6 +3,7 @@
 #include "gateway/gateway.hpp"
 #include "util/log.hpp"
 
+#include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
