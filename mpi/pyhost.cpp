@@ -3,18 +3,12 @@
 #include "gateway/gateway.hpp"
 #include "util/log.hpp"
 
-#include <csignal>
+#include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <vector>
-
-#include <poll.h>
-#include <pthread.h>
-#include <unistd.h>
 
 namespace pxf::mpi {
 
@@ -50,100 +44,6 @@ constexpr const char* kLog = "engine";
 thread_local std::vector<Frames>* t_deferred = nullptr;
 // On the main thread while a shell request runs (see publish).
 thread_local bool t_in_shell = false;
-
-// Python half of the bridge: JSON in and out exactly as jupyter_client packs it, and the calls
-// into the runtime, so the C++ side only moves bytes.
-constexpr const char* kGlue = R"PY(
-import json, logging, os, sys
-
-def _json_default(obj):
-    from jupyter_client.jsonutil import json_default
-    return json_default(obj)
-
-def pack(obj):
-    try:
-        s = json.dumps(obj, default=_json_default, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError):
-        from ipykernel.jsonutil import json_clean
-        s = json.dumps(json_clean(obj), default=_json_default, ensure_ascii=False)
-    return s.encode("utf8", "surrogateescape")
-
-def _loads(b):
-    if not b:
-        return {}
-    v = json.loads(b)
-    return v if isinstance(v, dict) else {}
-
-def run_shell(rt, header_b, md_b, content_b, bufs, received):
-    header = json.loads(header_b)
-    md = _loads(md_b)
-    content = _loads(content_b)
-    r = rt.handle_shell(header.get("msg_type"), header, md, content, bufs, received)
-    down = bool(rt.shutdown_requested or rt.exit_requested)
-    if r is None:
-        return None, down
-    t, c, m, b = r
-    return (t, pack(c), pack(m), list(b)), down
-
-def run_control(rt, header_b, content_b):
-    header = json.loads(header_b)
-    content = _loads(content_b)
-    r = rt.handle_control(header.get("msg_type"), header, content)
-    down = bool(rt.shutdown_requested)
-    if r is None:
-        return None, down
-    t, c, m = r
-    return (t, pack(c), pack(m)), down
-
-def flush(rt):
-    if rt.output_pending:
-        rt.flush_output()
-
-def interrupt(rt):
-    return rt.interrupt()
-
-def setup_logging(fd, level):
-    stream = os.fdopen(os.dup(fd), "w", buffering=1)
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(
-        "%(asctime)s [pxengine %(process)d] %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-
-def setup_stack_dump(sig):
-    # The fallback for a main thread that holds the GIL in native code: faulthandler's handler
-    # writes the stack of the thread it runs on (the main thread: pthread_kill) without the GIL.
-    # Both ends non-blocking: a dump nobody reads must never block the main thread.
-    import faulthandler
-    r, w = os.pipe()
-    os.set_blocking(r, False)
-    os.set_blocking(w, False)
-    faulthandler.register(sig, file=w, all_threads=False, chain=False)
-    return r
-
-def where_state(rt, info_b):
-    from pxfabric.stuck import where_state
-    return pack(where_state(rt, json.loads(info_b)))
-
-def stuck_report(rt, info_b, parent_b):
-    from pxfabric.stuck import publish_report
-    publish_report(rt, json.loads(info_b), json.loads(parent_b))
-
-def make_runtime(engine_id, uuid, publish, profile_dir, capture_fds):
-    from pxfabric.engine import EngineRuntime
-    return EngineRuntime(engine_id, uuid, publish, profile_dir=profile_dir or None,
-                         capture_fds=capture_fds)
-)PY";
-
-py::object load_glue() {
-  py::module_ types = py::module_::import("types");
-  py::object mod = types.attr("ModuleType")("_pxf_glue");
-  py::exec(kGlue, mod.attr("__dict__"));
-  return mod;
-}
 
 std::string to_bytes(const py::handle& obj) {
   if (PyBytes_Check(obj.ptr())) return obj.cast<std::string>();
@@ -261,51 +161,43 @@ PyHost::PyHost(HostConfig cfg, wire::SessionOptions session)
     : cfg_(std::move(cfg)), session_([&] {
         session.session_id = cfg_.uuid;
         return session;
-      }()) {}
+      }()),
+      watch_(cfg_.rank, cfg_.engine_id, cfg_.uuid, cfg_.interrupt_grace, session_, *this) {}
 
 PyHost::~PyHost() {
   stop_control_ = true;
-  stop_watch_ = true;
   control_cv_.notify_all();
-  watch_cv_.notify_all();
-  gil_cv_.notify_all();
   if (control_thread_.joinable()) control_thread_.join();
-  if (watch_thread_.joinable()) watch_thread_.join();
-  if (gil_thread_.joinable()) gil_thread_.join();
+  watch_.stop();
 }
 
 void PyHost::create_runtime() {
-  glue_ = load_glue();
-  glue_.attr("setup_logging")(cfg_.log_fd, cfg_.log_level);
+  host_py_ = py::module_::import("pxfabric.host");
+  host_py_.attr("setup_logging")(cfg_.log_fd, cfg_.log_level);
   py::cpp_function pub([this](py::object t, py::object c, py::object p, py::object m, py::object b, py::object tp) {
     publish(std::move(t), std::move(c), std::move(p), std::move(m), std::move(b), std::move(tp));
   });
-  rt_ = glue_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds);
+  rt_ = host_py_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds);
   // SIGINT's handler while a request runs: signal.default_int_handler, plus a note that the
   // interrupt reached Python (a C function: no extra frame in the KeyboardInterrupt traceback).
   rt_.attr("request_sigint_handler") = py::cpp_function([this](py::args) {
-    {
-      std::lock_guard lock(run_mu_);
-      run_.landed = std::chrono::steady_clock::now();
-    }
+    watch_.interrupt_landed();
     PyErr_SetNone(PyExc_KeyboardInterrupt);
     throw py::error_already_set();
   });
-  main_thread_ = pthread_self();
-  stack_signal_ = SIGRTMIN + 7;
+  int stack_pipe = -1;
   try {
-    stack_pipe_ = glue_.attr("setup_stack_dump")(stack_signal_).cast<int>();
+    stack_pipe = host_py_.attr("setup_stack_dump")(RankWatch::stack_signal()).cast<int>();
   } catch (const py::error_already_set& e) {
     PXF_LOG(warning, kLog) << "no stack dumps without the GIL: " << e.what();
   }
   control_thread_ = std::thread([this] { control_loop(); });
-  gil_thread_ = std::thread([this] { gil_loop(); });
-  watch_thread_ = std::thread([this] { watch_loop(); });
+  watch_.start(stack_pipe);  // on the main thread: the one whose stack it dumps
 }
 
 void PyHost::publish(py::object msg_type, py::object content, py::object parent, py::object metadata,
                      py::object buffers, py::object topic) {
-  std::string c = glue_.attr("pack")(content).cast<std::string>();
+  std::string c = host_py_.attr("pack")(content).cast<std::string>();
   std::string p = parent.is_none() ? std::string("{}") : pack_cached(parent, parent_cache_);
   std::string m = metadata.is_none() ? std::string("{}") : pack_cached(metadata, metadata_cache_);
   std::string type = py::str(msg_type).cast<std::string>();
@@ -342,7 +234,7 @@ std::string PyHost::pack_cached(py::handle d, PackCache& cache) {
       }
   }
   if (cacheable && cache.key && PyObject_RichCompareBool(o, cache.key.ptr(), Py_EQ) == 1) return cache.json;
-  std::string json = glue_.attr("pack")(d).cast<std::string>();
+  std::string json = host_py_.attr("pack")(d).cast<std::string>();
   if (cacheable) {
     PyObject* copy = PyDict_Copy(o);  // immune to later changes of the caller's dict
     if (copy) {
@@ -432,14 +324,10 @@ void PyHost::deliver(Frames&& frames, double received) {
   w.route = std::move(m.identities);
   w.msg_type = m.msg_type();
   if (ch == "control" && w.msg_type == "pxf_where_request") {
-    {
-      std::lock_guard lock(watch_mu_);
-      where_.push_back(std::move(w));
-    }
-    watch_cv_.notify_all();
+    watch_.where_requested(std::move(w.route), std::move(w.parent));
     return;
   }
-  if (ch == "control" && w.msg_type == "signal_request") note_signal_request(w.content);
+  if (ch == "control" && w.msg_type == "signal_request") watch_.signal_requested(w.content);
   if (ch == "control") {
     w.kind = Work::control;
     if (m.msg_type() == "clear_request") push_work(std::move(w), true);  // touches the namespace
@@ -487,7 +375,7 @@ void PyHost::run_shell(Work& w) {
     bufs.append(py::reinterpret_steal<py::object>(mv));
   }
   w.buffers.clear();
-  py::tuple res = glue_.attr("run_shell")(rt_, py::bytes(w.parent), py::bytes(w.metadata),
+  py::tuple res = host_py_.attr("run_shell")(rt_, py::bytes(w.parent), py::bytes(w.metadata),
                                           py::bytes(static_cast<const char*>(w.content.data()), w.content.size()),
                                           bufs, w.received);
   py::object reply = res[0];
@@ -503,7 +391,7 @@ void PyHost::run_control(Work& w) {
   if (w.msg_type == "shutdown_request") t_deferred = &deferred;
   py::tuple res;
   try {
-    res = glue_.attr("run_control")(rt_, py::bytes(w.parent),
+    res = host_py_.attr("run_control")(rt_, py::bytes(w.parent),
                                     py::bytes(static_cast<const char*>(w.content.data()), w.content.size()));
   } catch (...) {
     t_deferred = nullptr;
@@ -519,7 +407,7 @@ void PyHost::run_control(Work& w) {
   for (auto& f : deferred) fabric_->post(std::move(f));
   if (res[1].cast<bool>()) {
     rank_down("shutdown_request");
-    glue_.attr("interrupt")(rt_);  // the stock engine process would exit mid-cell
+    host_py_.attr("interrupt")(rt_);  // the stock engine process would exit mid-cell
     Work exit;
     exit.kind = Work::exit;
     push_work(std::move(exit), true);
@@ -540,25 +428,14 @@ void PyHost::run() {
     if (w.kind == Work::exit) continue;
     if (down_) continue;
     release_sent_buffers();
-    struct Busy {
-      PyHost* h;
-      Busy(PyHost* host, const Work& w) : h(host) {
-        std::lock_guard lock(h->run_mu_);
-        ++h->run_.seq;
-        h->run_.busy = true;
-        h->run_.parent = w.parent;
-        h->run_.msg_type = w.msg_type;
-        h->run_.since = std::chrono::steady_clock::now();
-        h->run_.was_interrupted = false;
-      }
-      ~Busy() {
-        std::lock_guard lock(h->run_mu_);
-        h->run_.busy = false;
-      }
+    struct Busy {  // what the watch sees the main thread run
+      RankWatch& watch;
+      Busy(RankWatch& wt, const Work& w) : watch(wt) { watch.request_started(w.parent, w.msg_type); }
+      ~Busy() { watch.request_finished(); }
     };
     try {
       if (w.kind == Work::shell) {
-        Busy busy(this, w);
+        Busy busy(watch_, w);
         run_shell(w);
       } else {
         run_control(w);
@@ -595,11 +472,11 @@ void PyHost::control_loop() {
       if (have) run_control(w);
       if (job_over_ && !interrupted) {
         interrupted = true;
-        glue_.attr("interrupt")(rt_);
+        host_py_.attr("interrupt")(rt_);
       }
       if (clock::now() >= next_flush) {
         release_sent_buffers();
-        glue_.attr("flush")(rt_);
+        host_py_.attr("flush")(rt_);
         next_flush = clock::now() + std::chrono::milliseconds(200);
       }
     } catch (const py::error_already_set& e) {
@@ -608,296 +485,17 @@ void PyHost::control_loop() {
   }
 }
 
-// ---- diagnosis of stuck ranks ------------------------------------------------------------
+// ---- RankWatch::Host ----------------------------------------------------------------------
 
-struct PyHost::GilJob {
-  std::function<void()> fn;
-  std::mutex mu;
-  std::condition_variable cv;
-  bool started = false, done = false, abandoned = false;  // under mu
-};
-
-PyHost::Running PyHost::running() {
-  std::lock_guard lock(run_mu_);
-  return run_;
+std::string PyHost::where_state(const std::string& info) {
+  return host_py_.attr("where_state")(rt_, py::bytes(info)).cast<std::string>();
 }
 
-void PyHost::note_signal_request(const zmq::message_t& content) {
-  // Only SIGINT frees a rank that is running a request (other signals end the process).
-  bool sigint = false;
-  try {
-    auto c = json::parse(view(content));
-    auto it = c.find("sig");
-    if (it != c.end()) {
-      if (it->is_number_integer()) sigint = it->get<int>() == SIGINT;
-      else if (it->is_string()) sigint = it->get_ref<const std::string&>() == "SIGINT" ||
-                                         it->get_ref<const std::string&>() == std::to_string(SIGINT);
-    }
-  } catch (const std::exception&) {
-    return;  // the control thread answers a malformed request
-  }
-  if (!sigint) return;
-  auto now = std::chrono::steady_clock::now();
-  std::uint64_t seq = 0;
-  {
-    std::lock_guard lock(run_mu_);
-    if (!run_.busy) return;
-    run_.interrupted = now;
-    run_.was_interrupted = true;
-    seq = run_.seq;
-  }
-  if (cfg_.interrupt_grace <= 0) return;
-  {
-    std::lock_guard lock(watch_mu_);
-    watches_.push_back({seq, now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                       std::chrono::duration<double>(cfg_.interrupt_grace))});
-  }
-  watch_cv_.notify_all();
+void PyHost::stuck_report(const std::string& info, const std::string& parent) {
+  host_py_.attr("stuck_report")(rt_, py::bytes(info), py::bytes(parent));
 }
 
-bool PyHost::with_gil_for(std::chrono::milliseconds wait, std::function<void()> fn) {
-  auto job = std::make_shared<GilJob>();
-  job->fn = std::move(fn);
-  {
-    std::lock_guard lock(gil_mu_);
-    gil_jobs_.push_back(job);
-  }
-  gil_cv_.notify_one();
-  std::unique_lock lock(job->mu);
-  if (!job->cv.wait_for(lock, wait, [&] { return job->started || job->done; })) {
-    job->abandoned = true;  // fn refers to the caller's locals: it must never run now
-    return false;
-  }
-  job->cv.wait(lock, [&] { return job->done; });
-  return true;
-}
-
-void PyHost::gil_loop() {
-  for (;;) {
-    std::shared_ptr<GilJob> job;
-    {
-      std::unique_lock lock(gil_mu_);
-      gil_cv_.wait(lock, [&] { return stop_watch_.load() || !gil_jobs_.empty(); });
-      if (stop_watch_) return;
-      job = std::move(gil_jobs_.front());
-      gil_jobs_.pop_front();
-    }
-    {
-      py::gil_scoped_acquire gil;
-      bool run = false;
-      {
-        std::lock_guard lock(job->mu);
-        if (!job->abandoned) job->started = run = true;
-      }
-      job->cv.notify_all();
-      if (run) {
-        try {
-          job->fn();
-        } catch (const py::error_already_set& e) {
-          PXF_LOG(warning, kLog) << "diagnosis: " << e.what();
-        } catch (const std::exception& e) {
-          PXF_LOG(warning, kLog) << "diagnosis: " << e.what();
-        }
-      }
-    }
-    {
-      std::lock_guard lock(job->mu);
-      job->done = true;
-    }
-    job->cv.notify_all();
-  }
-}
-
-std::string PyHost::native_stack() {
-  if (stack_pipe_ < 0) return "";
-  char buf[4096];
-  while (::read(stack_pipe_, buf, sizeof buf) > 0) {
-  }
-  if (pthread_kill(main_thread_, stack_signal_) != 0) return "";
-  std::string out;
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
-  while (std::chrono::steady_clock::now() < deadline) {
-    pollfd p{stack_pipe_, POLLIN, 0};
-    int r = ::poll(&p, 1, out.empty() ? 100 : 30);
-    if (r <= 0) {
-      if (!out.empty()) break;  // quiet after some output: the dump is complete
-      continue;
-    }
-    ssize_t n = ::read(stack_pipe_, buf, sizeof buf);
-    if (n > 0) out.append(buf, static_cast<std::size_t>(n));
-  }
-  return out;
-}
-
-namespace {
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-// The engine's own frames (the bridge, the runtime, IPython running a cell), which a user does
-// not want to read: what python/pxfabric/stuck.py leaves out too.
-bool internal_file(const std::string& file) {
-  static const char* const kInternal[] = {"/pxfabric/", "/IPython/", "/ipykernel/", "/ipyparallel/",
-                                          "/traitlets/"};
-  if (file == "<string>") return true;
-  for (const char* dir : kInternal)
-    if (file.find(dir) != std::string::npos) return true;
-  return false;
-}
-
-// faulthandler's `  File "x.py", line 3 in f` lines as frames, outermost first, without the
-// engine's own frames.
-json frames_of_dump(const std::string& dump) {
-  json frames = json::array();
-  std::istringstream in(dump);
-  std::string line;
-  while (std::getline(in, line)) {
-    auto f = line.find("File \"");
-    auto l = line.rfind("\", line ");
-    if (f == std::string::npos || l == std::string::npos || l < f) continue;
-    std::string file = line.substr(f + 6, l - f - 6);
-    std::string rest = line.substr(l + 8);
-    auto sp = rest.find(" in ");
-    int lineno = std::atoi(rest.substr(0, sp).c_str());
-    std::string func = sp == std::string::npos ? "?" : rest.substr(sp + 4);
-    if (internal_file(file)) continue;
-    frames.insert(frames.begin(), json{{"file", file}, {"line", lineno}, {"function", func}, {"code", ""}});
-  }
-  return frames;
-}
-} // namespace
-
-void PyHost::answer_where(Work& w) {
-  Running r = running();
-  json info{{"status", "ok"}, {"rank", cfg_.rank}, {"engine_id", cfg_.engine_id},
-            {"state", r.busy ? "busy" : "idle"}};
-  if (r.busy) {
-    try {
-      info["msg_id"] = json::parse(r.parent).value("msg_id", "");
-    } catch (const std::exception&) {
-      info["msg_id"] = "";
-    }
-    info["msg_type"] = r.msg_type;
-    info["running_for"] = seconds_since(r.since);
-    // Only an interrupt that has not reached Python: the rank is stuck, not just busy.
-    info["interrupted_for"] =
-        r.was_interrupted && !r.interrupt_landed() ? json(seconds_since(r.interrupted)) : json(nullptr);
-  }
-  std::string content;
-  bool answered = false;
-  if (r.busy) {
-    std::string in = info.dump();
-    answered = with_gil_for(std::chrono::milliseconds(1000), [&] {
-      content = glue_.attr("where_state")(rt_, py::bytes(in)).cast<std::string>();
-    });
-    if (!answered) {
-      info["gil"] = "held";
-      info["frames"] = frames_of_dump(native_stack());
-      json& frames = info["frames"];
-      info["where"] = frames.empty() ? std::string("in native code, holding the GIL")
-                                     : "in native code, holding the GIL, called from " +
-                                           frames.back()["file"].get<std::string>() + " line " +
-                                           std::to_string(frames.back()["line"].get<int>()) + " in " +
-                                           frames.back()["function"].get<std::string>();
-    }
-  }
-  if (!answered) content = info.dump();
-  json md{{"engine", cfg_.uuid}, {"status", "ok"}};
-  fabric_->post(session_.encode_frames(std::move(w.route),
-                                       frame(wire::dump_json(session_.make_header("pxf_where_reply"))),
-                                       frame(w.parent), frame(md.dump()), frame(content)));
-}
-
-void PyHost::report_stuck(const Running& r) {
-  json info{{"rank", cfg_.rank}, {"engine_id", cfg_.engine_id}, {"msg_type", r.msg_type},
-            {"running_for", seconds_since(r.since)}, {"interrupted_for", seconds_since(r.interrupted)},
-            {"grace", cfg_.interrupt_grace}};
-  std::string in = info.dump();
-  bool done = with_gil_for(std::chrono::milliseconds(1000), [&] {
-    glue_.attr("stuck_report")(rt_, py::bytes(in), py::bytes(r.parent));
-  });
-  if (done) return;
-  // The main thread holds the GIL inside native code: what faulthandler saw, said in C++.
-  json frames = frames_of_dump(native_stack());
-  std::ostringstream text;
-  text << "[pxfabric] rank " << cfg_.rank << " (engine " << cfg_.engine_id << ") did not return to Python "
-       << static_cast<int>(seconds_since(r.interrupted) + 0.5)
-       << " s after the interrupt: it holds the GIL in native code";
-  if (!frames.empty()) {
-    const json& top = frames.back();
-    text << ", called from " << top["file"].get<std::string>() << " line " << top["line"].get<int>() << " in "
-         << top["function"].get<std::string>();
-  }
-  text << ".\n";
-  if (!frames.empty()) {
-    text << "Python stack (most recent call last):\n";
-    std::size_t first = frames.size() > 6 ? frames.size() - 6 : 0;
-    for (std::size_t i = first; i < frames.size(); ++i)
-      text << "  " << frames[i]["file"].get<std::string>() << ", line " << frames[i]["line"].get<int>() << ", in "
-           << frames[i]["function"].get<std::string>() << "\n";
-  }
-  text << "An interrupt cannot stop native code that never returns to Python. `pxcluster where` shows "
-          "every rank; `pxcluster restart` recovers with the same engine ids.\n";
-  json content{{"name", "stderr"}, {"text", text.str()}};
-  json md{{"engine", cfg_.uuid}};
-  Frames route;
-  route.push_back(frame("iopub"));
-  route.push_back(frame("engine." + std::to_string(cfg_.engine_id) + ".stderr"));
-  fabric_->post(session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header("stream"))),
-                                       frame(r.parent), frame(md.dump()), frame(content.dump())));
-}
-
-void PyHost::watch_loop() {
-  std::uint64_t reported_seq = 0;
-  std::chrono::steady_clock::time_point reported_at{};
-  std::unique_lock lock(watch_mu_);
-  for (;;) {
-    if (stop_watch_) return;
-    if (!where_.empty()) {
-      Work w = std::move(where_.front());
-      where_.pop_front();
-      lock.unlock();
-      try {
-        answer_where(w);
-      } catch (const std::exception& e) {
-        PXF_LOG(warning, kLog) << "where-request: " << e.what();
-      }
-      lock.lock();
-      continue;
-    }
-    auto now = std::chrono::steady_clock::now();
-    auto due = watches_.end();
-    auto next = std::chrono::steady_clock::time_point::max();
-    for (auto it = watches_.begin(); it != watches_.end(); ++it) {
-      if (it->due <= now) {
-        due = it;
-        break;
-      }
-      next = std::min(next, it->due);
-    }
-    if (due != watches_.end()) {
-      Watch wt = *due;
-      watches_.erase(due);
-      lock.unlock();
-      Running r = running();
-      // Still in the request the interrupt was for, and not yet reported since that interrupt.
-      if (r.busy && r.seq == wt.seq && !r.interrupt_landed() &&
-          !(reported_seq == r.seq && r.interrupted <= reported_at)) {
-        reported_seq = r.seq;
-        reported_at = std::chrono::steady_clock::now();
-        try {
-          report_stuck(r);
-        } catch (const std::exception& e) {
-          PXF_LOG(warning, kLog) << "stuck report: " << e.what();
-        }
-      }
-      lock.lock();
-      continue;
-    }
-    if (next == std::chrono::steady_clock::time_point::max()) watch_cv_.wait(lock);
-    else watch_cv_.wait_until(lock, next);
-  }
-}
+void PyHost::post(Frames&& frames) { fabric_->post(std::move(frames)); }
 
 void PyHost::close() {
   stop_control_ = true;
@@ -905,18 +503,10 @@ void PyHost::close() {
     std::lock_guard lock(mu_);
   }
   control_cv_.notify_all();
-  stop_watch_ = true;
   {
-    std::lock_guard l1(watch_mu_);
-    std::lock_guard l2(gil_mu_);
-  }
-  watch_cv_.notify_all();
-  gil_cv_.notify_all();
-  {
-    py::gil_scoped_release nogil;
+    py::gil_scoped_release nogil;  // the watch's GIL thread may be waiting for it
     if (control_thread_.joinable()) control_thread_.join();
-    if (watch_thread_.joinable()) watch_thread_.join();
-    if (gil_thread_.joinable()) gil_thread_.join();
+    watch_.stop();
   }
   try {
     if (rt_) rt_.attr("close")();
@@ -924,7 +514,7 @@ void PyHost::close() {
     PXF_LOG(warning, kLog) << "closing the runtime: " << e.what();
   }
   rt_ = py::object();
-  glue_ = py::object();
+  host_py_ = py::object();
 }
 
 } // namespace pxf::mpi

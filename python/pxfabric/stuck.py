@@ -3,11 +3,11 @@
 A rank runs user code on its main thread. When that thread is blocked inside MPI (a collective
 the other ranks never join, a ``recv`` nobody sends to), an interrupt cannot free it: SIGINT
 becomes ``KeyboardInterrupt`` only when the thread runs Python again. mpi4py releases the GIL
-around blocking calls, so pxengine's watch thread (mpi/pyhost.cpp) can take the GIL and read the
-main thread's frames here (``sys._current_frames``). It calls :func:`publish_report` when an
+around blocking calls, so pxengine's watch thread (mpi/rank_watch.cpp) can take the GIL and read
+the main thread's frames here (``sys._current_frames``). It calls :func:`publish_report` when an
 interrupt has not returned the rank to Python within the grace period, and :func:`where_state`
-for every ``pxf_where_request``. (When the main thread holds the GIL in native code, pyhost.cpp
-answers without Python, from a faulthandler dump.)
+for every ``pxf_where_request`` (both through :mod:`pxfabric.host`). (When the main thread
+holds the GIL in native code, rank_watch.cpp answers without Python, from a faulthandler dump.)
 
 Imported only when a report is due, never at engine start-up: standard library only.
 """
@@ -49,7 +49,7 @@ def _internal_dirs() -> List[str]:
 def _is_internal(frame, internal: List[str]) -> bool:
     code = frame.f_code
     fn = code.co_filename
-    if frame.f_globals.get("__name__") == "_pxf_glue":  # pyhost.cpp's bridge
+    if frame.f_globals.get("__name__") == "pxfabric.host":  # pyhost.cpp's bridge
         return True
     if fn == "<string>" and code.co_name == "<module>":
         # The apply call template "_<msg_id>_result = _<msg_id>_f(*...)" (engine.py).
@@ -219,7 +219,7 @@ def main_thread_state(rt) -> dict:
 
 def where_state(rt, info: dict) -> dict:
     """The content of a ``pxf_where_reply`` for a busy rank: ``info`` (rank, engine id, what
-    runs since when, from pyhost.cpp) plus where the main thread is."""
+    runs since when, from rank_watch.cpp) plus where the main thread is."""
     out = dict(info)
     out.update(main_thread_state(rt))
     out["gil"] = "free"

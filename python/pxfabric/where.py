@@ -3,7 +3,7 @@
 Transport: one ``pxf_where_request`` per engine on the control channel, sent with a stock
 ``ipyparallel.Client`` (``Client._send`` on its control stream, as ``send_signal`` does). The
 controller relays control messages of any type; each pxengine rank answers on its watch thread
-(mpi/pyhost.cpp), not on the main thread, so a rank stuck in MPI still answers -- where it is
+(mpi/rank_watch.cpp), not on the main thread, so a rank stuck in MPI still answers -- where it is
 comes from ``sys._current_frames`` (python/pxfabric/stuck.py), or from a faulthandler dump when
 the main thread holds the GIL in native code. A stock ipengine does not know the message type
 and never answers: it is named as such after ``timeout`` instead of hanging.

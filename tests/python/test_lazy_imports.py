@@ -16,6 +16,7 @@ sys.path.insert(0, {str(PYTHON_DIR)!r})
 from pxfabric import _lazy
 _lazy.prepare_engine()
 import pxfabric.engine
+import pxfabric.host
 """
 
 
