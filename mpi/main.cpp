@@ -271,6 +271,7 @@ int main(int argc, char** argv) {
   hc.log_level = opts.log_level;
   hc.capture_fds = opts.capture_fds;
   hc.interrupt_grace = opts.interrupt_grace;
+  hc.shell_config = opts.shell_config;
   mpi::PyHost host(hc, sopts);
   mpi::Fabric fabric(p2p, coll, rank, size, gw.get(), host);
   host.attach(&fabric);

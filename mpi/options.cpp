@@ -6,6 +6,7 @@
 #include <functional>
 #include <cstdlib>
 #include <map>
+#include <set>
 
 namespace pxf::mpi {
 
@@ -58,6 +59,14 @@ int to_int(const std::string& k, const std::string& v) {
   auto [p, ec] = std::from_chars(v.data(), v.data() + v.size(), out);
   if (ec != std::errc() || p != v.data() + v.size()) throw UsageError("invalid value for --" + k + ": '" + v + "'");
   return out;
+}
+// Configurable classes of the engine's IPython shell and what it owns.
+bool is_shell_class(const std::string& cls) {
+  static const std::set<std::string> shell = {
+      "InteractiveShell", "ZMQInteractiveShell", "HistoryManager", "HistoryAccessor", "PlainTextFormatter",
+      "DisplayFormatter", "BaseFormatter", "IPCompleter", "Completer", "ScriptMagics", "StoreMagics",
+      "PrefilterManager", "AliasManager", "InlineBackend", "LoggingMagics"};
+  return shell.count(cls) > 0;
 }
 } // namespace
 
@@ -134,6 +143,10 @@ EngineOptions parse_options(int argc, char** argv) {
         value = argv[++i];
       }
       it->second(key, value);
+      continue;
+    }
+    if (auto dot = key.find('.'); dot != std::string::npos && has_value && is_shell_class(key.substr(0, dot))) {
+      o.shell_config.push_back("--" + key + "=" + value);
       continue;
     }
     if (key.find('.') != std::string::npos && has_value) {

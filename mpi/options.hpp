@@ -27,6 +27,9 @@ struct EngineOptions {
   double interrupt_grace = 3.0;
   bool help = false;
   bool version = false;  // --version: print it and exit (no MPI): `pxcluster check` runs it on each host
+  // --Class.trait=value options for the IPython shell (stock engines pass their config to it,
+  // e.g. ipyparallel's tests' --InteractiveShell.colors=nocolor), given to it as traitlets config.
+  std::vector<std::string> shell_config;
   std::vector<std::string> warnings;  // ignored traitlets options, reported once MPI is up
 };
 

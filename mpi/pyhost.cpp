@@ -177,7 +177,10 @@ void PyHost::create_runtime() {
   py::cpp_function pub([this](py::object t, py::object c, py::object p, py::object m, py::object b, py::object tp) {
     publish(std::move(t), std::move(c), std::move(p), std::move(m), std::move(b), std::move(tp));
   });
-  rt_ = host_py_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds);
+  py::list shell_config;
+  for (const auto& option : cfg_.shell_config) shell_config.append(py::str(option));
+  rt_ = host_py_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds,
+                                      shell_config);
   // SIGINT's handler while a request runs: signal.default_int_handler, plus a note that the
   // interrupt reached Python (a C function: no extra frame in the KeyboardInterrupt traceback).
   rt_.attr("request_sigint_handler") = py::cpp_function([this](py::args) {

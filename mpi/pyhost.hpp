@@ -34,6 +34,7 @@ struct HostConfig {
   // Seconds an interrupt may take to return the rank to Python before the rank reports where it
   // is stuck on its stderr (--interrupt-grace, $PXF_INTERRUPT_GRACE); 0 = never report.
   double interrupt_grace = 3.0;
+  std::vector<std::string> shell_config;  // --Class.trait=value for the IPython shell
 };
 
 class PyHost final : public LocalRank, private RankWatch::Host {

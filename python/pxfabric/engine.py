@@ -111,6 +111,9 @@ class EngineRuntime:
     stop_on_error_timeout : float
         Seconds after an error (or an empty ``abort_request``) during which *received*
         ``execute_request``s are still aborted (ipykernel's ``stop_on_error_timeout``, 0).
+    shell_config : iterable of str
+        ``--Class.trait=value`` options for the IPython shell, read as traitlets config (the
+        stock engine gives its whole config to its shell: ``--InteractiveShell.colors=nocolor``).
 
     Notes
     -----
@@ -139,6 +142,7 @@ class EngineRuntime:
         buffer_threshold: int = MAX_BYTES,
         item_threshold: int = MAX_ITEMS,
         stop_on_error_timeout: float = 0.0,
+        shell_config: Iterable[str] = (),
     ) -> None:
         self.engine_id = int(engine_id)
         self.engine_uuid = str(engine_uuid)
@@ -175,7 +179,8 @@ class EngineRuntime:
 
         self.kernel = KernelStub(self.engine_id, self.engine_uuid)
         profile = _profile(profile_dir)
-        self.shell = make_shell(self.kernel, profile, user_ns, self._publish_traceback)
+        self.shell = make_shell(self.kernel, profile, user_ns, self._publish_traceback,
+                                config_args=shell_config)
         self.shell.displayhook.bind(self._publish)
         self.shell.displayhook.topic = self._topics["execute_result"]
         self.shell.display_pub.bind(self._publish, self.engine_uuid)

@@ -114,7 +114,7 @@ def stuck_report(rt, info_b, parent_b):
     publish_report(rt, json.loads(info_b), json.loads(parent_b))
 
 
-def make_runtime(engine_id, uuid, publish, profile_dir, capture_fds):
+def make_runtime(engine_id, uuid, publish, profile_dir, capture_fds, shell_config=()):
     from pxfabric.engine import EngineRuntime
     return EngineRuntime(engine_id, uuid, publish, profile_dir=profile_dir or None,
-                         capture_fds=capture_fds)
+                         capture_fds=capture_fds, shell_config=list(shell_config))

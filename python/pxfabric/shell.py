@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import types
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from IPython.core.interactiveshell import InteractiveShell
 from ipykernel.compiler import XCachingCompiler
@@ -242,6 +242,7 @@ def make_shell(
     profile_dir: Any,
     user_ns: Optional[dict],
     error_sink: Callable[[str, str, List[str]], None],
+    config_args: Iterable[str] = (),
 ) -> ZMQInteractiveShell:
     """Create the process-wide ``ZMQInteractiveShell`` singleton for an engine.
 
@@ -256,6 +257,8 @@ def make_shell(
     error_sink : callable
         ``error_sink(ename, evalue, stb)`` publishes the IOPub ``error`` message that
         ipykernel's ``_showtraceback`` would send.
+    config_args : iterable of str
+        Command-line style traitlets options (``--InteractiveShell.colors=nocolor``).
     """
     if InteractiveShell.initialized():
         raise RuntimeError(
@@ -264,6 +267,11 @@ def make_shell(
     _install_lazy_completer()
     config = Config()
     config.HistoryManager.hist_file = ":memory:"  # as the stock engine
+    config_args = list(config_args)
+    if config_args:
+        from traitlets.config.loader import KVArgParseConfigLoader
+
+        config.merge(KVArgParseConfigLoader(argv=config_args, aliases={}, flags={}).load_config())
     shell = ZMQInteractiveShell.instance(
         config=config,
         profile_dir=profile_dir,

@@ -294,6 +294,36 @@ def test_job_ends_when_the_controller_goes(tmp_path, sig):
         j.stop()
 
 
+@pytest.mark.timeout(120)
+def test_shell_options_reach_the_ipython_shell(tmp_path):
+    """``--InteractiveShell.colors=nocolor`` (ipyparallel's test suite starts engines with it)
+    configures every rank's shell as stock's ipengine does: plain tracebacks, and no
+    "ignoring unsupported option" warning; other classes' options are still reported."""
+    from ipyparallel import RemoteError
+    j = engine_job.EngineJob(tmp_path, 2)
+    j.engine_extra = ["--InteractiveShell.colors=nocolor", "--IPKernelApp.unknown_trait=1"]
+    try:
+        j.start_or_fail()
+        rc = j.client()
+        assert rc[:].apply_sync(_shell_colors) == ["NoColor", "NoColor"]
+        with pytest.raises(RemoteError) as err:
+            rc[0].execute("1/0", block=True)
+        tb = "\n".join(err.value.traceback if isinstance(err.value.traceback, list)
+                       else [err.value.traceback or ""])
+        assert "ZeroDivisionError" in tb and "\x1b[" not in tb, tb
+        j.close_client(rc)
+        log = j.engine_log.read_text(errors="replace")
+        assert "ignoring unsupported option --IPKernelApp.unknown_trait=1" in log
+        assert "InteractiveShell.colors" not in log
+    finally:
+        j.stop()
+
+
+@interactive
+def _shell_colors():
+    return get_ipython().colors  # noqa: F821  (the engine's shell)
+
+
 @pytest.mark.timeout(60)
 def test_singleton_without_mpirun(tmp_path):
     j = engine_job.EngineJob(tmp_path, 1)
