@@ -9,6 +9,8 @@ brought back to Python for ``SECONDS`` (``interrupted_for`` in its answer) makes
 :func:`pxfabric.restart.restart_cluster`: the same job again, same engine ids, the controller and
 the clients kept; the stuck work fails with ``EngineError``. A rank that is merely busy (no
 interrupt sent) is never restarted. It exits when the cluster's state file or controller is gone.
+For a Slurm cluster it runs where ``pxcluster start --slurm`` ran (the login node) and restarts
+through the batch job (:func:`pxfabric.slurm.restart_slurm`); it exits when the job ended.
 
     /usr/bin/python3 -m pxfabric.watch --profile-dir DIR [--cluster-id ID] --seconds S
 """
@@ -16,6 +18,7 @@ interrupt sent) is never restarted. It exits when the cluster's state file or co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 from pxfabric import cluster as cl
 
 POLL = 1.0          # seconds between where-requests
+SLURM_CHECK = 30.0  # seconds between squeue calls for a Slurm cluster's job
 ANSWER_TIMEOUT = 3.0
 
 
@@ -35,6 +39,27 @@ def stuck_ranks(states: Dict[int, dict], seconds: float) -> List[int]:
     """Engines an interrupt has not brought back to Python for ``seconds`` or more."""
     return sorted(eid for eid, s in states.items()
                   if s.get("interrupted_for") is not None and float(s["interrupted_for"]) >= seconds)
+
+
+_job_checked = 0.0
+
+
+def _alive(state: dict, client_file: Path) -> bool:
+    """The controller runs: a local one by its PID; a Slurm job's (inside the batch job) while
+    its connection file is there and Slurm says the job runs (asked every SLURM_CHECK s)."""
+    global _job_checked
+    if not state.get("slurm"):
+        return cl._process(state.get("controller")) is not None
+    if not client_file.exists():
+        return False
+    if time.monotonic() - _job_checked >= SLURM_CHECK:
+        from pxfabric import slurm
+        _job_checked = time.monotonic()
+        with contextlib.suppress(cl.ClusterError):
+            if slurm.job_info(state["slurm"]["job_id"]).get("state") not in ("RUNNING", "PENDING",
+                                                                                "CONFIGURING"):
+                return False
+    return True
 
 
 def watch(profile_dir: str, cluster_id: str, seconds: float, poll: float = POLL) -> int:
@@ -51,7 +76,7 @@ def watch(profile_dir: str, cluster_id: str, seconds: float, poll: float = POLL)
     try:
         while True:
             state = cl.load_state(spath)
-            if state is None or cl._process(state.get("controller")) is None:
+            if state is None or not _alive(state, client_file):
                 _say("the cluster is gone; exiting")
                 return 0
             if rc is None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from test_pxcluster import mentioning  # noqa: E402
@@ -161,17 +163,22 @@ def _pid():
     return _os.getpid()
 
 
+@pytest.mark.timeout(400)
 def test_restart_in_the_allocation(slurm, ipydir):
     """``pxcluster restart`` of a Slurm cluster with rank 0 stuck in a Barrier: the batch job
     ends its engine step and starts a new one in the same allocation; the controller inside the
-    job and the client stay, the hung cell fails with EngineError, the new ranks get ids 0..3."""
+    job and the client stay, the hung cell fails with EngineError, the new ranks get ids 0..3.
+    Then ``--restart-hung 2`` does the same by itself after an interrupt that does not land."""
     from ipyparallel import RemoteError
 
     profile = ipydir / "profile_default"
     r = pxcluster(slurm, ipydir, "start", "-n", 4, "--slurm", "--time", "10", "--timeout",
-                  START_TIMEOUT)
+                  START_TIMEOUT, "--restart-hung", 2)
     assert r.returncode == 0, r.stdout + r.stderr
     job = (r.stdout + r.stderr).split("submitted job ")[1].split()[0]
+    assert "stays stuck 2 s after an interrupt (watcher pid" in r.stdout, r.stdout
+    spath = profile / "security" / "pxcluster-default.json"
+    watcher = json.loads(spath.read_text())["watcher"]
     rc = client(profile, n=4)
     try:
         old_pids = rc[:].apply_sync(_pid)
@@ -195,6 +202,28 @@ def test_restart_in_the_allocation(slurm, ipydir):
         assert rc.ids == [0, 1, 2, 3]
         assert rc[:].apply_sync(_allreduce) == [6, 6, 6, 6]
         assert slurm.job_state(job) == "RUNNING"   # the same allocation
+
+        # --restart-hung: the watcher on this (login) node restarts through the batch job
+        # once rank 0 stays stuck 2 s after an interrupt
+        old_uuids = set(rc._engines.values())
+        hung = rc[0].execute("from mpi4py import MPI; MPI.COMM_WORLD.Barrier()", block=False)
+        time.sleep(0.5)
+        rc.send_signal(signal.SIGINT, targets=[0])
+        with pytest.raises(RemoteError) as err:
+            hung.get(timeout=90)
+        assert err.value.ename == "EngineError"
+        deadline = time.monotonic() + 90
+        while json.loads(spath.read_text()).get("restarts") != 2:
+            assert time.monotonic() < deadline, Path(watcher["log"]).read_text()
+            time.sleep(0.2)
+        while old_uuids & set(rc._engines.values()) or len(rc.ids) != 4:
+            assert time.monotonic() < deadline, rc.ids
+            time.sleep(0.1)
+            rc.spin()
+        assert rc[:].apply_sync(_allreduce) == [6, 6, 6, 6]
+        log = Path(watcher["log"]).read_text()
+        assert "engine(s) 0 still stuck 2 s after an interrupt" in log, log
+        assert "restarted 4 engines" in log, log
     finally:
         rc.close()
     r = pxcluster(slurm, ipydir, "list", "--json")
@@ -203,8 +232,10 @@ def test_restart_in_the_allocation(slurm, ipydir):
     r = pxcluster(slurm, ipydir, "stop")
     assert r.returncode == 0, r.stderr
     out = (profile / "log" / f"pxslurm-default-{job}.out").read_text()
-    assert "USR2: restarting the engines" in out and "restart 1: the old engine job ended" in out
+    assert "USR2: restarting the engines" in out and "restart 2: the old engine job ended" in out
     assert not (profile / "log" / f"pxengines-{job}.restart").exists()
+    assert not psutil.pid_exists(watcher["pid"]) or \
+        psutil.Process(watcher["pid"]).status() == psutil.STATUS_ZOMBIE
     wait_no_processes(str(profile))
 
 

@@ -280,9 +280,9 @@ def _start_main(args) -> int:
 
 def _start_slurm_main(args) -> int:
     from pxfabric import slurm
-    if args.restart_hung:
-        raise ClusterError("--restart-hung is not available with --slurm yet (the "
-                           "controller lives in the batch job)")
+    if args.restart_hung is not None and args.restart_hung <= 0:
+        raise ClusterError(f"--restart-hung must be a positive number of seconds "
+                           f"(got {args.restart_hung:g})")
     if args.hostfile or args.engines != "pxengine" or args.engine_cmd or args.mpirun:
         raise ClusterError("--slurm runs pxengine over the job's allocation: "
                            "--hostfile, --engines, --engine-cmd and --mpirun do not "
@@ -295,6 +295,8 @@ def _start_slurm_main(args) -> int:
         launch=args.slurm_launch, controller_args=shlex.split(args.controller_args),
         engine_args=shlex.split(args.engine_args), mpi_args=shlex.split(args.mpi_args),
         timeout=args.timeout)
+    if args.restart_hung:
+        start_watcher(state, args.restart_hung)  # here: it restarts through the batch job
     print("Connect with:\n" + connect_hint(state))
     cid = f" --cluster-id {shlex.quote(state['cluster_id'])}" if state["cluster_id"] else ""
     print(f"From a laptop:\n    pxcluster connect {socket.getfqdn()} --remote-profile-dir "

@@ -14,14 +14,14 @@ from .state import _unlink, load_state, remove_state
 
 def _stop_from_state(state: dict, quiet: bool = False, grace: float = TERM_GRACE) -> dict:
     """Stop every process of a recorded cluster, then remove its files. Returns a summary."""
+    watcher = _process(state.get("watcher"))
+    # first: it must not restart the job we are stopping
+    watcher_killed = terminate([watcher], grace=3.0) if watcher is not None else []
     if state.get("slurm"):
         from pxfabric import slurm
         return slurm.stop_slurm(state, quiet=quiet)
     say = (lambda m: None) if quiet else _say
-    summary: Dict[str, Any] = {"killed": [], "left": []}
-    watcher = _process(state.get("watcher"))
-    if watcher is not None:  # first: it must not restart the job we are stopping
-        summary["killed"] += terminate([watcher], grace=3.0)
+    summary: Dict[str, Any] = {"killed": watcher_killed, "left": []}
     engine_procs = _collect(state, "engines")
     mpirun = _process(state.get("engines"))
     if engine_procs:
