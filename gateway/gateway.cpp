@@ -124,7 +124,7 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
       throw GatewayError(std::string("malformed pxf_register_reply (ids): ") + e.what());
     }
     if (ids_.size() != ranks.size())
-      throw GatewayError("pxf_register_reply has " + std::to_string(ids_.size()) + " ids for " +
+      throw GatewayError(std::string(link::kRegisterReply) + " has " + std::to_string(ids_.size()) + " ids for " +
                          std::to_string(ranks.size()) + " engines");
     hb_period_ms_ = std::max(10, wire::get_or<int>(c, "hb_period", 3000));
     registered_.assign(ranks.size(), true);

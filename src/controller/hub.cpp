@@ -7,6 +7,7 @@
 #include "controller/heart_monitor.hpp"
 #include "controller/job_link.hpp"
 #include "controller/scheduler.hpp"
+#include "link/protocol.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
 #include "util/memory.hpp"
@@ -127,8 +128,8 @@ void Hub::on_query(Frames&& frames) {
     if (type == "result_request") return on_result_request(ident, m);
     if (type == "history_request") return on_history_request(ident, m);
     if (type == "shutdown_request") return on_shutdown_request(ident, m);
-    if (type == "pxf_stats_request") return on_stats_request(ident, m);
-    if (type == "pxf_engines_request") return on_engines_request(ident, m);
+    if (type == link::kStatsRequest) return on_stats_request(ident, m);
+    if (type == link::kEnginesRequest) return on_engines_request(ident, m);
     if (type == "db_request") return on_db_request(ident, m);
     if (type == "purge_request") return on_purge_request(ident, m);
     if (type == "resubmit_request") return on_resubmit_request(ident, m);
@@ -160,7 +161,7 @@ void Hub::on_engines_request(const zmq::message_t& ident, const Message& m) {
     engines[std::to_string(id)] = {{"uuid", e.uuid}, {"host", e.host}, {"job", e.job.empty() ? json() : json(e.job)},
                                    {"rank", e.rank < 0 ? json() : json(e.rank)}};
   }
-  reply(ident, m, "pxf_engines_reply", {{"status", "ok"}, {"engines", engines}});
+  reply(ident, m, link::kEnginesReply, {{"status", "ok"}, {"engines", engines}});
 }
 
 void Hub::on_registration_request(const zmq::message_t& ident, const Message& m) {
@@ -426,7 +427,7 @@ void Hub::on_stats_request(const zmq::message_t& ident, const Message& m) {
   for (std::size_t i = 0; i < EventLoop::kSources; ++i)
     counters[std::string("in.") + EventLoop::kSourceNames[i]] = loop_.received(i);
   counters["record_buffers.shared_identical"] = copier_.reused();
-  reply(ident, m, "pxf_stats_reply",
+  reply(ident, m, link::kStatsReply,
         {{"status", "ok"},
          {"drops", drops},
          {"counters", counters},

@@ -31,6 +31,11 @@ inline constexpr char kShutdown[] = "pxf_shutdown";                 // controlle
 // --- pxfabric's own messages on stock channels
 inline constexpr char kWhereRequest[] = "pxf_where_request";  // control channel, answered by a rank's watch thread
 inline constexpr char kWhereReply[] = "pxf_where_reply";
+// Hub queries on the registration socket (clients, pxcluster; not on the link).
+inline constexpr char kStatsRequest[] = "pxf_stats_request";      // counters, drops, sizes
+inline constexpr char kStatsReply[] = "pxf_stats_reply";
+inline constexpr char kEnginesRequest[] = "pxf_engines_request";  // registered engines and where they run
+inline constexpr char kEnginesReply[] = "pxf_engines_reply";
 
 // --- the gateway's internal channels, between ranks and rank 0 over MPI (never on the link)
 inline constexpr char kPartChannel[] = "pxf_part";           // [ch, bcast key, uuid, msg...]

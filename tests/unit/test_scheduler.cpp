@@ -217,7 +217,9 @@ TEST_F(Scheduler, AFailureWithRetriesLeftGoesToAnotherEngine) {
   submit("a", {{"retries", 1}});
   std::string first = task_on("e0") == "a" ? "e0" : "e1";
   std::string second = first == "e0" ? "e1" : "e0";
-  if (first == "e1") EXPECT_EQ(task_on("e1"), "a");
+  if (first == "e1") {
+    EXPECT_EQ(task_on("e1"), "a");
+  }
   reply(first, "a", "error");
   EXPECT_FALSE(client_reply(50));  // not answered: retried
   EXPECT_EQ(task_on(second), "a");
