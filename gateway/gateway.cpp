@@ -68,7 +68,7 @@ void Gateway::send(Frames&& frames) {
 
 void Gateway::send_link(std::string_view msg_type, const json& content) {
   Frames ids;
-  ids.push_back(frame("link"));
+  ids.push_back(frame(link::kLinkChannel));
   send(session_.build(std::move(ids), msg_type, content));
 }
 
@@ -82,7 +82,7 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
     uuids_.push_back(ranks[r].uuid);
     rank_of_[ranks[r].uuid] = static_cast<int>(r);
   }
-  send_link("pxf_register_request", {{"engines", engines}, {"size", ranks.size()}, {"hostnames", hosts}});
+  send_link(link::kRegisterRequest, {{"engines", engines}, {"size", ranks.size()}, {"hostnames", hosts}});
   PXF_LOG(info, kLog) << "registering " << ranks.size() << " engines with " << opts_.url << " (job "
                       << opts_.job_uuid << ")";
 
@@ -96,7 +96,7 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
     if (!(item.revents & ZMQ_POLLIN)) continue;
     Frames frames;
     if (!zmq::recv_multipart(sock_, std::back_inserter(frames), zmq::recv_flags::dontwait)) continue;
-    if (frames.empty() || view(frames[0]) != "link") {
+    if (frames.empty() || view(frames[0]) != link::kLinkChannel) {
       last_problem = "unexpected message before registration";
       continue;
     }
@@ -111,7 +111,7 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
       continue;
     }
     auto& m = *d.msg;
-    if (m.msg_type() != "pxf_register_reply") continue;
+    if (m.msg_type() != link::kRegisterReply) continue;
     const json& c = m.content;
     if (wire::get_or<std::string>(c, "status", "") != "ok") {
       std::string why = wire::get_or<std::string>(c, "evalue", "");
@@ -124,7 +124,7 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
       throw GatewayError(std::string("malformed pxf_register_reply (ids): ") + e.what());
     }
     if (ids_.size() != ranks.size())
-      throw GatewayError("pxf_register_reply has " + std::to_string(ids_.size()) + " ids for " +
+      throw GatewayError(std::string(link::kRegisterReply) + " has " + std::to_string(ids_.size()) + " ids for " +
                          std::to_string(ranks.size()) + " engines");
     hb_period_ms_ = std::max(10, wire::get_or<int>(c, "hb_period", 3000));
     registered_.assign(ranks.size(), true);
@@ -164,16 +164,16 @@ int Gateway::poll_link(Sink& sink) {
       continue;
     }
     std::string_view ch = view(frames[0]);
-    if (ch == "link") {
+    if (ch == link::kLinkChannel) {
       on_link_control(std::move(frames), sink);
-    } else if (ch == "mux" || ch == "control" || ch == "task") {
+    } else if (ch == link::kMuxChannel || ch == link::kControlChannel || ch == link::kTaskChannel) {
       auto it = rank_of_.find(std::string(view(frames[1])));
       if (it == rank_of_.end()) {
         PXF_LOG(warning, kLog) << "dropped a " << ch << " request for unknown engine " << view(frames[1]);
         continue;
       }
       sink.to_rank(it->second, std::move(frames));
-    } else if (ch == "bcast") {
+    } else if (ch == link::kBcastChannel) {
       on_bcast(std::move(frames), sink);
     } else {
       PXF_LOG(warning, kLog) << "dropped a link message on unknown channel '" << ch << "'";
@@ -192,16 +192,16 @@ void Gateway::on_link_control(Frames&& frames, Sink& sink) {
   }
   auto& m = *d.msg;
   const auto& type = m.msg_type();
-  if (type == "pxf_heartbeat_reply") {
+  if (type == link::kHeartbeatReply) {
     // Heartbeats travel on the heart's own connection; nothing to do here.
-  } else if (type == "pxf_shutdown") {
+  } else if (type == link::kShutdown) {
     std::string reason = wire::get_or<std::string>(m.content, "reason", "");
     PXF_LOG(info, kLog) << "controller asked the job to shut down" << (reason.empty() ? "" : ": " + reason);
     ended_ = true;
-    sink.end_job(0, "pxf_shutdown " + reason);
-  } else if (type == "pxf_probe") {
+    sink.end_job(0, std::string(link::kShutdown) + " " + reason);
+  } else if (type == link::kProbe) {
     // The controller checks that we are still connected; nothing to answer.
-  } else if (type == "pxf_register_reply") {
+  } else if (type == link::kRegisterReply) {
     PXF_LOG(debug, kLog) << "ignoring a late pxf_register_reply";
   } else {
     PXF_LOG(warning, kLog) << "ignoring unknown link message " << type;
@@ -241,9 +241,9 @@ void Gateway::on_bcast(Frames&& frames, Sink& sink) {
 void Gateway::from_rank(Frames&& frames, Sink& sink) {
   if (frames.empty()) return;
   std::string_view ch = view(frames[0]);
-  if (ch == kPartChannel) {
+  if (ch == link::kPartChannel) {
     on_part(std::move(frames));
-  } else if (ch == kRankDownChannel) {
+  } else if (ch == link::kRankDownChannel) {
     int rank = -1;
     if (frames.size() >= 2) {
       auto v = view(frames[1]);
@@ -323,7 +323,7 @@ void Gateway::finish_coalesced(const std::string& key, Pending& p) {
     for (std::size_t i = delim + 6; i < part.size(); ++i) buffers.push_back(std::move(part[i]));
   }
   Frames route;
-  route.push_back(frame("bcast_coalesced"));
+  route.push_back(frame(link::kBcastCoalescedChannel));
   for (auto& f : p.client_route) route.push_back(std::move(f));
   send(session_.encode_frames(std::move(route), std::move(m.header_frame), std::move(m.parent_frame),
                               frame(wire::dump_json(md)), std::move(m.content_frame), std::move(buffers)));
@@ -345,7 +345,7 @@ void Gateway::unregister(const std::vector<int>& ranks, const std::string& reaso
     forget_rank(uuids_[static_cast<std::size_t>(r)]);
   }
   if (ids.empty()) return;
-  send_link("pxf_unregister", {{"ids", ids}, {"reason", reason}});
+  send_link(link::kUnregister, {{"ids", ids}, {"reason", reason}});
 }
 
 void Gateway::close(const std::string& reason) {

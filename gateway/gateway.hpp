@@ -8,6 +8,7 @@
 // rank 0. Nothing here knows about MPI: the caller supplies a Sink.
 #include "gateway/curve_client.hpp"
 #include "gateway/heart.hpp"
+#include "link/protocol.hpp"
 #include "wire/session.hpp"
 
 #include <zmq.hpp>
@@ -31,10 +32,6 @@ class GatewayError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
-
-// Internal channels used between ranks and the gateway (never on the link).
-inline constexpr std::string_view kPartChannel = "pxf_part";          // [ch, bcast key, uuid, msg...]
-inline constexpr std::string_view kRankDownChannel = "pxf_rank_down"; // [ch, rank]
 
 struct RankInfo {
   std::string uuid;

@@ -1,5 +1,7 @@
 #include "gateway/heart.hpp"
 
+#include "link/protocol.hpp"
+
 #include "util/clock.hpp"
 #include "util/log.hpp"
 
@@ -17,7 +19,7 @@ Heart::Heart(zmq::context_t& ctx, const std::string& url, const std::string& job
              wire::SessionOptions session, int period_ms, int max_misses, CurveClient curve)
     : ctx_(ctx),
       url_(url),
-      routing_id_(job_uuid + "/hb"),
+      routing_id_(job_uuid + link::kHeartSuffix),
       curve_(std::move(curve)),
       session_([&] {
         session.session_id = job_uuid;
@@ -59,8 +61,8 @@ void Heart::run() {
         return;
       }
       Frames ids;
-      ids.push_back(wire::frame("link"));
-      zmq::send_multipart(sock, session_.build(std::move(ids), "pxf_heartbeat", {{"seq", ++seq}}),
+      ids.push_back(wire::frame(link::kLinkChannel));
+      zmq::send_multipart(sock, session_.build(std::move(ids), link::kHeartbeat, {{"seq", ++seq}}),
                           zmq::send_flags::dontwait);
       next_beat = now + period_ms_;
     }
@@ -69,14 +71,14 @@ void Heart::run() {
     for (;;) {
       Frames frames;
       if (!zmq::recv_multipart(sock, std::back_inserter(frames), zmq::recv_flags::dontwait)) break;
-      if (frames.empty() || wire::view(frames[0]) != "link") continue;
+      if (frames.empty() || wire::view(frames[0]) != link::kLinkChannel) continue;
       frames.erase(frames.begin());
       auto d = session_.decode(std::move(frames), {.check_replay = false});
       if (!d) {
         PXF_LOG(warning, kLog) << "heartbeat: dropped a reply: " << d.detail;
         continue;
       }
-      if (d.msg->msg_type() != "pxf_heartbeat_reply") continue;
+      if (d.msg->msg_type() != link::kHeartbeatReply) continue;
       acked = std::max(acked, wire::get_or<std::uint64_t>(d.msg->content, "seq", 0));
       last_heard = mono_ms();
     }

@@ -1,6 +1,7 @@
 #include "mpi/pyhost.hpp"
 
 #include "gateway/gateway.hpp"
+#include "link/protocol.hpp"
 #include "util/log.hpp"
 
 #include <chrono>
@@ -208,7 +209,7 @@ void PyHost::publish(py::object msg_type, py::object content, py::object parent,
                                    : to_bytes(topic);
   Frames bufs = frames_of_buffers(buffers, SIZE_MAX);  // publish copies (any thread may call it)
   Frames route;
-  route.push_back(frame("iopub"));
+  route.push_back(frame(link::kIopubChannel));
   route.push_back(frame(tp));
   auto frames = session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header(type))),
                                        frame(p), frame(m), frame(c), std::move(bufs));
@@ -294,7 +295,7 @@ void PyHost::deliver(Frames&& frames, double received) {
   w.metadata = std::string(view(m.metadata_frame));
   w.content = std::move(m.content_frame);
   w.buffers = std::move(m.buffers);
-  if (ch == "bcast") {
+  if (ch == link::kBcastChannel) {
     bool targeted = false;
     auto targets = m.metadata.find("targets");
     if (targets != m.metadata.end() && targets->is_array()) {
@@ -310,11 +311,11 @@ void PyHost::deliver(Frames&& frames, double received) {
     h["msg_id"] = orig + "_" + cfg_.uuid;
     w.parent = wire::dump_json(h);
     if (wire::get_or<bool>(m.metadata, "is_coalescing", false)) {
-      w.route.push_back(frame(gateway::kPartChannel));
+      w.route.push_back(frame(link::kPartChannel));
       w.route.push_back(frame(gateway::bcast_key(m.header, m.metadata)));
       w.route.push_back(frame(cfg_.uuid));
     } else {
-      w.route.push_back(frame("bcast"));
+      w.route.push_back(frame(link::kBcastChannel));
       w.route.push_back(frame(cfg_.uuid));
       for (std::size_t i = 1; i < m.identities.size(); ++i) w.route.push_back(std::move(m.identities[i]));
     }
@@ -326,12 +327,12 @@ void PyHost::deliver(Frames&& frames, double received) {
   w.parent = std::string(view(m.header_frame));
   w.route = std::move(m.identities);
   w.msg_type = m.msg_type();
-  if (ch == "control" && w.msg_type == "pxf_where_request") {
+  if (ch == link::kControlChannel && w.msg_type == link::kWhereRequest) {
     watch_.where_requested(std::move(w.route), std::move(w.parent));
     return;
   }
-  if (ch == "control" && w.msg_type == "signal_request") watch_.signal_requested(w.content);
-  if (ch == "control") {
+  if (ch == link::kControlChannel && w.msg_type == "signal_request") watch_.signal_requested(w.content);
+  if (ch == link::kControlChannel) {
     w.kind = Work::control;
     if (m.msg_type() == "clear_request") push_work(std::move(w), true);  // touches the namespace
     else push_control(std::move(w));
@@ -355,7 +356,7 @@ void PyHost::rank_down(const char* why) {
   if (down_.exchange(true)) return;
   PXF_LOG(info, kLog) << "engine " << cfg_.engine_id << " (rank " << cfg_.rank << ") stops: " << why;
   Frames f;
-  f.push_back(frame(gateway::kRankDownChannel));
+  f.push_back(frame(link::kRankDownChannel));
   f.push_back(frame(std::to_string(cfg_.rank)));
   fabric_->post(std::move(f));
 }

@@ -1,5 +1,6 @@
 #include "mpi/rank_watch.hpp"
 
+#include "link/protocol.hpp"
 #include "util/log.hpp"
 
 #include <pybind11/pybind11.h>
@@ -270,7 +271,7 @@ void RankWatch::answer_where(WhereRequest& w) {
   if (!answered) content = info.dump();
   json md{{"engine", uuid_}, {"status", "ok"}};
   host_.post(session_.encode_frames(std::move(w.route),
-                                    frame(wire::dump_json(session_.make_header("pxf_where_reply"))),
+                                    frame(wire::dump_json(session_.make_header(link::kWhereReply))),
                                     frame(w.parent), frame(md.dump()), frame(content)));
 }
 

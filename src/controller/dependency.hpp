@@ -1,6 +1,6 @@
 #pragma once
 // Task dependencies as ipyparallel's Dependency evaluates them (protocol §7.4), over a compact
-// table of task outcomes. No sockets here: the scheduler (tasks.cpp) and the unit tests use it.
+// table of task outcomes. No sockets here: the scheduler (scheduler.cpp) and the unit tests use it.
 //
 // Tasks are known by a 64-bit hash of their msg_id (TaskKey): the outcome of every task the
 // scheduler has seen costs a few bytes, not a string.

@@ -1,13 +1,18 @@
-// The hub: registration, queries and notifications on the registration socket (protocol §4).
-#include "controller/controller.hpp"
+// The hub: registration, queries and notifications on the registration socket (hub.hpp).
+#include "controller/hub.hpp"
+
+#include "controller/broadcast_scheduler.hpp"
 #include "controller/db_query.hpp"
 #include "controller/errors.hpp"
+#include "controller/heart_monitor.hpp"
+#include "controller/job_link.hpp"
+#include "controller/scheduler.hpp"
+#include "link/protocol.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
 #include "util/memory.hpp"
 
 #include <algorithm>
-
 
 namespace pxf::controller {
 
@@ -75,34 +80,41 @@ std::string py_repr(const std::vector<std::string>& ids) {
 }
 } // namespace
 
-void Controller::reply(const zmq::message_t& ident, const Message& req, const char* type, const json& content,
+Hub::Hub(EventLoop& loop, EngineTable& engines, TaskRecords& records, TaskScheduler& tasks,
+         BroadcastScheduler& broadcasts, JobLink& link, HeartMonitor& heart, const BufferCopier& copier,
+         const Options& opts, const conn::EngineInfo& engine_info, zmq::socket_t& query, zmq::socket_t& notifier)
+    : loop_(loop), counters_(loop.counters()), engines_(engines), records_(records), tasks_(tasks),
+      broadcasts_(broadcasts), link_(link), heart_(heart), copier_(copier), opts_(opts), engine_info_(engine_info),
+      query_(query), notifier_(notifier) {}
+
+void Hub::reply(const zmq::message_t& ident, const Message& req, const char* type, const json& content,
                        Frames buffers) {
   Frames ids;
   ids.push_back(wire::clone(ident));
-  send(query_, session_->build(std::move(ids), type, content, req.header, json::object(), std::move(buffers)),
+  loop_.send(query_, loop_.session().build(std::move(ids), type, content, req.header, json::object(), std::move(buffers)),
        "query");
 }
 
-void Controller::notify(const char* type, const json& content, const json& parent) {
-  zmq::send_multipart(notifier_, session_->build({}, type, content, parent));
+void Hub::notify(const char* type, const json& content, const json& parent) {
+  zmq::send_multipart(notifier_, loop_.session().build({}, type, content, parent));
 }
 
-void Controller::on_query(Frames&& frames) {
+void Hub::on_query(Frames&& frames) {
   if (frames.empty()) return;
   zmq::message_t ident = wire::clone(frames.front());
   Message m;
   wire::Decoded refused;
-  if (!decode("query", std::move(frames), m, {}, &refused)) {
+  if (!loop_.decode("query", std::move(frames), m, {}, &refused)) {
     auto why = refused.reason;
     // A signed but malformed request deserves an answer, as the stock hub gives; an
     // unauthenticated one does not.
     if (why == wire::Drop::invalid_json || why == wire::Drop::not_an_object || why == wire::Drop::missing_field) {
       Frames ids;
       ids.push_back(std::move(ident));
-      send(query_,
-           session_->build(std::move(ids), "hub_error",
-                           error_content("ValueError", refused.detail, "")),
-           "query");
+      loop_.send(query_,
+                 loop_.session().build(std::move(ids), "hub_error",
+                                       error_content("ValueError", refused.detail, "")),
+                 "query");
     }
     return;
   }
@@ -116,8 +128,8 @@ void Controller::on_query(Frames&& frames) {
     if (type == "result_request") return on_result_request(ident, m);
     if (type == "history_request") return on_history_request(ident, m);
     if (type == "shutdown_request") return on_shutdown_request(ident, m);
-    if (type == "pxf_stats_request") return on_stats_request(ident, m);
-    if (type == "pxf_engines_request") return on_engines_request(ident, m);
+    if (type == link::kStatsRequest) return on_stats_request(ident, m);
+    if (type == link::kEnginesRequest) return on_engines_request(ident, m);
     if (type == "db_request") return on_db_request(ident, m);
     if (type == "purge_request") return on_purge_request(ident, m);
     if (type == "resubmit_request") return on_resubmit_request(ident, m);
@@ -135,24 +147,24 @@ void Controller::on_query(Frames&& frames) {
   }
 }
 
-void Controller::on_connection_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_connection_request(const zmq::message_t& ident, const Message& m) {
   json engines = json::object();
   for (auto& [id, e] : engines_.all())
     if (e.registered) engines[std::to_string(id)] = e.uuid;
   reply(ident, m, "connection_reply", {{"status", "ok"}, {"engines", engines}});
 }
 
-void Controller::on_engines_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_engines_request(const zmq::message_t& ident, const Message& m) {
   json engines = json::object();
   for (auto& [id, e] : engines_.all()) {
     if (!e.registered) continue;
     engines[std::to_string(id)] = {{"uuid", e.uuid}, {"host", e.host}, {"job", e.job.empty() ? json() : json(e.job)},
                                    {"rank", e.rank < 0 ? json() : json(e.rank)}};
   }
-  reply(ident, m, "pxf_engines_reply", {{"status", "ok"}, {"engines", engines}});
+  reply(ident, m, link::kEnginesReply, {{"status", "ok"}, {"engines", engines}});
 }
 
-void Controller::on_registration_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_registration_request(const zmq::message_t& ident, const Message& m) {
   auto it = m.content.find("uuid");
   if (it == m.content.end() || !it->is_string()) throw BadRequest("KeyError", "registration_request needs a 'uuid'");
   std::string uuid = it->get<std::string>();
@@ -175,19 +187,19 @@ void Controller::on_registration_request(const zmq::message_t& ident, const Mess
   PXF_LOG(info, kLog) << "registration::engine " << id << " (" << uuid << ") pending its first heartbeat";
   reply(ident, m, "registration_reply",
         {{"status", "ok"}, {"id", id}, {"hb_period", opts_.ping_ms}, {"connection_info", info}});
-  next_fast_ping_ms_ = mono_ms();  // ping now: registration completes on the first pong
+  heart_.ping_soon(mono_ms());  // ping now: registration completes on the first pong
 }
 
-void Controller::finish_registration(Engine& e) {
+void Hub::finish_registration(Engine& e) {
   engines_.mark_registered(e);
   e.missed_beats = 0;
-  balancer_.add_engine(e.id);
+  tasks_.add_engine(e.id);
   PXF_LOG(info, kLog) << "engine::engine " << e.id << " (" << e.uuid << ") registered";
   notify("registration_notification", {{"id", e.id}, {"uuid", e.uuid}});
-  settle();
+  tasks_.settle();
 }
 
-void Controller::on_unregistration_request(const Message& m) {
+void Hub::on_unregistration_request(const Message& m) {
   auto it = m.content.find("id");
   if (it == m.content.end() || !it->is_number_integer()) {
     ++counters_["query.error"];
@@ -197,7 +209,7 @@ void Controller::on_unregistration_request(const Message& m) {
   unregister(it->get<int>(), "unregistration_request");
 }
 
-void Controller::on_queue_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_queue_request(const zmq::message_t& ident, const Message& m) {
   if (!m.content.contains("targets")) throw BadRequest("KeyError", "queue_request needs 'targets'");
   auto targets = validate_targets(m.content["targets"], engines_);
   auto verbose_it = m.content.find("verbose");
@@ -217,14 +229,11 @@ void Controller::on_queue_request(const zmq::message_t& ident, const Message& m)
       out[std::to_string(id)] = {{"queue", q.size()}, {"completed", c.size()}, {"tasks", t.size()}};
   }
   if (verbose) {
-    std::vector<std::pair<std::uint64_t, const std::string*>> u;
-    for (auto& [k, t] : parked_) u.emplace_back(t.seq, &t.msg_id);
-    std::sort(u.begin(), u.end());
     json ids = json::array();
-    for (auto& [seq, id] : u) ids.push_back(*id);
+    for (auto& id : tasks_.waiting_ids()) ids.push_back(std::move(id));
     out["unassigned"] = ids;
   } else {
-    out["unassigned"] = parked_.size();
+    out["unassigned"] = tasks_.waiting_count();
   }
   reply(ident, m, "queue_reply", out);
 }
@@ -238,7 +247,7 @@ namespace {
 }
 } // namespace
 
-void Controller::on_result_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_result_request(const zmq::message_t& ident, const Message& m) {
   auto ids_it = m.content.find("msg_ids");
   if (ids_it == m.content.end() || !ids_it->is_array()) throw BadRequest("KeyError", "result_request needs 'msg_ids'");
   std::vector<std::string> ids;
@@ -272,12 +281,12 @@ void Controller::on_result_request(const zmq::message_t& ident, const Message& m
   reply(ident, m, "result_reply", out, std::move(buffers));
 }
 
-void Controller::on_history_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_history_request(const zmq::message_t& ident, const Message& m) {
   if (!records_.keeps()) no_data();
   reply(ident, m, "history_reply", {{"status", "ok"}, {"history", records_.history()}});
 }
 
-void Controller::on_db_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_db_request(const zmq::message_t& ident, const Message& m) {
   if (!records_.keeps()) no_data();
   // The query's key order matters (tests stop at the first failure): read it again, ordered.
   auto cv = view(m.content_frame);
@@ -331,7 +340,7 @@ void Controller::on_db_request(const zmq::message_t& ident, const Message& m) {
         std::move(buffers));
 }
 
-void Controller::on_purge_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_purge_request(const zmq::message_t& ident, const Message& m) {
   json msg_ids = m.content.contains("msg_ids") ? m.content["msg_ids"] : json::array();
   json engine_ids = m.content.contains("engine_ids") ? m.content["engine_ids"] : json::array();
   if (msg_ids.is_string() && msg_ids.get<std::string>() == "all") {
@@ -358,7 +367,7 @@ void Controller::on_purge_request(const zmq::message_t& ident, const Message& m)
   reply(ident, m, "purge_reply", {{"status", "ok"}});
 }
 
-void Controller::on_resubmit_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_resubmit_request(const zmq::message_t& ident, const Message& m) {
   auto it = m.content.find("msg_ids");
   if (it == m.content.end()) throw BadRequest("KeyError", "'msg_ids'");
   if (!it->is_array()) throw BadRequest("TypeError", "msg_ids must be a list of msg_ids, not " + it->dump());
@@ -379,7 +388,7 @@ void Controller::on_resubmit_request(const zmq::message_t& ident, const Message&
     TaskRecord& r = *records_.find(id);
     json old_header = r.header_json();
     json header = old_header;
-    json fresh = session_->make_header(wire::get_or<std::string>(header, "msg_type", "apply_request"));
+    json fresh = loop_.session().make_header(wire::get_or<std::string>(header, "msg_type", "apply_request"));
     header["msg_id"] = fresh["msg_id"];
     header["date"] = fresh["date"];
     json content = r.content.empty() ? json::object() : json::parse(r.content, nullptr, false);
@@ -388,22 +397,22 @@ void Controller::on_resubmit_request(const zmq::message_t& ident, const Message&
     for (auto& b : r.buffers) bufs.push_back(wire::share(b));
     Frames ids_frames;
     ids_frames.push_back(wire::frame("pxf-hub-resubmit"));
-    outgoing.push_back(session_->encode(std::move(ids_frames), header, old_header, json::object(), content, std::move(bufs)));
+    outgoing.push_back(loop_.session().encode(std::move(ids_frames), header, old_header, json::object(), content, std::move(bufs)));
     r.resubmitted = header["msg_id"].get<std::string>();
     resubmitted[id] = r.resubmitted;
   }
   reply(ident, m, "resubmit_reply", {{"status", "ok"}, {"resubmitted", resubmitted}});
-  for (auto& f : outgoing) on_task_submit(std::move(f), true);
+  for (auto& f : outgoing) tasks_.on_task_submit(std::move(f), true);
 }
 
-void Controller::on_shutdown_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_shutdown_request(const zmq::message_t& ident, const Message& m) {
   PXF_LOG(info, kLog) << "shutdown requested by a client; exiting in 1 s";
   reply(ident, m, "shutdown_reply", {{"status", "ok"}});
   notify("shutdown_notification", {{"status", "ok"}}, m.header);
   shutdown_at_ms_ = mono_ms() + 1000;
 }
 
-void Controller::on_stats_request(const zmq::message_t& ident, const Message& m) {
+void Hub::on_stats_request(const zmq::message_t& ident, const Message& m) {
   // {"trim": true}: give freed heap back to the system first (for memory measurements).
   if (wire::get_or<bool>(m.content, "trim", false)) {
     memory::trim_heap();
@@ -412,52 +421,48 @@ void Controller::on_stats_request(const zmq::message_t& ident, const Message& m)
   json drops = json::object();
   for (std::size_t i = 1; i < static_cast<std::size_t>(wire::Drop::count_); ++i) {
     auto d = static_cast<wire::Drop>(i);
-    drops[wire::to_string(d)] = session_->drops().get(d);
+    drops[wire::to_string(d)] = loop_.session().drops().get(d);
   }
   json counters = counters_;
-  for (std::size_t i = 0; i < kSources; ++i) counters[std::string("in.") + kSourceNames[i]] = received_[i];
+  for (std::size_t i = 0; i < EventLoop::kSources; ++i)
+    counters[std::string("in.") + EventLoop::kSourceNames[i]] = loop_.received(i);
   counters["record_buffers.shared_identical"] = copier_.reused();
-  reply(ident, m, "pxf_stats_reply",
+  reply(ident, m, link::kStatsReply,
         {{"status", "ok"},
          {"drops", drops},
          {"counters", counters},
          {"engines", engines_.registered_count()},
-         {"waiting", parked_.size()},
-         {"in_flight", in_flight_.size()},
+         {"waiting", tasks_.waiting_count()},
+         {"in_flight", tasks_.in_flight_count()},
          {"records", records_.size()},
          {"record_bytes", records_.bytes()},
-         {"task_outcomes", outcomes_.size()},
-         {"dependency_graph", graph_.size()}});
+         {"task_outcomes", tasks_.outcomes_count()},
+         {"dependency_graph", tasks_.graph_count()}});
 }
 
-void Controller::unregister(int id, const std::string& why) {
+void Hub::unregister(int id, const std::string& why) {
   Engine* e = engines_.by_id(id);
   if (!e) return;
   std::string uuid = e->uuid;
   bool was_registered = e->registered;
   PXF_LOG(info, kLog) << "engine " << id << " (" << uuid << ") unregistered: " << why;
-  balancer_.remove_engine(id);
+  tasks_.remove_engine(id);
   // Its load-balanced tasks go elsewhere (retries left) or fail now with EngineError: the
   // client fails only direct work itself.
   std::vector<std::string> stranded(e->tasks.begin(), e->tasks.end());
-  if (!e->job.empty()) {
-    if (retired_.size() > 65536) retired_.clear();
-    retired_[uuid] = e->job;
-  }
+  if (!e->job.empty()) link_.retire(uuid, e->job);
   engines_.remove(id);
   if (was_registered) notify("unregistration_notification", {{"id", id}, {"uuid", uuid}});
-  strand_tasks(id, uuid, stranded);
+  tasks_.strand_tasks(id, uuid, stranded);
   // Coalescing broadcasts stop waiting for it (for a job, for the part that covers it).
-  std::vector<std::pair<std::string, std::size_t>> gone;
-  for (auto& [orig, b] : broadcasts_)
-    for (std::size_t i = 0; i < b.parts.size(); ++i)
-      if (!b.parts[i].done && b.parts[i].targets.size() &&
-          std::any_of(b.parts[i].targets.begin(), b.parts[i].targets.end(),
-                      [&](auto& t) { return t.first == uuid; }))
-        gone.emplace_back(orig, i);
-  for (auto& [orig, i] : gone)
-    if (auto it = broadcasts_.find(orig); it != broadcasts_.end()) part_done(orig, it->second, i);
-  settle();
+  broadcasts_.engine_gone(uuid);
+  tasks_.settle();
+}
+
+void Hub::unregister_all(const std::string& why) {
+  std::vector<int> ids;
+  for (auto& [id, e] : engines_.all()) ids.push_back(id);
+  for (int id : ids) unregister(id, why);
 }
 
 } // namespace pxf::controller

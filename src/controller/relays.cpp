@@ -1,6 +1,10 @@
-// Direct (mux) and control relays, and the iopub relay (protocol §3.2, §3.3, §3.5).
-#include "controller/controller.hpp"
+// Direct (mux) and control relays, and the iopub relay (relays.hpp).
+#include "controller/relays.hpp"
+
 #include "controller/errors.hpp"
+#include "controller/hub.hpp"
+#include "controller/job_link.hpp"
+#include "link/protocol.hpp"
 #include "util/log.hpp"
 
 namespace pxf::controller {
@@ -16,7 +20,12 @@ std::string reply_type_for(const std::string& request_type) {
 }
 } // namespace
 
-void Controller::reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
+Relays::Relays(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link, Hub& hub,
+               zmq::socket_t& mux_in, zmq::socket_t& control_in, zmq::socket_t& iopub_out)
+    : loop_(loop), counters_(loop.counters()), engines_(engines), records_(records), link_(link), hub_(hub),
+      mux_in_(mux_in), control_in_(control_in), iopub_out_(iopub_out) {}
+
+void Relays::reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
                                 const char* channel) {
   ++counters_[std::string("rejected.") + channel];
   Frames ids;
@@ -27,14 +36,13 @@ void Controller::reject_request(zmq::socket_t& s, zmq::message_t client, Message
     md["is_coalescing"] = false;
     md["original_msg_id"] = m.metadata.value("original_msg_id", "");
   }
-  send(s, session_->build(std::move(ids), reply_type_for(m.msg_type()), content, m.header, md), channel);
+  loop_.send(s, loop_.session().build(std::move(ids), reply_type_for(m.msg_type()), content, m.header, md), channel);
 }
 
-// Client -> engine: [C, E, DELIM, ...] arrives; [E, C, DELIM, ...] leaves.
-void Controller::on_client_direct(Frames&& frames, bool control) {
+void Relays::on_client_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_in" : "mux_in";
   Message m;
-  if (!decode(channel, std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!loop_.decode(channel, std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_target"];
     PXF_LOG(warning, "relay") << channel << ": request " << m.msg_id() << " names no engine; dropped";
@@ -54,14 +62,13 @@ void Controller::on_client_direct(Frames&& frames, bool control) {
     records_.add(m.msg_id(), m, "mux").engine_uuid = e->uuid;
   }
   std::swap(m.identities[0], m.identities[1]);
-  send_to_engine(control ? "control" : "mux", *e, wire::Session::forward(std::move(m)));
+  link_.send_to_engine(control ? link::kControlChannel : link::kMuxChannel, *e, wire::Session::forward(std::move(m)));
 }
 
-// Engine -> client: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
-void Controller::on_engine_direct(Frames&& frames, bool control) {
+void Relays::on_engine_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_out" : "mux_out";
   Message m;
-  if (!decode(channel, std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
+  if (!loop_.decode(channel, std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_client"];
     return;
@@ -74,19 +81,18 @@ void Controller::on_engine_direct(Frames&& frames, bool control) {
     }
   }
   std::swap(m.identities[0], m.identities[1]);
-  send(control ? control_in_ : mux_in_, wire::Session::forward(std::move(m)), control ? "control_in" : "mux_in");
+  loop_.send(control ? control_in_ : mux_in_, wire::Session::forward(std::move(m)), control ? "control_in" : "mux_in");
 }
 
-// Engine output, forwarded verbatim to every client after its signature checks out.
-void Controller::on_iopub(Frames&& frames) {
+void Relays::on_iopub(Frames&& frames) {
   Message m;
-  if (!decode("iopub", std::move(frames), m, {.parse_parent = false, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
+  if (!loop_.decode("iopub", std::move(frames), m, {.parse_parent = false, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
   // A shutdown_reply on iopub means that engine is leaving (protocol §4.6).
   if (m.msg_type() == "shutdown_reply") {
     if (Engine* e = engines_.by_uuid(m.session())) {
       int id = e->id;
       zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
-      unregister(id, "shutdown_reply on iopub");
+      hub_.unregister(id, "shutdown_reply on iopub");
       return;
     }
   }

@@ -4,6 +4,7 @@
 // requests to ranks and of replies to the controller, broadcasts (fan-out and coalescing of
 // the replies), ranks going down, pxf_shutdown, and the heartbeat's lost-controller check.
 #include "gateway/gateway.hpp"
+#include "link/protocol.hpp"
 
 #include "util/clock.hpp"
 #include "util/ids.hpp"
@@ -182,7 +183,7 @@ class GatewayTest : public ::testing::Test {
   Frames part(int rank, const std::string& key, std::vector<std::string> buffers) {
     const std::string& uuid = ranks[rank].uuid;
     Frames route;
-    route.push_back(frame(gateway::kPartChannel));
+    route.push_back(frame(link::kPartChannel));
     route.push_back(frame(key));
     route.push_back(frame(uuid));
     Frames bufs;
@@ -377,7 +378,7 @@ TEST_F(GatewayTest, ARankDownUnregistersItAndAbandonsItsBroadcasts) {
   pump_until(1);
   gw->from_rank(part(0, "orig-4", {"b0"}), sink);
   Frames down;
-  down.push_back(frame(gateway::kRankDownChannel));
+  down.push_back(frame(link::kRankDownChannel));
   down.push_back(frame("1"));
   gw->from_rank(std::move(down), sink);
   auto m = controller.recv_link(job);
@@ -391,7 +392,7 @@ TEST_F(GatewayTest, ARankDownUnregistersItAndAbandonsItsBroadcasts) {
   // The last ranks going down end the job; a rank already down is not unregistered twice.
   for (const char* r : {"1", "0", "2"}) {
     Frames f;
-    f.push_back(frame(gateway::kRankDownChannel));
+    f.push_back(frame(link::kRankDownChannel));
     f.push_back(frame(r));
     gw->from_rank(std::move(f), sink);
   }

@@ -1,10 +1,12 @@
-// The broadcast scheduler (protocol §3.6): one request fans out to every target with
-// msg_id "<original>_<uuid>"; replies are relayed one by one or coalesced into one.
-// Targets that are ranks of a fabric job get ONE message per job; the gateway fans it out
-// with an MPI broadcast and gathers coalescing replies with MPI (docs/fabric-link.md).
-#include "controller/controller.hpp"
+// The broadcast scheduler: fan-out and coalescing (broadcast_scheduler.hpp).
+#include "controller/broadcast_scheduler.hpp"
+
 #include "controller/errors.hpp"
+#include "controller/relays.hpp"
+#include "link/protocol.hpp"
 #include "util/log.hpp"
+
+#include <algorithm>
 
 #include <map>
 
@@ -21,17 +23,21 @@ Frames shared_buffers(Frames& bufs) {
 }
 } // namespace
 
-// Client submits: [C, DELIM, ...] with metadata.targets = [[uuid, id], ...].
-void Controller::on_broadcast_submit(Frames&& frames) {
+BroadcastScheduler::BroadcastScheduler(EventLoop& loop, EngineTable& engines, Relays& relays,
+                                       zmq::socket_t& bcast_in, zmq::socket_t& bcast_out, zmq::socket_t& fabric)
+    : loop_(loop), counters_(loop.counters()), engines_(engines), relays_(relays), bcast_in_(bcast_in),
+      bcast_out_(bcast_out), fabric_(fabric) {}
+
+void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
   Message m;
-  if (!decode("bcast_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!loop_.decode("bcast_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   const std::string orig = m.msg_id();
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
   auto targets_it = m.metadata.find("targets");
   if (targets_it == m.metadata.end() || !targets_it->is_array()) {
     zmq::message_t client = std::move(m.identities.front());
-    reject_request(bcast_in_, std::move(client), m,
+    relays_.reject_request(bcast_in_, std::move(client), m,
                    error_content("ValueError", "broadcast request without metadata.targets", ""), "bcast_in");
     return;
   }
@@ -53,7 +59,7 @@ void Controller::on_broadcast_submit(Frames&& frames) {
         per.header = m.header;
         per.header["msg_id"] = orig + "_" + uuid;
         per.metadata = m.metadata;
-        reject_request(bcast_in_, wire::frame(client), per,
+        relays_.reject_request(bcast_in_, wire::frame(client), per,
                        error_content("EngineError", "No such engine: '" + uuid + "' is not registered"), "bcast_in");
       }
       continue;
@@ -82,8 +88,8 @@ void Controller::on_broadcast_submit(Frames&& frames) {
       Frames ids;
       ids.push_back(wire::frame(uuid));
       ids.push_back(wire::frame(client));
-      send(bcast_out_,
-           session_->encode_frames(std::move(ids), wire::frame(wire::dump_json(header)), wire::share(m.parent_frame),
+      loop_.send(bcast_out_,
+           loop_.session().encode_frames(std::move(ids), wire::frame(wire::dump_json(header)), wire::share(m.parent_frame),
                                    wire::share(metadata), wire::share(m.content_frame), shared_buffers(m.buffers)),
            "bcast_out");
     } else {
@@ -94,11 +100,11 @@ void Controller::on_broadcast_submit(Frames&& frames) {
       md["targets"] = ts;
       Frames ids;
       ids.push_back(wire::frame(part.job));
-      ids.push_back(wire::frame("bcast"));
+      ids.push_back(wire::frame(link::kBcastChannel));
       ids.push_back(wire::frame(client));
       ++counters_["fabric.bcast_out"];
-      send(fabric_,
-           session_->encode_frames(std::move(ids), wire::share(m.header_frame), wire::share(m.parent_frame),
+      loop_.send(fabric_,
+           loop_.session().encode_frames(std::move(ids), wire::share(m.header_frame), wire::share(m.parent_frame),
                                    wire::frame(wire::dump_json(md)), wire::share(m.content_frame),
                                    shared_buffers(m.buffers)),
            "fabric");
@@ -111,15 +117,14 @@ void Controller::on_broadcast_submit(Frames&& frames) {
   }
 }
 
-// An engine's reply: [E, C, DELIM, ...] (from a stock engine, or a rank through its gateway).
-void Controller::on_broadcast_reply(Frames&& frames) {
+void BroadcastScheduler::on_broadcast_reply(Frames&& frames) {
   Message m;
-  if (!decode("bcast_out", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
+  if (!loop_.decode("bcast_out", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
   if (m.identities.size() < 2) return;
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
   if (!coalescing) {
     m.identities.erase(m.identities.begin());  // the client sees [DELIM, ...]
-    send(bcast_in_, wire::Session::forward(std::move(m)), "bcast_in");
+    loop_.send(bcast_in_, wire::Session::forward(std::move(m)), "bcast_in");
     return;
   }
   std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
@@ -137,10 +142,9 @@ void Controller::on_broadcast_reply(Frames&& frames) {
   ++counters_["broadcast.unexpected_reply"];
 }
 
-// A job's coalesced reply for its ranks: [C, DELIM, ...] with metadata.broadcast_targets.
-void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
+void BroadcastScheduler::on_coalesced_part(const std::string& job, Frames&& frames) {
   Message m;
-  if (!decode("fabric.bcast_coalesced", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!loop_.decode("fabric.bcast_coalesced", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
   if (m.identities.empty()) return;
   std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
   Broadcast* found = find_broadcast(orig);
@@ -149,7 +153,7 @@ void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
   if (b.parts.size() == 1 && b.parts[0].job == job) {
     // The whole broadcast was this job's: its message goes to the client as it is.
     m.identities.resize(1);
-    send(bcast_in_, wire::Session::forward(std::move(m)), "bcast_in");
+    loop_.send(bcast_in_, wire::Session::forward(std::move(m)), "bcast_in");
     broadcasts_.erase(orig);
     return;
   }
@@ -163,14 +167,14 @@ void Controller::on_coalesced_part(const std::string& job, Frames&& frames) {
   ++counters_["broadcast.unexpected_reply"];
 }
 
-Controller::Broadcast* Controller::find_broadcast(const std::string& orig_id) {
+BroadcastScheduler::Broadcast* BroadcastScheduler::find_broadcast(const std::string& orig_id) {
   auto it = broadcasts_.find(orig_id);
   if (it != broadcasts_.end()) return &it->second;
   ++counters_["broadcast.unexpected_reply"];
   return nullptr;
 }
 
-void Controller::part_done(const std::string& orig_id, Broadcast& b, std::size_t part) {
+void BroadcastScheduler::part_done(const std::string& orig_id, Broadcast& b, std::size_t part) {
   if (b.parts[part].done) return;
   b.parts[part].done = true;
   if (--b.remaining == 0) emit_coalesced(orig_id, b);
@@ -178,7 +182,7 @@ void Controller::part_done(const std::string& orig_id, Broadcast& b, std::size_t
 
 // One reply for all targets: header/parent/content of the last reply, its metadata plus
 // broadcast_targets, and every reply's buffers in target order.
-void Controller::emit_coalesced(const std::string& orig_id, Broadcast& b) {
+void BroadcastScheduler::emit_coalesced(const std::string& orig_id, Broadcast& b) {
   if (b.last) {
     Message& last = *b.parts[*b.last].reply;
     json md = last.metadata;
@@ -196,12 +200,24 @@ void Controller::emit_coalesced(const std::string& orig_id, Broadcast& b) {
     md["broadcast_targets"] = bt;
     Frames ids;
     ids.push_back(wire::frame(b.client));
-    send(bcast_in_,
-         session_->encode_frames(std::move(ids), std::move(last.header_frame), std::move(last.parent_frame),
+    loop_.send(bcast_in_,
+         loop_.session().encode_frames(std::move(ids), std::move(last.header_frame), std::move(last.parent_frame),
                                  wire::frame(wire::dump_json(md)), std::move(last.content_frame), std::move(bufs)),
          "bcast_in");
   }
   broadcasts_.erase(orig_id);
+}
+
+void BroadcastScheduler::engine_gone(const std::string& uuid) {
+  std::vector<std::pair<std::string, std::size_t>> gone;
+  for (auto& [orig, b] : broadcasts_)
+    for (std::size_t i = 0; i < b.parts.size(); ++i)
+      if (!b.parts[i].done && b.parts[i].targets.size() &&
+          std::any_of(b.parts[i].targets.begin(), b.parts[i].targets.end(),
+                      [&](auto& t) { return t.first == uuid; }))
+        gone.emplace_back(orig, i);
+  for (auto& [orig, i] : gone)
+    if (auto it = broadcasts_.find(orig); it != broadcasts_.end()) part_done(orig, it->second, i);
 }
 
 } // namespace pxf::controller

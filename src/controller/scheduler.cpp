@@ -1,17 +1,12 @@
-// The load-balanced scheduler (protocol §3.4, §7), with the stock TaskScheduler's semantics:
-// schemes and the HWM (load_balancer.cpp), targets, `after`/`follow` dependencies
-// (dependency.cpp), timeouts while parked, retries with the failed engine left out, unmet
-// @depend/@require, and tasks stranded on an engine that went away.
-//
-// Cost: a task that can run at once costs a few hash-map operations. A parked task is either
-// blocked on a pending dependency (found again through graph_ when that one finishes) or
-// runnable (free_ / constrained_, ordered by queue position); nothing scans all parked tasks.
-#include "controller/pyjson.hpp"
-#include "controller/controller.hpp"
+// The load-balanced scheduler (scheduler.hpp).
+#include "controller/scheduler.hpp"
+
 #include "controller/errors.hpp"
+#include "controller/job_link.hpp"
+#include "controller/pyjson.hpp"
+#include "link/protocol.hpp"
 #include "util/clock.hpp"
 #include "util/log.hpp"
-#include "util/memory.hpp"
 
 #include <algorithm>
 #include <cstdlib>
@@ -26,22 +21,26 @@ constexpr const char* kLog = "scheduler";
 
 json scheduler_error(const char* ename) { return error_content(ename, "", "ipyparallel.error"); }
 
-} // namespace
-
 // The request's whole header, the parent of a reply the scheduler builds itself (tasks are
 // decoded with header_fields_only: msg_id/msg_type/session only, which is all dispatch needs).
-json Controller::request_header(const Message& m) {
+json request_header(const Message& m) {
   auto v = view(m.header_frame);
   json h = json::parse(v.begin(), v.end(), nullptr, false);
   return h.is_object() ? h : m.header;
 }
 
-// Client submits: [C, DELIM, ...]. The hub resubmits with a private identity.
-void Controller::on_task_submit(Frames&& frames, bool from_hub) {
+} // namespace
+
+TaskScheduler::TaskScheduler(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link,
+                             zmq::socket_t& task_in, const std::string& scheme, int hwm)
+    : loop_(loop), counters_(loop.counters()), engines_(engines), records_(records), link_(link),
+      task_in_(task_in), balancer_(scheme, hwm) {}
+
+void TaskScheduler::on_task_submit(Frames&& frames, bool from_hub) {
   Message m;
   // What read_task_metadata reads; a plain submission has them all empty and needs no DOM.
   static constexpr std::array<std::string_view, 5> kTaskMetadata{"after", "follow", "targets", "timeout", "retries"};
-  if (!decode("task_in", std::move(frames), m,
+  if (!loop_.decode("task_in", std::move(frames), m,
               {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
                .metadata_skip_if_trivial = kTaskMetadata}))
     return;
@@ -67,7 +66,7 @@ void Controller::on_task_submit(Frames&& frames, bool from_hub) {
   settle();
 }
 
-void Controller::read_task_metadata(Task& t, const json& md) {
+void TaskScheduler::read_task_metadata(Task& t, const json& md) {
   if (!md.is_object()) return;  // null: decode found every field empty (the defaults)
   if (auto it = md.find("targets"); it != md.end() && !it->is_null()) {
     if (!it->is_array()) throw DependencyError("TypeError", std::string("'") + py_type(*it) + "' object is not iterable");
@@ -106,7 +105,7 @@ void Controller::read_task_metadata(Task& t, const json& md) {
   }
 }
 
-void Controller::schedule(Task&& t) {
+void TaskScheduler::schedule(Task&& t) {
   // Time dependencies already satisfied are pruned; a met `after` becomes empty.
   if (!t.after.empty()) {
     if (t.after.all) t.after.prune_met(outcomes_);
@@ -125,7 +124,7 @@ void Controller::schedule(Task&& t) {
   park(std::move(t));
 }
 
-Controller::Run Controller::maybe_run(Task& t) {
+TaskScheduler::Run TaskScheduler::maybe_run(Task& t) {
   if (!balancer_.any_capacity()) return Run::wait;
   std::optional<int> choice;
   if (t.plain()) {
@@ -169,7 +168,7 @@ Controller::Run Controller::maybe_run(Task& t) {
   return Run::ran;
 }
 
-void Controller::submit_to(Task&& t, Engine& e) {
+void TaskScheduler::submit_to(Task&& t, Engine& e) {
   balancer_.assigned(e.id);
   e.tasks.insert(t.msg_id);
   if (TaskRecord* r = records_.find(t.msg_id)) r->engine_uuid = e.uuid;
@@ -177,13 +176,13 @@ void Controller::submit_to(Task&& t, Engine& e) {
   ids.push_back(wire::frame(e.uuid));
   ids.push_back(wire::share(t.msg.identities.front()));
   // The task keeps its frames while in flight: an unmet @depend or a retry sends it again.
-  send_to_engine("task", e, wire::Session::forward_shared(t.msg, std::move(ids)));
+  link_.send_to_engine(link::kTaskChannel, e, wire::Session::forward_shared(t.msg, std::move(ids)));
   t.engine = e.id;
   TaskKey k = t.key;
   in_flight_.insert_or_assign(k, std::move(t));
 }
 
-void Controller::park(Task&& t) {
+void TaskScheduler::park(Task&& t) {
   t.seq = ++task_seq_;
   for (const Dependency* dep : {&t.after, &t.follow})
     for (TaskKey d : dep->ids)
@@ -202,7 +201,7 @@ void Controller::park(Task&& t) {
   parked_.insert_or_assign(k, std::move(t));
 }
 
-Controller::Task Controller::unpark(std::unordered_map<TaskKey, Task>::iterator it) {
+TaskScheduler::Task TaskScheduler::unpark(std::unordered_map<TaskKey, Task>::iterator it) {
   Task t = std::move(it->second);
   parked_.erase(it);
   if (t.queue == 1) free_.erase(t.seq);
@@ -211,7 +210,7 @@ Controller::Task Controller::unpark(std::unordered_map<TaskKey, Task>::iterator 
   return t;
 }
 
-void Controller::fail_unreachable(Task&& t, const json& content) {
+void TaskScheduler::fail_unreachable(Task&& t, const json& content) {
   ++counters_["task.failed_by_scheduler"];
   PXF_LOG(debug, kLog) << "task " << t.msg_id << " failed by the scheduler: " << content.value("ename", "");
   fail_task(std::move(t), -1, "", content, json::object());
@@ -219,26 +218,25 @@ void Controller::fail_unreachable(Task&& t, const json& content) {
 
 // Answers `t` with a failure the scheduler builds (routed [C] or, from an engine, [C, E]),
 // records it and lets its dependents see the outcome.
-void Controller::fail_task(Task&& t, int engine_id, const std::string& engine_uuid, const json& content,
+void TaskScheduler::fail_task(Task&& t, int engine_id, const std::string& engine_uuid, const json& content,
                            const json& metadata) {
   outcomes_.finish(t.key, false, engine_id);
   Frames ids;
   ids.push_back(std::move(t.msg.identities.front()));
   if (!engine_uuid.empty()) ids.push_back(wire::frame(engine_uuid));
   std::size_t h = ids.size() + 2;  // [ids..., DELIM, sig, header, parent, metadata, content]
-  Frames out = session_->build(std::move(ids), "apply_reply", content, request_header(t.msg), metadata);
+  Frames out = loop_.session().build(std::move(ids), "apply_reply", content, request_header(t.msg), metadata);
   records_.complete(t.msg_id, std::string(view(out[h])), std::string(view(out[h + 2])),
                     std::string(view(out[h + 3])), engine_uuid);
-  if (!t.hub) send(task_in_, std::move(out), "task_in");
+  if (!t.hub) loop_.send(task_in_, std::move(out), "task_in");
   done_.push_back(t.key);
 }
 
-// Engine replies: [E, C, DELIM, ...] arrives; [C, E, DELIM, ...] leaves.
-void Controller::on_task_reply(Frames&& frames) {
+void TaskScheduler::on_task_reply(Frames&& frames) {
   Message m;
   // Only what the scheduler and the record read: status, dependencies_met, engine.
   static constexpr std::array<std::string_view, 3> kReplyMetadata{"status", "dependencies_met", "engine"};
-  if (!decode("task_out", std::move(frames), m,
+  if (!loop_.decode("task_out", std::move(frames), m,
               {.parse_parent = true, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
                .metadata_fields = kReplyMetadata}))
     return;
@@ -270,7 +268,7 @@ void Controller::on_task_reply(Frames&& frames) {
   settle();
 }
 
-void Controller::retry_elsewhere(Task&& t, int engine) {
+void TaskScheduler::retry_elsewhere(Task&& t, int engine) {
   ++counters_["task.retried"];
   if (std::find(t.blacklist.begin(), t.blacklist.end(), engine) == t.blacklist.end()) t.blacklist.push_back(engine);
   if (t.targeted && std::all_of(t.targets.begin(), t.targets.end(), [&](int id) {
@@ -280,18 +278,18 @@ void Controller::retry_elsewhere(Task&& t, int engine) {
   if (maybe_run(t) == Run::wait) park(std::move(t));
 }
 
-void Controller::task_done(Task&& t, Message&& reply, bool success) {
+void TaskScheduler::task_done(Task&& t, Message&& reply, bool success) {
   outcomes_.finish(t.key, success, t.engine);
-  ++tasks_since_trim_;
+  ++tasks_finished_;
   records_.complete(t.msg_id, reply);
   if (!t.hub) {
     std::swap(reply.identities[0], reply.identities[1]);
-    send(task_in_, wire::Session::forward(std::move(reply)), "task_in");
+    loop_.send(task_in_, wire::Session::forward(std::move(reply)), "task_in");
   }
   done_.push_back(t.key);
 }
 
-void Controller::settle() {
+void TaskScheduler::settle() {
   if (settling_) return;
   settling_ = true;
   do {
@@ -325,27 +323,7 @@ void Controller::settle() {
   settling_ = false;
 }
 
-// Once a second, off the message path: after a quiet second (nothing received, no task waiting
-// or in flight) that follows activity, hand freed heap back to the system when a burst of tasks
-// or of data left some (glibc keeps it otherwise, by our choice while busy: util/memory.hpp).
-void Controller::maybe_trim(std::int64_t now) {
-  if (now < trim_at_ms_) return;
-  trim_at_ms_ = now + 1000;
-  std::uint64_t rx = work_received();
-  if (rx != rx_at_trim_check_) {  // not quiet
-    rx_at_trim_check_ = rx;
-    active_since_trim_ = true;
-    return;
-  }
-  if (!active_since_trim_ || !parked_.empty() || !in_flight_.empty()) return;
-  active_since_trim_ = false;
-  if (tasks_since_trim_ < 4096 && !memory::worth_trimming()) return;
-  tasks_since_trim_ = 0;
-  memory::trim_heap();
-  ++counters_["malloc_trim"];
-}
-
-void Controller::dispatch_runnable() {
+void TaskScheduler::dispatch_runnable() {
   // Runnable tasks in queue order while some engine has room. Plain tasks (free_) run on any
   // engine, so the first one always goes; constrained ones are tried in turn.
   auto cit = constrained_.begin();
@@ -375,7 +353,7 @@ void Controller::dispatch_runnable() {
   }
 }
 
-void Controller::on_task_timeouts(std::int64_t now) {
+void TaskScheduler::on_timeouts(std::int64_t now) {
   bool fired = false;
   while (!timeouts_.empty() && std::get<0>(timeouts_.top()) <= now) {
     auto [deadline, k, gen] = timeouts_.top();
@@ -389,7 +367,17 @@ void Controller::on_task_timeouts(std::int64_t now) {
   if (fired) settle();
 }
 
-void Controller::strand_tasks(int engine_id, const std::string& uuid, const std::vector<std::string>& msg_ids) {
+std::vector<std::string> TaskScheduler::waiting_ids() const {
+  std::vector<std::pair<std::uint64_t, const std::string*>> u;
+  for (auto& [k, t] : parked_) u.emplace_back(t.seq, &t.msg_id);
+  std::sort(u.begin(), u.end());
+  std::vector<std::string> ids;
+  ids.reserve(u.size());
+  for (auto& [seq, id] : u) ids.push_back(*id);
+  return ids;
+}
+
+void TaskScheduler::strand_tasks(int engine_id, const std::string& uuid, const std::vector<std::string>& msg_ids) {
   for (auto& msg_id : msg_ids) {
     auto it = in_flight_.find(task_key(msg_id));
     if (it == in_flight_.end() || it->second.engine != engine_id) continue;
