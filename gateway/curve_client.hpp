@@ -19,7 +19,8 @@ struct CurveClient {
     char pub[41] = {}, sec[41] = {};
     if (zmq_curve_keypair(pub, sec) != 0)
       throw std::runtime_error("the controller uses CurveZMQ (curve_serverkey in the connection file) but this "
-                               "libzmq cannot make Curve keys: " + std::string(zmq_strerror(zmq_errno())));
+                               "libzmq cannot make Curve keys: " +
+                               std::string(zmq_strerror(zmq_errno())));
     c.publickey = pub;
     c.secretkey = sec;
     return c;
@@ -33,4 +34,4 @@ struct CurveClient {
   }
 };
 
-} // namespace pxf::gateway
+}  // namespace pxf::gateway

@@ -27,7 +27,7 @@ std::size_t delimiter_index(const Frames& frames) {
     if (view(frames[i]) == wire::kDelimiter) return i;
   return frames.size();
 }
-} // namespace
+}  // namespace
 
 std::string bcast_key(const json& header, const json& metadata) {
   std::string key = wire::get_or<std::string>(metadata, "original_msg_id", "");
@@ -61,8 +61,7 @@ int Gateway::fd() { return sock_.get(zmq::sockopt::fd); }
 
 void Gateway::send(Frames&& frames) {
   // SNDHWM 0: a send never blocks (the link is the job's only path; we do not drop).
-  if (!zmq::send_multipart(sock_, frames))
-    PXF_LOG(error, kLog) << "link send failed (would block); message dropped";
+  if (!zmq::send_multipart(sock_, frames)) PXF_LOG(error, kLog) << "link send failed (would block); message dropped";
   maybe_readable_ = true;
 }
 
@@ -83,8 +82,8 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
     rank_of_[ranks[r].uuid] = static_cast<int>(r);
   }
   send_link(link::kRegisterRequest, {{"engines", engines}, {"size", ranks.size()}, {"hostnames", hosts}});
-  PXF_LOG(info, kLog) << "registering " << ranks.size() << " engines with " << opts_.url << " (job "
-                      << opts_.job_uuid << ")";
+  PXF_LOG(info, kLog) << "registering " << ranks.size() << " engines with " << opts_.url << " (job " << opts_.job_uuid
+                      << ")";
 
   const std::int64_t deadline = mono_ms() + opts_.register_timeout_ms;
   std::string last_problem;
@@ -104,9 +103,8 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
     auto d = session_.decode(std::move(frames));
     if (!d) {
       if (d.reason == wire::Drop::bad_signature || d.reason == wire::Drop::unsigned_message)
-        throw GatewayError(
-            "the controller's registration reply failed the signature check (" + d.detail +
-            "): the key in the engine connection file does not match the controller's");
+        throw GatewayError("the controller's registration reply failed the signature check (" + d.detail +
+                           "): the key in the engine connection file does not match the controller's");
       last_problem = "invalid registration reply: " + d.detail;
       continue;
     }
@@ -130,8 +128,8 @@ std::vector<int> Gateway::register_job(const std::vector<RankInfo>& ranks) {
     registered_.assign(ranks.size(), true);
     heart_ = std::make_unique<Heart>(ctx_, opts_.url, opts_.job_uuid, opts_.session, hb_period_ms_,
                                      opts_.max_heartbeat_misses, curve_);
-    PXF_LOG(info, kLog) << "registered: engine ids " << ids_.front() << ".." << ids_.back()
-                        << ", heartbeat " << hb_period_ms_ << " ms";
+    PXF_LOG(info, kLog) << "registered: engine ids " << ids_.front() << ".." << ids_.back() << ", heartbeat "
+                        << hb_period_ms_ << " ms";
     return ids_;
   }
   // Say why: a TCP probe tells an unreachable address from a controller that did not answer.
@@ -297,10 +295,8 @@ void Gateway::forget_rank(const std::string& uuid) {
       PXF_LOG(info, kLog) << "coalesced broadcast " << it->first << " abandoned: engine " << uuid
                           << " went down before replying";
     p.abandoned = true;
-    if (p.awaited.empty())
-      it = coalescing_.erase(it);
-    else
-      ++it;
+    if (p.awaited.empty()) it = coalescing_.erase(it);
+    else ++it;
   }
 }
 
@@ -357,4 +353,4 @@ void Gateway::close(const std::string& reason) {
   sock_.close();
 }
 
-} // namespace pxf::gateway
+}  // namespace pxf::gateway

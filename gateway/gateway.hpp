@@ -39,9 +39,9 @@ struct RankInfo {
 };
 
 struct GatewayOptions {
-  std::string url;              // tcp://host:pxf_fabric
+  std::string url;  // tcp://host:pxf_fabric
   std::string job_uuid;
-  wire::SessionOptions session; // key + scheme; session_id = job uuid
+  wire::SessionOptions session;  // key + scheme; session_id = job uuid
   int register_timeout_ms = 10000;
   int max_heartbeat_misses = 10;
   std::string curve_serverkey;  // the connection file's curve_serverkey; "" = no CurveZMQ
@@ -94,10 +94,10 @@ class Gateway {
  private:
   struct Pending {  // one coalescing broadcast being gathered
     Frames client_route;
-    std::vector<std::string> targets;  // uuids of this job, in metadata.targets order
-    std::vector<json> target_pairs;    // [uuid, id] as given
+    std::vector<std::string> targets;               // uuids of this job, in metadata.targets order
+    std::vector<json> target_pairs;                 // [uuid, id] as given
     std::unordered_map<std::string, Frames> parts;  // keyed by uuid; only awaited uuids
-    std::unordered_set<std::string> awaited;       // targets whose part has not arrived
+    std::unordered_set<std::string> awaited;        // targets whose part has not arrived
     std::int64_t started_ms = 0;
     // A target rank went down before replying: the controller has failed this broadcast
     // already (the client sees EngineError), so the other parts are collected and dropped.
@@ -133,4 +133,4 @@ class Gateway {
 // header's msg_id when absent. Ranks and the gateway must agree on it.
 std::string bcast_key(const json& header, const json& metadata);
 
-} // namespace pxf::gateway
+}  // namespace pxf::gateway

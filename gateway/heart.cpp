@@ -15,8 +15,8 @@ constexpr std::int64_t kSliceMs = 50;  // stop() is noticed within this
 using wire::Frames;
 }  // namespace
 
-Heart::Heart(zmq::context_t& ctx, const std::string& url, const std::string& job_uuid,
-             wire::SessionOptions session, int period_ms, int max_misses, CurveClient curve)
+Heart::Heart(zmq::context_t& ctx, const std::string& url, const std::string& job_uuid, wire::SessionOptions session,
+             int period_ms, int max_misses, CurveClient curve)
     : ctx_(ctx),
       url_(url),
       routing_id_(job_uuid + link::kHeartSuffix),

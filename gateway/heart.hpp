@@ -43,4 +43,4 @@ class Heart {
   std::thread thread_;
 };
 
-} // namespace pxf::gateway
+}  // namespace pxf::gateway

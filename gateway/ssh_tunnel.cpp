@@ -97,7 +97,7 @@ std::vector<std::string> split_command(const std::string& s) {
   return words;
 }
 
-} // namespace
+}  // namespace
 
 SshTunnel::SshTunnel(const std::string& server, const std::string& keyfile, const std::string& remote_host,
                      int remote_port, double timeout_s) {
@@ -112,10 +112,9 @@ SshTunnel::SshTunnel(const std::string& server, const std::string& keyfile, cons
   const char* ssh = std::getenv("PXF_SSH");
   std::vector<std::string> args = split_command(ssh ? ssh : "");
   if (args.empty()) args.push_back("ssh");
-  args.insert(args.end(), {"-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o",
-                           "ServerAliveInterval=15", "-L",
-                           "127.0.0.1:" + std::to_string(local_port_) + ":" + remote_host + ":" +
-                               std::to_string(remote_port)});
+  args.insert(args.end(),
+              {"-N", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-o", "ServerAliveInterval=15", "-L",
+               "127.0.0.1:" + std::to_string(local_port_) + ":" + remote_host + ":" + std::to_string(remote_port)});
   if (!port.empty()) args.insert(args.end(), {"-p", port});
   if (!keyfile.empty()) args.insert(args.end(), {"-i", keyfile});
   args.push_back(host);
@@ -157,8 +156,8 @@ SshTunnel::SshTunnel(const std::string& server, const std::string& keyfile, cons
       throw GatewayError("ssh tunnel through " + server + " to " + remote_host + ":" + std::to_string(remote_port) +
                          " failed (ssh exited with status " + std::to_string(WEXITSTATUS(status)) +
                          (WEXITSTATUS(status) == 127 ? ", '" + args[0] + "' not found: install OpenSSH's client" : "") +
-                         (why.empty() ? "" : ": " + why) +
-                         "); check that `ssh " + server + "` logs in without a prompt (key or agent)");
+                         (why.empty() ? "" : ": " + why) + "); check that `ssh " + server +
+                         "` logs in without a prompt (key or agent)");
     }
     if (accepts(local_port_)) break;
     if (std::chrono::steady_clock::now() >= deadline) {
@@ -190,4 +189,4 @@ void SshTunnel::stop() {
   pid_ = -1;
 }
 
-} // namespace pxf::gateway
+}  // namespace pxf::gateway

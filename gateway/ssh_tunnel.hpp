@@ -15,8 +15,8 @@ class SshTunnel {
   // Forwards 127.0.0.1:<free port> through `server` ("[user@]host[:port]") to
   // `remote_host:remote_port` as seen from the server. Waits until the forward accepts
   // connections (at most timeout_s). Throws GatewayError naming the server and ssh's own words.
-  SshTunnel(const std::string& server, const std::string& keyfile, const std::string& remote_host,
-            int remote_port, double timeout_s);
+  SshTunnel(const std::string& server, const std::string& keyfile, const std::string& remote_host, int remote_port,
+            double timeout_s);
   ~SshTunnel();
   SshTunnel(const SshTunnel&) = delete;
   SshTunnel& operator=(const SshTunnel&) = delete;
@@ -30,4 +30,4 @@ class SshTunnel {
   int local_port_ = 0;
 };
 
-} // namespace pxf::gateway
+}  // namespace pxf::gateway

@@ -24,14 +24,15 @@ constexpr const char* kLog = "fabric";
 socklen_t address_of(std::uint64_t token, int rank, sockaddr_un& a) {
   std::memset(&a, 0, sizeof a);
   a.sun_family = AF_UNIX;
-  int n = std::snprintf(a.sun_path + 1, sizeof a.sun_path - 1, "pxf-%016llx-%d",
-                        static_cast<unsigned long long>(token), rank);
+  int n = std::snprintf(a.sun_path + 1, sizeof a.sun_path - 1, "pxf-%016llx-%d", static_cast<unsigned long long>(token),
+                        rank);
   return static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + static_cast<std::size_t>(n));
 }
-} // namespace
+}  // namespace
 
 Doorbells::Doorbells(MPI_Comm comm, int rank, int size)
-    : addr_(static_cast<std::size_t>(size)), reach_(static_cast<std::size_t>(size), false) {
+    : addr_(static_cast<std::size_t>(size)),
+      reach_(static_cast<std::size_t>(size), false) {
   if (size <= 1) return;
   const char* off = std::getenv("PXF_FABRIC_DOORBELLS");
   if (rank == 0 && !(off && std::string_view(off) == "0")) {
@@ -179,9 +180,9 @@ long Doorbells::receive(unsigned char* b, std::size_t cap) {
       return static_cast<long>(n);
     if (++strangers_ <= 3 || strangers_ % 10000 == 0)
       PXF_LOG(warning, kLog) << "doorbell: ignored a datagram from pid " << who.pid << " (uid "
-                             << static_cast<long>(who.uid) << "), not a rank of this job on this node (#"
-                             << strangers_ << ")";
+                             << static_cast<long>(who.uid) << "), not a rank of this job on this node (#" << strangers_
+                             << ")";
   }
 }
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -77,8 +77,8 @@ class Doorbells {
   std::vector<Address> addr_;  // of the node's ranks (formatted once: rings are on the hot path)
   std::vector<bool> reach_;
   bool woken_by_rings_ = false;
-  std::vector<int> peer_pids_;      // sorted pids of this job's ranks on this node
-  std::uint64_t strangers_ = 0;     // datagrams dropped: not from a node peer
+  std::vector<int> peer_pids_;   // sorted pids of this job's ranks on this node
+  std::uint64_t strangers_ = 0;  // datagrams dropped: not from a node peer
 };
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -24,17 +24,17 @@ constexpr const char* kLog = "fabric";
 constexpr int kTagFrames = 1;
 constexpr std::uint64_t kBcastExit = 1;
 constexpr std::uint64_t kChunk = std::uint64_t{1} << 30;
-constexpr int kTagBulk = 2;  // bulk frames of the last kTagFrames packet from the same source
-constexpr std::size_t kBulkSendBytes = 256 * 1024;   // messages this large send big frames apart
-constexpr std::size_t kBulkFrameBytes = 64 * 1024;   // ... frames this large
+constexpr int kTagBulk = 2;                           // bulk frames of the last kTagFrames packet from the same source
+constexpr std::size_t kBulkSendBytes = 256 * 1024;    // messages this large send big frames apart
+constexpr std::size_t kBulkFrameBytes = 64 * 1024;    // ... frames this large
 constexpr std::int64_t kTrimAfterIdleUs = 1'000'000;  // quiet this long: malloc_trim
-constexpr std::int64_t kSpinUs = 200;          // busy polling right after traffic (default)
-constexpr std::int64_t kActiveSleepUs = 1000;   // cap while traffic is recent: <=1 ms added latency
-constexpr std::int64_t kRecentUs = 200000;      // "recent": within the last 200 ms
-constexpr std::int64_t kIdleSleepUs = 10000;    // cap once idle: ~100 wake-ups/s, <=10 ms latency
+constexpr std::int64_t kSpinUs = 200;                 // busy polling right after traffic (default)
+constexpr std::int64_t kActiveSleepUs = 1000;         // cap while traffic is recent: <=1 ms added latency
+constexpr std::int64_t kRecentUs = 200000;            // "recent": within the last 200 ms
+constexpr std::int64_t kIdleSleepUs = 10000;          // cap once idle: ~100 wake-ups/s, <=10 ms latency
 // With doorbells (every incoming message rings): poll only around traffic, then sleep until rung.
 constexpr std::int64_t kRungMinSleepUs = 20;
-constexpr std::int64_t kRungIdleUs = 100000;    // a safety net only: rings wake the rank
+constexpr std::int64_t kRungIdleUs = 100000;  // a safety net only: rings wake the rank
 
 // $name as a count of microseconds, or `fallback` when unset (or not positive, if `positive`).
 std::int64_t env_us(const char* name, std::int64_t fallback, bool positive) {
@@ -81,7 +81,7 @@ std::int64_t now_us() {
   return static_cast<std::int64_t>(ts.tv_sec) * 1000000 + ts.tv_nsec / 1000;
 }
 
-} // namespace
+}  // namespace
 
 double mono_seconds() {
   timespec ts;
@@ -90,7 +90,13 @@ double mono_seconds() {
 }
 
 Fabric::Fabric(MPI_Comm p2p, MPI_Comm coll, int rank, int size, gateway::Gateway* gw, LocalRank& local)
-    : p2p_(p2p), coll_(coll), rank_(rank), size_(size), gw_(gw), local_(local), bells_(p2p, rank, size) {
+    : p2p_(p2p),
+      coll_(coll),
+      rank_(rank),
+      size_(size),
+      gw_(gw),
+      local_(local),
+      bells_(p2p, rank, size) {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }
 
@@ -99,7 +105,9 @@ Fabric::~Fabric() {
   if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
-void Fabric::start() { thread_ = std::thread([this] { run(); }); }
+void Fabric::start() {
+  thread_ = std::thread([this] { run(); });
+}
 
 void Fabric::watch_termination() {
   g_term_wake_fd = wake_fd_;
@@ -373,14 +381,14 @@ void Fabric::wait(std::int64_t timeout_us) {
 // it has received as many as it was rung for. A ring drained after its message was received
 // leaves the counts equal; a lost ring (full socket buffer) only means the safety-net timeout.
 bool Fabric::in_flight() const {
-  return !sends_.empty() || !unrung_.empty() || !in_data_reqs_.empty() || bcasts_rung_ > bcasts_done_ || msgs_rung_ > msgs_received_;
+  return !sends_.empty() || !unrung_.empty() || !in_data_reqs_.empty() || bcasts_rung_ > bcasts_done_ ||
+         msgs_rung_ > msgs_received_;
 }
 
 // How long to sleep after `idle_us` without traffic (see fabric.hpp, "Waiting").
 std::int64_t Fabric::next_wait_us(std::int64_t idle_us) const {
   if (bells_.woken_by_rings()) {
-    if (in_flight())
-      return std::clamp<std::int64_t>(idle_us / 2, kRungMinSleepUs, kActiveSleepUs);
+    if (in_flight()) return std::clamp<std::int64_t>(idle_us / 2, kRungMinSleepUs, kActiveSleepUs);
     return max_sleep_us(kRungIdleUs);
   }
   return std::min(sleep_cap_us(idle_us), idle_us / 8);
@@ -492,4 +500,4 @@ void Fabric::drain_and_quiesce() {
   }
 }
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

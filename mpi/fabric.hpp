@@ -101,12 +101,12 @@ class Fabric final : public gateway::Sink {
   LocalRank& local_;
   int wake_fd_ = -1;
   Doorbells bells_;
-  bool rung_ = false;                  // a ring arrived during the last wait
-  bool timed_out_ = false;             // the last wait ended by its timeout
-  std::uint64_t bcasts_rung_ = 0;      // broadcast rings received (non-root)
-  std::uint64_t bcasts_done_ = 0;      // broadcasts completed (non-root)
-  std::uint64_t msgs_rung_ = 0;        // message rings received
-  std::uint64_t msgs_received_ = 0;    // packets received (tag kTagFrames)
+  bool rung_ = false;                // a ring arrived during the last wait
+  bool timed_out_ = false;           // the last wait ended by its timeout
+  std::uint64_t bcasts_rung_ = 0;    // broadcast rings received (non-root)
+  std::uint64_t bcasts_done_ = 0;    // broadcasts completed (non-root)
+  std::uint64_t msgs_rung_ = 0;      // message rings received
+  std::uint64_t msgs_received_ = 0;  // packets received (tag kTagFrames)
   struct Unrung {
     int rank;
     Doorbells::Kind kind;
@@ -135,4 +135,4 @@ class Fabric final : public gateway::Sink {
 
 double mono_seconds();
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

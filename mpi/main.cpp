@@ -64,8 +64,7 @@ conn::ProfileLocation profile_of(const mpi::EngineOptions& o) {
 }
 
 // Rank 0: the engine connection file's text, found like the stock ipengine does.
-std::string find_connection_info(const mpi::EngineOptions& o, const conn::ProfileLocation& loc,
-                                 std::string& source) {
+std::string find_connection_info(const mpi::EngineOptions& o, const conn::ProfileLocation& loc, std::string& source) {
   if (const char* env = std::getenv("IPP_CONNECTION_INFO"); env && *env) {
     source = "$IPP_CONNECTION_INFO";
     conn::engine_from_text(env, source);  // validate
@@ -105,7 +104,7 @@ std::string find_connection_info(const mpi::EngineOptions& o, const conn::Profil
   return text;
 }
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
   memory::keep_freed_memory();  // before MPI, ZeroMQ or Python start threads
@@ -143,8 +142,8 @@ int main(int argc, char** argv) {
   log::set_name("pxengine:" + std::to_string(rank));
   if (provided < MPI_THREAD_MULTIPLE) {
     if (rank == 0)
-      PXF_LOG(critical, kLog) << "the MPI library does not provide MPI_THREAD_MULTIPLE (provided level "
-                              << provided << "); pxengine needs it";
+      PXF_LOG(critical, kLog) << "the MPI library does not provide MPI_THREAD_MULTIPLE (provided level " << provided
+                              << "); pxengine needs it";
     finish(1);
   }
   MPI_Comm p2p, coll;

@@ -50,8 +50,7 @@ double to_double(const std::string& k, const std::string& v) {
     std::size_t pos = 0;
     double d = std::stod(v, &pos);
     if (pos == v.size()) return d;
-  } catch (...) {
-  }
+  } catch (...) {}
   throw UsageError("invalid value for --" + k + ": '" + v + "'");
 }
 int to_int(const std::string& k, const std::string& v) {
@@ -64,11 +63,11 @@ int to_int(const std::string& k, const std::string& v) {
 bool is_shell_class(const std::string& cls) {
   static const std::set<std::string> shell = {
       "InteractiveShell", "ZMQInteractiveShell", "HistoryManager", "HistoryAccessor", "PlainTextFormatter",
-      "DisplayFormatter", "BaseFormatter", "IPCompleter", "Completer", "ScriptMagics", "StoreMagics",
-      "PrefilterManager", "AliasManager", "InlineBackend", "LoggingMagics"};
+      "DisplayFormatter", "BaseFormatter",       "IPCompleter",    "Completer",       "ScriptMagics",
+      "StoreMagics",      "PrefilterManager",    "AliasManager",   "InlineBackend",   "LoggingMagics"};
   return shell.count(cls) > 0;
 }
-} // namespace
+}  // namespace
 
 EngineOptions parse_options(int argc, char** argv) {
   EngineOptions o;
@@ -78,7 +77,8 @@ EngineOptions parse_options(int argc, char** argv) {
     } catch (const UsageError&) {
       throw UsageError(std::string("invalid PXF_INTERRUPT_GRACE: '") + env + "' (seconds >= 0)");
     }
-    if (!(o.interrupt_grace >= 0)) throw UsageError(std::string("invalid PXF_INTERRUPT_GRACE: '") + env + "' (seconds >= 0)");
+    if (!(o.interrupt_grace >= 0))
+      throw UsageError(std::string("invalid PXF_INTERRUPT_GRACE: '") + env + "' (seconds >= 0)");
   }
   using Setter = std::function<void(const std::string&, const std::string&)>;
   const std::map<std::string, Setter> valued = {
@@ -93,10 +93,12 @@ EngineOptions parse_options(int argc, char** argv) {
       {"file", [&](auto&, auto& v) { o.file = v; }},
       {"url-file", [&](auto&, auto& v) { o.file = v; }},
       {"IPEngine.url_file", [&](auto&, auto& v) { o.file = v; }},
-      {"log-level", [&](auto& k, auto& v) {
+      {"log-level",
+       [&](auto& k, auto& v) {
          if (!log::parse_level(v, o.log_level)) throw UsageError("invalid value for --" + k + ": '" + v + "'");
        }},
-      {"Application.log_level", [&](auto& k, auto& v) {
+      {"Application.log_level",
+       [&](auto& k, auto& v) {
          if (!log::parse_level(v, o.log_level)) throw UsageError("invalid value for --" + k + ": '" + v + "'");
        }},
       {"location", [&](auto&, auto& v) { o.location = v; }},
@@ -106,7 +108,8 @@ EngineOptions parse_options(int argc, char** argv) {
       {"sshkey", [&](auto&, auto& v) { o.sshkey = v; }},
       {"IPEngine.sshkey", [&](auto&, auto& v) { o.sshkey = v; }},
       {"IPEngine.timeout", [&](auto& k, auto& v) { o.timeout_s = to_double(k, v); }},
-      {"interrupt-grace", [&](auto& k, auto& v) {
+      {"interrupt-grace",
+       [&](auto& k, auto& v) {
          o.interrupt_grace = to_double(k, v);
          if (!(o.interrupt_grace >= 0)) throw UsageError("invalid value for --" + k + ": '" + v + "' (seconds >= 0)");
        }},
@@ -158,4 +161,4 @@ EngineOptions parse_options(int argc, char** argv) {
   return o;
 }
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -37,4 +37,4 @@ struct EngineOptions {
 EngineOptions parse_options(int argc, char** argv);
 extern const char* const kUsage;
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -47,7 +47,7 @@ inline constexpr std::size_t kShareFrameBytes = 64 * 1024;
 
 namespace detail {
 inline void release_packet(void* /*data*/, void* hint) { delete static_cast<std::shared_ptr<Packet>*>(hint); }
-} // namespace detail
+}  // namespace detail
 
 // Like unpack_frames(data, size), but frames of kShareFrameBytes or more keep `packet` alive
 // and point into it instead of copying (a 40 MB push to a rank was copied five times).
@@ -90,4 +90,4 @@ inline wire::Frames unpack_frames(const std::shared_ptr<Packet>& packet, std::ve
   return unpack_frames(packet->data(), packet->size(), &packet, bulk);
 }
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -19,7 +19,7 @@ struct FrameBuffer {
   zmq::message_t msg;
 };
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi
 
 PYBIND11_EMBEDDED_MODULE(_pxf_frames, m) {
   pybind11::class_<pxf::mpi::FrameBuffer>(m, "FrameBuffer", pybind11::buffer_protocol())
@@ -103,7 +103,7 @@ Frames frames_of_buffers(const py::handle& buffers, std::size_t zero_copy_from) 
   }
   return out;
 }
-} // namespace
+}  // namespace
 
 void import_engine_modules() {
   py::module_ sys = py::module_::import("sys");
@@ -147,8 +147,7 @@ void import_engine_modules() {
     py::module_::import("pxfabric._lazy").attr("prepare_engine")();
   } catch (py::error_already_set& e) {
     // the package itself missing (an incomplete install, a moved bin/): say where we looked
-    if (!e.matches(PyExc_ImportError) || py::str(e.value().attr("name")).cast<std::string>() != "pxfabric")
-      throw;
+    if (!e.matches(PyExc_ImportError) || py::str(e.value().attr("name")).cast<std::string>() != "pxfabric") throw;
     std::string looked;
     for (const auto& d : dirs) looked += (looked.empty() ? "" : ", ") + d;
     throw std::runtime_error(std::string(e.what()) + " (looked in " + (looked.empty() ? "no directory" : looked) +
@@ -159,7 +158,8 @@ void import_engine_modules() {
 }
 
 PyHost::PyHost(HostConfig cfg, wire::SessionOptions session)
-    : cfg_(std::move(cfg)), session_([&] {
+    : cfg_(std::move(cfg)),
+      session_([&] {
         session.session_id = cfg_.uuid;
         return session;
       }()),
@@ -180,8 +180,7 @@ void PyHost::create_runtime() {
   });
   py::list shell_config;
   for (const auto& option : cfg_.shell_config) shell_config.append(py::str(option));
-  rt_ = host_py_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds,
-                                      shell_config);
+  rt_ = host_py_.attr("make_runtime")(cfg_.engine_id, cfg_.uuid, pub, cfg_.profile_dir, cfg_.capture_fds, shell_config);
   // SIGINT's handler while a request runs: signal.default_int_handler, plus a note that the
   // interrupt reached Python (a C function: no extra frame in the KeyboardInterrupt traceback).
   rt_.attr("request_sigint_handler") = py::cpp_function([this](py::args) {
@@ -205,22 +204,22 @@ void PyHost::publish(py::object msg_type, py::object content, py::object parent,
   std::string p = parent.is_none() ? std::string("{}") : pack_cached(parent, parent_cache_);
   std::string m = metadata.is_none() ? std::string("{}") : pack_cached(metadata, metadata_cache_);
   std::string type = py::str(msg_type).cast<std::string>();
-  std::string tp = topic.is_none() ? std::string("engine." + std::to_string(cfg_.engine_id) + ".iopub")
-                                   : to_bytes(topic);
+  std::string tp =
+      topic.is_none() ? std::string("engine." + std::to_string(cfg_.engine_id) + ".iopub") : to_bytes(topic);
   Frames bufs = frames_of_buffers(buffers, SIZE_MAX);  // publish copies (any thread may call it)
   Frames route;
   route.push_back(frame(link::kIopubChannel));
   route.push_back(frame(tp));
-  auto frames = session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header(type))),
-                                       frame(p), frame(m), frame(c), std::move(bufs));
+  auto frames = session_.encode_frames(std::move(route), frame(wire::dump_json(session_.make_header(type))), frame(p),
+                                       frame(m), frame(c), std::move(bufs));
   if (t_deferred) {
     t_deferred->push_back(std::move(frames));
   } else {
     // Inside a shell request on the main thread, what always comes right before the reply
     // (status, the input echo, the result or error) waits for the reply's wake-up: one round
     // through the fabric per request instead of one per message. Outputs go at once.
-    bool quiet = t_in_shell && (type == "status" || type == "execute_input" || type == "execute_result" ||
-                                type == "error");
+    bool quiet =
+        t_in_shell && (type == "status" || type == "execute_input" || type == "execute_result" || type == "error");
     fabric_->post(std::move(frames), !quiet);
   }
 }
@@ -380,12 +379,13 @@ void PyHost::run_shell(Work& w) {
   }
   w.buffers.clear();
   py::tuple res = host_py_.attr("run_shell")(rt_, py::bytes(w.parent), py::bytes(w.metadata),
-                                          py::bytes(static_cast<const char*>(w.content.data()), w.content.size()),
-                                          bufs, w.received);
+                                             py::bytes(static_cast<const char*>(w.content.data()), w.content.size()),
+                                             bufs, w.received);
   py::object reply = res[0];
   if (!reply.is_none()) {
     py::tuple r = reply;
-    send_reply(std::move(w.route), w.parent, r[0].cast<std::string>(), r[1], r[2], frames_of_buffers(r[3], kZeroCopyBytes));
+    send_reply(std::move(w.route), w.parent, r[0].cast<std::string>(), r[1], r[2],
+               frames_of_buffers(r[3], kZeroCopyBytes));
   }
   if (res[1].cast<bool>()) rank_down("exit requested");
 }
@@ -396,7 +396,7 @@ void PyHost::run_control(Work& w) {
   py::tuple res;
   try {
     res = host_py_.attr("run_control")(rt_, py::bytes(w.parent),
-                                    py::bytes(static_cast<const char*>(w.content.data()), w.content.size()));
+                                       py::bytes(static_cast<const char*>(w.content.data()), w.content.size()));
   } catch (...) {
     t_deferred = nullptr;
     for (auto& f : deferred) fabric_->post(std::move(f));
@@ -503,9 +503,7 @@ void PyHost::post(Frames&& frames) { fabric_->post(std::move(frames)); }
 
 void PyHost::close() {
   stop_control_ = true;
-  {
-    std::lock_guard lock(mu_);
-  }
+  { std::lock_guard lock(mu_); }
   control_cv_.notify_all();
   {
     py::gil_scoped_release nogil;  // the watch's GIL thread may be waiting for it
@@ -521,4 +519,4 @@ void PyHost::close() {
   host_py_ = py::object();
 }
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

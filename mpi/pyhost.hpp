@@ -28,7 +28,7 @@ struct HostConfig {
   int engine_id = 0;
   std::string uuid;
   std::string profile_dir;
-  int log_fd = 2;      // where Python logging goes (the original stderr)
+  int log_fd = 2;  // where Python logging goes (the original stderr)
   int log_level = 20;
   bool capture_fds = true;
   // Seconds an interrupt may take to return the rank to Python before the rank reports where it
@@ -72,8 +72,8 @@ class PyHost final : public LocalRank, private RankWatch::Host {
   void run_control(Work& w);
   void send_reply(Frames route, const std::string& parent, const std::string& msg_type, py::bytes content,
                   py::bytes metadata, Frames buffers);
-  void publish(py::object msg_type, py::object content, py::object parent, py::object metadata,
-               py::object buffers, py::object topic);
+  void publish(py::object msg_type, py::object content, py::object parent, py::object metadata, py::object buffers,
+               py::object topic);
   void rank_down(const char* why);
 
   // RankWatch::Host: the watch's calls into Python (on its GIL thread) and out to the link.
@@ -114,4 +114,4 @@ class PyHost final : public LocalRank, private RankWatch::Host {
 // ipyparallel, pxfabric.engine). Throws py::error_already_set on failure.
 void import_engine_modules();
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

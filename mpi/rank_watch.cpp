@@ -31,8 +31,7 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
 // The engine's own frames (the bridge, the runtime, IPython running a cell), which a user does
 // not want to read: what python/pxfabric/stuck.py leaves out too.
 bool internal_file(const std::string& file) {
-  static const char* const kInternal[] = {"/pxfabric/", "/IPython/", "/ipykernel/", "/ipyparallel/",
-                                          "/traitlets/"};
+  static const char* const kInternal[] = {"/pxfabric/", "/IPython/", "/ipykernel/", "/ipyparallel/", "/traitlets/"};
   if (file == "<string>") return true;
   for (const char* dir : kInternal)
     if (file.find(dir) != std::string::npos) return true;
@@ -59,7 +58,7 @@ json frames_of_dump(const std::string& dump) {
   }
   return frames;
 }
-} // namespace
+}  // namespace
 
 struct RankWatch::GilJob {
   std::function<void()> fn;
@@ -68,10 +67,14 @@ struct RankWatch::GilJob {
   bool started = false, done = false, abandoned = false;  // under mu
 };
 
-RankWatch::RankWatch(int rank, int engine_id, std::string uuid, double interrupt_grace,
-                     const wire::Session& session, Host& host)
-    : rank_(rank), engine_id_(engine_id), uuid_(std::move(uuid)), interrupt_grace_(interrupt_grace),
-      session_(session), host_(host) {}
+RankWatch::RankWatch(int rank, int engine_id, std::string uuid, double interrupt_grace, const wire::Session& session,
+                     Host& host)
+    : rank_(rank),
+      engine_id_(engine_id),
+      uuid_(std::move(uuid)),
+      interrupt_grace_(interrupt_grace),
+      session_(session),
+      host_(host) {}
 
 RankWatch::~RankWatch() { stop(); }
 
@@ -130,8 +133,9 @@ void RankWatch::signal_requested(const zmq::message_t& content) {
     auto it = c.find("sig");
     if (it != c.end()) {
       if (it->is_number_integer()) sigint = it->get<int>() == SIGINT;
-      else if (it->is_string()) sigint = it->get_ref<const std::string&>() == "SIGINT" ||
-                                         it->get_ref<const std::string&>() == std::to_string(SIGINT);
+      else if (it->is_string())
+        sigint = it->get_ref<const std::string&>() == "SIGINT" ||
+                 it->get_ref<const std::string&>() == std::to_string(SIGINT);
     }
   } catch (const std::exception&) {
     return;  // the control thread answers a malformed request
@@ -219,8 +223,7 @@ void RankWatch::gil_loop() {
 std::string RankWatch::native_stack() {
   if (stack_pipe_ < 0) return "";
   char buf[4096];
-  while (::read(stack_pipe_, buf, sizeof buf) > 0) {
-  }
+  while (::read(stack_pipe_, buf, sizeof buf) > 0) {}
   if (pthread_kill(main_thread_, stack_signal()) != 0) return "";
   std::string out;
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
@@ -261,23 +264,25 @@ void RankWatch::answer_where(WhereRequest& w) {
       info["gil"] = "held";
       info["frames"] = frames_of_dump(native_stack());
       json& frames = info["frames"];
-      info["where"] = frames.empty() ? std::string("in native code, holding the GIL")
-                                     : "in native code, holding the GIL, called from " +
-                                           frames.back()["file"].get<std::string>() + " line " +
-                                           std::to_string(frames.back()["line"].get<int>()) + " in " +
-                                           frames.back()["function"].get<std::string>();
+      info["where"] = frames.empty()
+                          ? std::string("in native code, holding the GIL")
+                          : "in native code, holding the GIL, called from " + frames.back()["file"].get<std::string>() +
+                                " line " + std::to_string(frames.back()["line"].get<int>()) + " in " +
+                                frames.back()["function"].get<std::string>();
     }
   }
   if (!answered) content = info.dump();
   json md{{"engine", uuid_}, {"status", "ok"}};
-  host_.post(session_.encode_frames(std::move(w.route),
-                                    frame(wire::dump_json(session_.make_header(link::kWhereReply))),
+  host_.post(session_.encode_frames(std::move(w.route), frame(wire::dump_json(session_.make_header(link::kWhereReply))),
                                     frame(w.parent), frame(md.dump()), frame(content)));
 }
 
 void RankWatch::report_stuck(const Running& r) {
-  json info{{"rank", rank_}, {"engine_id", engine_id_}, {"msg_type", r.msg_type},
-            {"running_for", seconds_since(r.since)}, {"interrupted_for", seconds_since(r.interrupted)},
+  json info{{"rank", rank_},
+            {"engine_id", engine_id_},
+            {"msg_type", r.msg_type},
+            {"running_for", seconds_since(r.since)},
+            {"interrupted_for", seconds_since(r.interrupted)},
             {"grace", interrupt_grace_}};
   std::string in = info.dump();
   bool done = with_gil_for(std::chrono::milliseconds(1000), [&] { host_.stuck_report(in, r.parent); });
@@ -364,4 +369,4 @@ void RankWatch::watch_loop() {
   }
 }
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -71,9 +71,9 @@ class RankWatch {
 
  private:
   struct Running {
-    std::uint64_t seq = 0;    // shell requests started so far
+    std::uint64_t seq = 0;  // shell requests started so far
     bool busy = false;
-    std::string parent;       // header JSON of the running shell request
+    std::string parent;  // header JSON of the running shell request
     std::string msg_type;
     std::chrono::steady_clock::time_point since;
     std::chrono::steady_clock::time_point interrupted;  // last SIGINT request while it runs
@@ -124,4 +124,4 @@ class RankWatch {
   int stack_pipe_ = -1;  // read end of the faulthandler pipe
 };
 
-} // namespace pxf::mpi
+}  // namespace pxf::mpi

@@ -85,20 +85,19 @@ struct Options {
   int log_level = pxf::log::info;
 };
 
-const char* kUsage =
-    "usage: pxtunnel [user@]host [-p PORT] [-F ssh_config] [-i identity]... [-J jumphost]\n"
-    "                [--remote-profile-dir DIR | --remote-file PATH] [--cluster-id ID]\n"
-    "                [--local-profile-dir DIR] [--accept-new-host-key] [--known-hosts FILE]\n"
-    "                [--connect-timeout S] [--log-level N]\n"
-    "\n"
-    "Forward every port of the controller connection file on HOST (default\n"
-    "~/.ipython/profile_default/security/ipcontroller[-ID]-client.json there) through one SSH\n"
-    "session to 127.0.0.1, and write a local connection file for them (default\n"
-    "$IPYTHONDIR/profile_HOST/security/ipcontroller[-ID]-client.json), so that\n"
-    "ipp.Client(profile='HOST') works. Reads ~/.ssh/config (or -F), uses ssh-agent and keys,\n"
-    "never prompts. Unknown or changed host keys are refused; --accept-new-host-key records an\n"
-    "unknown one (a changed key is always refused). Stop it with SIGTERM or Ctrl-C: it removes\n"
-    "the local connection file.\n";
+const char* kUsage = "usage: pxtunnel [user@]host [-p PORT] [-F ssh_config] [-i identity]... [-J jumphost]\n"
+                     "                [--remote-profile-dir DIR | --remote-file PATH] [--cluster-id ID]\n"
+                     "                [--local-profile-dir DIR] [--accept-new-host-key] [--known-hosts FILE]\n"
+                     "                [--connect-timeout S] [--log-level N]\n"
+                     "\n"
+                     "Forward every port of the controller connection file on HOST (default\n"
+                     "~/.ipython/profile_default/security/ipcontroller[-ID]-client.json there) through one SSH\n"
+                     "session to 127.0.0.1, and write a local connection file for them (default\n"
+                     "$IPYTHONDIR/profile_HOST/security/ipcontroller[-ID]-client.json), so that\n"
+                     "ipp.Client(profile='HOST') works. Reads ~/.ssh/config (or -F), uses ssh-agent and keys,\n"
+                     "never prompts. Unknown or changed host keys are refused; --accept-new-host-key records an\n"
+                     "unknown one (a changed key is always refused). Stop it with SIGTERM or Ctrl-C: it removes\n"
+                     "the local connection file.\n";
 
 [[noreturn]] void usage_error(const std::string& msg) {
   std::fprintf(stderr, "pxtunnel: %s\n%s", msg.c_str(), kUsage);
@@ -182,8 +181,7 @@ Options parse_args(int argc, char** argv) {
   } else {
     o.host = o.target;
   }
-  if (o.host.empty() || o.host.find_first_of("/ \t") != std::string::npos)
-    usage_error("bad host '" + o.target + "'");
+  if (o.host.empty() || o.host.find_first_of("/ \t") != std::string::npos) usage_error("bad host '" + o.target + "'");
   return o;
 }
 
@@ -216,7 +214,7 @@ std::string remote_file_path(const Options& o) {
 int no_passphrase(const char*, char*, size_t, int, int, void*) { return -1; }
 
 struct ssh_callbacks_struct g_callbacks = [] {
-  struct ssh_callbacks_struct cb{};
+  struct ssh_callbacks_struct cb {};
   cb.auth_function = no_passphrase;
   ssh_callbacks_init(&cb);
   return cb;
@@ -225,8 +223,7 @@ struct ssh_callbacks_struct g_callbacks = [] {
 // libssh's own messages go through our log, at DEBUG only (an ssh config's LogLevel would
 // otherwise print them on stderr).
 void libssh_log(int priority, const char* function, const char* buffer, void*) {
-  PXF_LOG(debug, "libssh") << "[" << priority << "] " << (function ? function : "") << ": "
-                           << (buffer ? buffer : "");
+  PXF_LOG(debug, "libssh") << "[" << priority << "] " << (function ? function : "") << ": " << (buffer ? buffer : "");
 }
 
 std::string take_string(char* s) {
@@ -257,9 +254,7 @@ class Session {
   // Connects, checks the host key, authenticates. On failure returns it (and closes).
   std::optional<SessionFailure> open();
   void close();
-  bool alive() const {
-    return s_ && ssh_is_connected(s_) && !(ssh_get_status(s_) & (SSH_CLOSED | SSH_CLOSED_ERROR));
-  }
+  bool alive() const { return s_ && ssh_is_connected(s_) && !(ssh_get_status(s_) & (SSH_CLOSED | SSH_CLOSED_ERROR)); }
   std::string error() const { return s_ ? ssh_get_error(s_) : "no session"; }
   // Process whatever arrived on the socket (keepalive replies, window adjusts, channel data).
   int process() { return ev_ ? ssh_event_dopoll(ev_, 0) : SSH_ERROR; }
@@ -398,16 +393,14 @@ std::optional<SessionFailure> Session::open() {
   unsigned int port = 22;
   ssh_options_get_port(s_, &port);
   where_ = (user.empty() ? "" : user + "@") + o_.host;
-  if (real_host != o_.host || port != 22)
-    where_ += " (" + real_host + ":" + std::to_string(port) + ")";
+  if (real_host != o_.host || port != 22) where_ += " (" + real_host + ":" + std::to_string(port) + ")";
 
   if (ssh_connect(s_) != SSH_OK) {
     std::string jump_said = last_line_of(jump_errors);
     SessionFailure f{!jump_said.empty()
                          ? "cannot connect to " + where_ + " through the jump host " + o_.jump +
-                               ": ssh to the jump host said \"" + jump_said +
-                               "\". Check that `ssh -J " + o_.jump + " " + o_.host +
-                               "` works (keys, user, known_hosts of the jump host)."
+                               ": ssh to the jump host said \"" + jump_said + "\". Check that `ssh -J " + o_.jump +
+                               " " + o_.host + "` works (keys, user, known_hosts of the jump host)."
                          : "cannot connect to " + where_ + ": " + error() +
                                ". Check the host name, that sshd runs there, and the network path "
                                "(ProxyJump/-J for a host behind a login node).",
@@ -458,55 +451,50 @@ std::optional<SessionFailure> Session::check_host_key() {
   ssh_key_free(key);
   const std::string file = known_hosts_file();
   switch (ssh_session_is_known_server(s_)) {
-    case SSH_KNOWN_HOSTS_OK:
+  case SSH_KNOWN_HOSTS_OK: return std::nullopt;
+  case SSH_KNOWN_HOSTS_CHANGED:
+  case SSH_KNOWN_HOSTS_OTHER:
+    return SessionFailure{"the host key of " + where_ + " has CHANGED: it now offers " + type + " key " + fp +
+                              ", which does not match " + file +
+                              ". Someone may be intercepting the connection (or the host was reinstalled). "
+                              "Refusing; if the change is expected, remove the old entry (ssh-keygen -R " +
+                              o_.host + " -f " + file + ") and connect again.",
+                          true};
+  case SSH_KNOWN_HOSTS_NOT_FOUND:
+  case SSH_KNOWN_HOSTS_UNKNOWN:
+    if (o_.accept_new) {
+      if (ssh_session_update_known_hosts(s_) != SSH_OK)
+        return SessionFailure{
+            "cannot record the host key of " + where_ + " (" + type + " " + fp + ") in " + file + ": " + error(), true};
+      PXF_LOG(warning, kComponent) << "recorded the new host key of " << where_ << " (" << type << " " << fp << ") in "
+                                   << file;
       return std::nullopt;
-    case SSH_KNOWN_HOSTS_CHANGED:
-    case SSH_KNOWN_HOSTS_OTHER:
-      return SessionFailure{
-          "the host key of " + where_ + " has CHANGED: it now offers " + type + " key " + fp +
-              ", which does not match " + file +
-              ". Someone may be intercepting the connection (or the host was reinstalled). "
-              "Refusing; if the change is expected, remove the old entry (ssh-keygen -R " +
-              o_.host + " -f " + file + ") and connect again.",
-          true};
-    case SSH_KNOWN_HOSTS_NOT_FOUND:
-    case SSH_KNOWN_HOSTS_UNKNOWN:
-      if (o_.accept_new) {
-        if (ssh_session_update_known_hosts(s_) != SSH_OK)
-          return SessionFailure{"cannot record the host key of " + where_ + " (" + type + " " +
-                                    fp + ") in " + file + ": " + error(),
-                                true};
-        PXF_LOG(warning, kComponent) << "recorded the new host key of " << where_ << " (" << type
-                                     << " " << fp << ") in " << file;
-        return std::nullopt;
-      }
-      return SessionFailure{"the host key of " + where_ + " is unknown (not in " + file +
-                                "): it offers " + type + " key " + fp +
-                                ". Check the fingerprint with the host's admin, then run "
-                                "`ssh " + o_.target + "` once to record it, or pass "
-                                "--accept-new-host-key" +
-                                (file == "/dev/null"
-                                     ? " (your ssh config sets UserKnownHostsFile /dev/null: "
-                                       "pass --known-hosts FILE to keep the key)."
-                                     : "."),
-                            true};
-    case SSH_KNOWN_HOSTS_ERROR:
-    default:
-      return SessionFailure{"cannot check the host key of " + where_ + " (" + type + " " + fp +
-                                ") against " + file + ": " + error(),
-                            true};
+    }
+    return SessionFailure{"the host key of " + where_ + " is unknown (not in " + file + "): it offers " + type +
+                              " key " + fp +
+                              ". Check the fingerprint with the host's admin, then run "
+                              "`ssh " +
+                              o_.target +
+                              "` once to record it, or pass "
+                              "--accept-new-host-key" +
+                              (file == "/dev/null" ? " (your ssh config sets UserKnownHostsFile /dev/null: "
+                                                     "pass --known-hosts FILE to keep the key)."
+                                                   : "."),
+                          true};
+  case SSH_KNOWN_HOSTS_ERROR:
+  default:
+    return SessionFailure{
+        "cannot check the host key of " + where_ + " (" + type + " " + fp + ") against " + file + ": " + error(), true};
   }
 }
 
 std::optional<SessionFailure> Session::authenticate() {
   int rc = ssh_userauth_none(s_, nullptr);
   if (rc == SSH_AUTH_SUCCESS) return std::nullopt;
-  if (rc == SSH_AUTH_ERROR)
-    return SessionFailure{"login to " + where_ + " failed: " + error(), false};
+  if (rc == SSH_AUTH_ERROR) return SessionFailure{"login to " + where_ + " failed: " + error(), false};
   rc = ssh_userauth_publickey_auto(s_, nullptr, nullptr);
   if (rc == SSH_AUTH_SUCCESS) return std::nullopt;
-  if (rc == SSH_AUTH_ERROR)
-    return SessionFailure{"login to " + where_ + " failed: " + error(), false};
+  if (rc == SSH_AUTH_ERROR) return SessionFailure{"login to " + where_ + " failed: " + error(), false};
   int methods = ssh_userauth_list(s_, nullptr);
   const char* agent = std::getenv("SSH_AUTH_SOCK");
   std::string offered = agent && *agent ? std::string("the keys of ssh-agent ($SSH_AUTH_SOCK=") + agent + ")"
@@ -518,8 +506,8 @@ std::optional<SessionFailure> Session::authenticate() {
     offered += " and ";
   }
   offered += "the IdentityFile/default keys of the ssh config";
-  std::string msg = "login to " + where_ + " refused: the server accepted none of our keys (" +
-                    offered + "). Add your public key to ~/.ssh/authorized_keys there, load the "
+  std::string msg = "login to " + where_ + " refused: the server accepted none of our keys (" + offered +
+                    "). Add your public key to ~/.ssh/authorized_keys there, load the "
                     "key into ssh-agent, or pass -i KEY (keys with a passphrase are only used "
                     "through the agent: pxtunnel never prompts)";
   if (!(methods & SSH_AUTH_METHOD_PUBLICKEY))
@@ -610,8 +598,8 @@ int Session::exists(const std::string& path) {
 // ------------------------------------------------------------------------------------------
 
 struct Port {
-  int remote = 0;     // the controller's port
-  int local = 0;      // our listener on 127.0.0.1
+  int remote = 0;  // the controller's port
+  int local = 0;   // our listener on 127.0.0.1
   int listen_fd = -1;
 };
 
@@ -645,8 +633,7 @@ int listen_local(int want, int& got, std::string& err) {
     err = std::strerror(errno);
     ::close(fd);
     if (attempt != 0)
-      PXF_LOG(info, kComponent) << "127.0.0.1:" << want << " is taken (" << err
-                                << "): using a free port instead";
+      PXF_LOG(info, kComponent) << "127.0.0.1:" << want << " is taken (" << err << "): using a free port instead";
   }
   return -1;
 }
@@ -660,8 +647,7 @@ std::string forward_host(const conn::ClientInfo& info, const Options& o, const s
   if (iface.rfind("tcp://", 0) == 0) iface = iface.substr(6);
   if (!iface.empty() && iface.front() == '[' && iface.back() == ']') iface = iface.substr(1, iface.size() - 2);
   if (!conn::is_wildcard(iface)) return iface;
-  if (info.location.empty() || info.location == o.host || info.location == real_host ||
-      info.location == "localhost")
+  if (info.location.empty() || info.location == o.host || info.location == real_host || info.location == "localhost")
     return "127.0.0.1";
   // the short name of the SSH host (login.cluster.org vs login)
   auto shortname = [](const std::string& h) { return h.substr(0, h.find('.')); };
@@ -716,15 +702,13 @@ Tunnel::~Tunnel() {
 conn::ClientInfo Tunnel::fetch_info(bool first) {
   std::string text, err;
   switch (ssh_.fetch(remote_path_, text, err)) {
-    case Session::Fetch::ok:
-      break;
-    case Session::Fetch::missing:
-      throw Fatal("no connection file at " + o_.host + ":" + remote_path_ +
-                      ": is the controller running there, with this profile/cluster id?" +
-                      (first ? "" : " (it was there before: the controller stopped)"),
-                  first ? kExitError : kExitControllerGone);
-    case Session::Fetch::error:
-      throw Fatal("cannot read " + o_.host + ":" + remote_path_ + ": " + err);
+  case Session::Fetch::ok: break;
+  case Session::Fetch::missing:
+    throw Fatal("no connection file at " + o_.host + ":" + remote_path_ +
+                    ": is the controller running there, with this profile/cluster id?" +
+                    (first ? "" : " (it was there before: the controller stopped)"),
+                first ? kExitError : kExitControllerGone);
+  case Session::Fetch::error: throw Fatal("cannot read " + o_.host + ":" + remote_path_ + ": " + err);
   }
   const std::string source = o_.host + ":" + remote_path_;
   try {
@@ -738,9 +722,8 @@ conn::ClientInfo Tunnel::fetch_info(bool first) {
 
 void Tunnel::set_targets(const conn::ClientInfo& info) {
   char* h = nullptr;
-  std::string real_host = ssh_.get() && ssh_options_get(ssh_.get(), SSH_OPTIONS_HOST, &h) == SSH_OK
-                              ? take_string(h)
-                              : o_.host;
+  std::string real_host =
+      ssh_.get() && ssh_options_get(ssh_.get(), SSH_OPTIONS_HOST, &h) == SSH_OK ? take_string(h) : o_.host;
   remote_ = info;
   dest_host_ = forward_host(info, o_, real_host);
   std::map<int, Port> next;
@@ -810,9 +793,8 @@ void Tunnel::close_conn(Conn& c) {
 }
 
 void Tunnel::drop_session(const std::string& why) {
-  PXF_LOG(warning, kComponent) << "SSH session to " << ssh_.where() << " lost (" << why
-                               << "); closing " << conns_.size()
-                               << " forwarded connection(s) and reconnecting";
+  PXF_LOG(warning, kComponent) << "SSH session to " << ssh_.where() << " lost (" << why << "); closing "
+                               << conns_.size() << " forwarded connection(s) and reconnecting";
   for (auto& c : conns_) {
     if (c->ch) ssh_channel_free(c->ch);  // no messages: the session is gone
     c->ch = nullptr;
@@ -830,8 +812,8 @@ void Tunnel::accept_on(Port& p) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
     ssh_channel ch = ssh_channel_new(ssh_.get());
     if (!ch || ssh_channel_open_forward(ch, dest_host_.c_str(), p.remote, "127.0.0.1", p.local) != SSH_OK) {
-      PXF_LOG(warning, kComponent) << o_.host << " could not connect to " << dest_host_ << ":"
-                                   << p.remote << " for us: " << ssh_.error();
+      PXF_LOG(warning, kComponent) << o_.host << " could not connect to " << dest_host_ << ":" << p.remote
+                                   << " for us: " << ssh_.error();
       if (ch) ssh_channel_free(ch);
       ::close(fd);
       return;
@@ -840,8 +822,8 @@ void Tunnel::accept_on(Port& p) {
     c->fd = fd;
     c->ch = ch;
     conns_.push_back(std::move(c));
-    PXF_LOG(debug, kComponent) << "127.0.0.1:" << p.local << " -> " << o_.host << " -> "
-                               << dest_host_ << ":" << p.remote;
+    PXF_LOG(debug, kComponent) << "127.0.0.1:" << p.local << " -> " << o_.host << " -> " << dest_host_ << ":"
+                               << p.remote;
   }
 }
 
@@ -889,12 +871,11 @@ int Tunnel::run() {
   remote_ = fetch_info(true);
   set_targets(remote_);
   write_local_file();
-  PXF_LOG(info, kComponent) << "fetched " << remote_path_ << " from " << ssh_.where()
-                            << " (controller on " << (remote_.location.empty() ? "?" : remote_.location)
-                            << ", " << ports_.size() << " ports via " << dest_host_ << ")";
+  PXF_LOG(info, kComponent) << "fetched " << remote_path_ << " from " << ssh_.where() << " (controller on "
+                            << (remote_.location.empty() ? "?" : remote_.location) << ", " << ports_.size()
+                            << " ports via " << dest_host_ << ")";
   std::printf("pxtunnel: forwarding %zu ports of %s:%s through one SSH session (pid %d); local file %s\n",
-              ports_.size(), o_.host.c_str(), remote_path_.c_str(), static_cast<int>(::getpid()),
-              local_file_.c_str());
+              ports_.size(), o_.host.c_str(), remote_path_.c_str(), static_cast<int>(::getpid()), local_file_.c_str());
   std::fflush(stdout);
 
   bool connected = true;
@@ -992,8 +973,7 @@ int Tunnel::run() {
       if (c.dead) close_conn(c);
     }
     if (pump()) moved = true;
-    conns_.erase(std::remove_if(conns_.begin(), conns_.end(), [](const auto& c) { return c->fd < 0; }),
-                 conns_.end());
+    conns_.erase(std::remove_if(conns_.begin(), conns_.end(), [](const auto& c) { return c->fd < 0; }), conns_.end());
     if (!ssh_.alive()) {
       drop_session(ssh_.error());
       connected = false;
@@ -1009,8 +989,8 @@ int Tunnel::run() {
       last_check = now;
       int e = ssh_.exists(remote_path_);
       if (e == 0) {
-        PXF_LOG(warning, kComponent) << "the controller's connection file " << o_.host << ":"
-                                     << remote_path_ << " is gone: the controller stopped; exiting";
+        PXF_LOG(warning, kComponent) << "the controller's connection file " << o_.host << ":" << remote_path_
+                                     << " is gone: the controller stopped; exiting";
         exit_code = kExitControllerGone;
         break;
       }
@@ -1021,8 +1001,7 @@ int Tunnel::run() {
       }
     }
   }
-  if (g_stop)
-    PXF_LOG(info, kComponent) << "signal " << static_cast<int>(g_stop) << ": closing the tunnel";
+  if (g_stop) PXF_LOG(info, kComponent) << "signal " << static_cast<int>(g_stop) << ": closing the tunnel";
   for (auto& c : conns_) close_conn(*c);
   conns_.clear();
   ssh_.close();
@@ -1039,7 +1018,7 @@ int main(int argc, char** argv) {
   Options o = parse_args(argc, argv);
   pxf::log::set_level(o.log_level);
 
-  struct sigaction sa{};
+  struct sigaction sa {};
   sa.sa_handler = on_signal;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = 0;  // no SA_RESTART: poll() returns at once

@@ -27,7 +27,7 @@ bool is_ip_literal(const std::string& s) {
 
 bool is_loopback(const std::string& ip) { return ip.rfind("127.", 0) == 0 || ip == "::1"; }
 
-} // namespace
+}  // namespace
 
 bool is_wildcard(const std::string& ip) { return ip.empty() || ip == "*" || ip == "0.0.0.0" || ip == "::"; }
 
@@ -91,7 +91,7 @@ std::string disambiguate_interface(const std::string& interface, const std::stri
   return "tcp://" + disambiguate_ip_address(interface.substr(scheme + 3), location);
 }
 
-} // namespace pxf::conn
+}  // namespace pxf::conn
 
 #include <cerrno>
 #include <cstring>
@@ -140,18 +140,18 @@ std::string tcp_probe(const std::string& host, int port, int timeout_ms) {
   freeaddrinfo(res);
   const std::string where = host + ":" + service;
   switch (err) {
-    case 0: return "";
-    case ECONNREFUSED: return "connection refused at " + where + " (nothing listens there)";
-    case ETIMEDOUT:
-      return "no answer from " + where + " within " + std::to_string(timeout_ms / 1000.0).substr(0, 3) +
-             " s (a firewall drops the packets, or the host is down)";
-    case EHOSTUNREACH: return "no route to host " + host;
-    case ENETUNREACH: return "network unreachable for " + host;
-    case EACCES:
-    case EPERM: return "connections to " + where + " are prohibited here (a firewall rule or a prohibit route)";
-    case EINVAL: return "no usable route to " + host + " (a blackhole route?)";
-    default: return "cannot connect to " + where + ": " + std::strerror(err);
+  case 0: return "";
+  case ECONNREFUSED: return "connection refused at " + where + " (nothing listens there)";
+  case ETIMEDOUT:
+    return "no answer from " + where + " within " + std::to_string(timeout_ms / 1000.0).substr(0, 3) +
+           " s (a firewall drops the packets, or the host is down)";
+  case EHOSTUNREACH: return "no route to host " + host;
+  case ENETUNREACH: return "network unreachable for " + host;
+  case EACCES:
+  case EPERM: return "connections to " + where + " are prohibited here (a firewall rule or a prohibit route)";
+  case EINVAL: return "no usable route to " + host + " (a blackhole route?)";
+  default: return "cannot connect to " + where + ": " + std::strerror(err);
   }
 }
 
-} // namespace pxf::conn
+}  // namespace pxf::conn

@@ -29,7 +29,7 @@ std::string disambiguate_url(const std::string& url, const std::string& location
 // "tcp://*" (a connection file's `interface`) -> "tcp://<disambiguated>".
 std::string disambiguate_interface(const std::string& interface, const std::string& location);
 
-} // namespace pxf::conn
+}  // namespace pxf::conn
 
 namespace pxf::conn {
 
@@ -42,4 +42,4 @@ std::string tcp_probe(const std::string& host, int port, int timeout_ms);
 // "tcp://host:port" -> {host, port}; port 0 when the URL has none.
 std::pair<std::string, int> split_tcp_url(const std::string& url);
 
-} // namespace pxf::conn
+}  // namespace pxf::conn

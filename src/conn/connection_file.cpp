@@ -42,11 +42,10 @@ std::string describe(const json& v) {
 // "engine" and only shapes the messages.
 class Fields {
  public:
-  Fields(const json& j, const std::string& source, const char* kind)
-      : j_(j), source_(source), kind_(kind) {
+  Fields(const json& j, const std::string& source, const char* kind) : j_(j), source_(source), kind_(kind) {
     if (!j.is_object())
-      fail(source, std::string("expected a JSON object {...} (an ipcontroller-") + kind +
-                       ".json file), got " + j.type_name());
+      fail(source,
+           std::string("expected a JSON object {...} (an ipcontroller-") + kind + ".json file), got " + j.type_name());
   }
 
   bool has(const char* key) const { return j_.contains(key); }
@@ -72,8 +71,7 @@ class Fields {
     // Unsigned values above INT64_MAX must not wrap into range.
     const bool huge = v.is_number_unsigned() && v.get<std::uint64_t>() > 65535;
     const std::int64_t n = huge ? 65536 : v.get<std::int64_t>();
-    if (n < 1 || n > 65535)
-      fail(source_, "key '" + key + "' = " + shown(v) + " is not a TCP port (1-65535)");
+    if (n < 1 || n > 65535) fail(source_, "key '" + key + "' = " + shown(v) + " is not a TCP port (1-65535)");
     return static_cast<int>(n);
   }
 
@@ -124,9 +122,8 @@ class Fields {
   // instead of reporting a missing key.
   void reject_other_kind(const char* own_key, const char* other_key, const char* other_kind) const {
     if (!has(own_key) && has(other_key))
-      fail(source_, std::string("this looks like an ipcontroller-") + other_kind +
-                        ".json file (it has '" + other_key + "' but no '" + own_key +
-                        "'); pass the ipcontroller-" + kind_ + ".json file instead");
+      fail(source_, std::string("this looks like an ipcontroller-") + other_kind + ".json file (it has '" + other_key +
+                        "' but no '" + own_key + "'); pass the ipcontroller-" + kind_ + ".json file instead");
   }
 
  private:
@@ -201,8 +198,7 @@ std::string read_text(const fs::path& path) {
   if (S_ISDIR(st.st_mode)) fail(src, "is a folder, not a connection file");
   if (!S_ISREG(st.st_mode)) fail(src, "not a regular file");
   if (static_cast<std::uint64_t>(st.st_size) > kMaxFileBytes)
-    fail(src, "too large for a connection file (" + std::to_string(st.st_size) +
-                  " bytes); is this the right path?");
+    fail(src, "too large for a connection file (" + std::to_string(st.st_size) + " bytes); is this the right path?");
   std::string text;
   char buf[8192];
   for (;;) {
@@ -300,8 +296,7 @@ ClientInfo client_from_json(const json& j, const std::string& source) {
   c.iopub = f.port("iopub");
   c.notification = f.port("notification");
   const json& b = f.need("broadcast");
-  if (b.is_array())
-    f.wrong("broadcast", "one integer port in the client file (a list is the engine file's format)", b);
+  if (b.is_array()) f.wrong("broadcast", "one integer port in the client file (a list is the engine file's format)", b);
   c.broadcast = f.port_value("broadcast", b);
   return c;
 }
@@ -321,8 +316,7 @@ EngineInfo engine_from_json(const json& j, const std::string& source) {
   e.hb_ping = f.port("hb_ping");
   e.hb_pong = f.port("hb_pong");
   const json& b = f.need("broadcast");
-  if (!b.is_array())
-    f.wrong("broadcast", "a list of ports in the engine file (one per broadcast scheduler leaf)", b);
+  if (!b.is_array()) f.wrong("broadcast", "a list of ports in the engine file (one per broadcast scheduler leaf)", b);
   // Engines pick broadcast[id % len]: an empty list would divide by zero.
   if (b.empty()) fail(source, "key 'broadcast' is an empty list; engines need at least one port");
   for (std::size_t i = 0; i < b.size(); ++i)
@@ -379,8 +373,7 @@ void write_atomic(const fs::path& path, const ordered_json& j) {
   if (::fchmod(fd.get(), 0600) != 0) fail(target, "cannot chmod 0600 " + tmp + ": " + errno_text(errno));
   if (::fsync(fd.get()) != 0) fail(target, "cannot fsync " + tmp + ": " + errno_text(errno));
   if (::close(fd.release()) != 0) fail(target, "cannot close " + tmp + ": " + errno_text(errno));
-  if (::rename(tmp.c_str(), path.c_str()) != 0)
-    fail(target, "cannot rename " + tmp + " onto it: " + errno_text(errno));
+  if (::rename(tmp.c_str(), path.c_str()) != 0) fail(target, "cannot rename " + tmp + " onto it: " + errno_text(errno));
   cleanup.armed = false;
 
   // Persist the rename itself (the directory entry), not just the file's data.

@@ -26,9 +26,9 @@ class ConnectionFileError : public std::runtime_error {
 // Keys both files share.
 struct Common {
   std::string interface = "tcp://127.0.0.1";
-  std::string location;                     // controller hostname
-  std::string ssh;                          // "" = no tunnel
-  std::string key;                          // HMAC key; "" = unsigned
+  std::string location;  // controller hostname
+  std::string ssh;       // "" = no tunnel
+  std::string key;       // HMAC key; "" = unsigned
   std::string signature_scheme = "hmac-sha256";
   std::string pack = "json";
   std::string unpack = "json";
@@ -85,4 +85,4 @@ void write_engine_file(const fs::path& path, const EngineInfo& e);
 // "tcp://127.0.0.1" + port -> "tcp://127.0.0.1:5555".
 std::string url(const std::string& interface, int port);
 
-} // namespace pxf::conn
+}  // namespace pxf::conn

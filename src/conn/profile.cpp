@@ -74,8 +74,7 @@ std::string expand_vars(const std::string& s) {
       name_end = close;
       next = close + 1;
     } else {
-      while (name_end < s.size() &&
-             (std::isalnum(static_cast<unsigned char>(s[name_end])) != 0 || s[name_end] == '_'))
+      while (name_end < s.size() && (std::isalnum(static_cast<unsigned char>(s[name_end])) != 0 || s[name_end] == '_'))
         ++name_end;
       next = name_end;
     }
@@ -136,8 +135,7 @@ ProfileLocation resolve_profile(const ProfileRequest& req) {
   } else if (auto d = env_nonempty("IPP_PROFILE_DIR")) {
     loc.profile_dir = expand_path(*d);
   } else {
-    const fs::path base =
-        req.ipython_dir && !req.ipython_dir->empty() ? expand_path(*req.ipython_dir) : ipython_dir();
+    const fs::path base = req.ipython_dir && !req.ipython_dir->empty() ? expand_path(*req.ipython_dir) : ipython_dir();
     const std::string name = req.profile && !req.profile->empty() ? *req.profile : "default";
     loc.profile_dir = base / ("profile_" + name);
   }

@@ -21,10 +21,10 @@ fs::path ipython_dir();
 
 // Initialized members keep `resolve_profile({.profile = "x"})` free of -Wmissing-field-initializers.
 struct ProfileRequest {
-  std::optional<std::string> profile = std::nullopt;    // --profile NAME
-  std::optional<fs::path> profile_dir = std::nullopt;   // --profile-dir DIR
-  std::optional<std::string> cluster_id = std::nullopt; // --cluster-id ID
-  std::optional<fs::path> ipython_dir = std::nullopt;   // --ipython-dir DIR (overrides ipython_dir())
+  std::optional<std::string> profile = std::nullopt;     // --profile NAME
+  std::optional<fs::path> profile_dir = std::nullopt;    // --profile-dir DIR
+  std::optional<std::string> cluster_id = std::nullopt;  // --cluster-id ID
+  std::optional<fs::path> ipython_dir = std::nullopt;    // --ipython-dir DIR (overrides ipython_dir())
 };
 
 struct ProfileLocation {
@@ -68,4 +68,4 @@ void ensure_profile_dirs(const ProfileLocation& loc);
 // anything else throws std::invalid_argument).
 std::string connection_file_name(const std::string& cluster_id, const std::string& kind);
 
-} // namespace pxf::conn
+}  // namespace pxf::conn

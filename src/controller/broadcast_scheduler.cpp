@@ -21,16 +21,23 @@ Frames shared_buffers(Frames& bufs) {
   for (auto& b : bufs) out.push_back(wire::share(b));
   return out;
 }
-} // namespace
+}  // namespace
 
-BroadcastScheduler::BroadcastScheduler(EventLoop& loop, EngineTable& engines, Relays& relays,
-                                       zmq::socket_t& bcast_in, zmq::socket_t& bcast_out, zmq::socket_t& fabric)
-    : loop_(loop), counters_(loop.counters()), engines_(engines), relays_(relays), bcast_in_(bcast_in),
-      bcast_out_(bcast_out), fabric_(fabric) {}
+BroadcastScheduler::BroadcastScheduler(EventLoop& loop, EngineTable& engines, Relays& relays, zmq::socket_t& bcast_in,
+                                       zmq::socket_t& bcast_out, zmq::socket_t& fabric)
+    : loop_(loop),
+      counters_(loop.counters()),
+      engines_(engines),
+      relays_(relays),
+      bcast_in_(bcast_in),
+      bcast_out_(bcast_out),
+      fabric_(fabric) {}
 
 void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
   Message m;
-  if (!loop_.decode("bcast_in", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!loop_.decode("bcast_in", std::move(frames), m,
+                    {.parse_parent = false, .parse_metadata = true, .parse_content = false}))
+    return;
   if (m.identities.empty()) return;
   const std::string orig = m.msg_id();
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
@@ -38,7 +45,7 @@ void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
   if (targets_it == m.metadata.end() || !targets_it->is_array()) {
     zmq::message_t client = std::move(m.identities.front());
     relays_.reject_request(bcast_in_, std::move(client), m,
-                   error_content("ValueError", "broadcast request without metadata.targets", ""), "bcast_in");
+                           error_content("ValueError", "broadcast request without metadata.targets", ""), "bcast_in");
     return;
   }
   std::string client(view(m.identities.front()));
@@ -60,7 +67,8 @@ void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
         per.header["msg_id"] = orig + "_" + uuid;
         per.metadata = m.metadata;
         relays_.reject_request(bcast_in_, wire::frame(client), per,
-                       error_content("EngineError", "No such engine: '" + uuid + "' is not registered"), "bcast_in");
+                               error_content("EngineError", "No such engine: '" + uuid + "' is not registered"),
+                               "bcast_in");
       }
       continue;
     }
@@ -89,9 +97,10 @@ void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
       ids.push_back(wire::frame(uuid));
       ids.push_back(wire::frame(client));
       loop_.send(bcast_out_,
-           loop_.session().encode_frames(std::move(ids), wire::frame(wire::dump_json(header)), wire::share(m.parent_frame),
-                                   wire::share(metadata), wire::share(m.content_frame), shared_buffers(m.buffers)),
-           "bcast_out");
+                 loop_.session().encode_frames(std::move(ids), wire::frame(wire::dump_json(header)),
+                                               wire::share(m.parent_frame), wire::share(metadata),
+                                               wire::share(m.content_frame), shared_buffers(m.buffers)),
+                 "bcast_out");
     } else {
       // One message for all of this job's targets; the original header, this job's targets.
       json md = m.metadata;
@@ -104,10 +113,10 @@ void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
       ids.push_back(wire::frame(client));
       ++counters_["fabric.bcast_out"];
       loop_.send(fabric_,
-           loop_.session().encode_frames(std::move(ids), wire::share(m.header_frame), wire::share(m.parent_frame),
-                                   wire::frame(wire::dump_json(md)), wire::share(m.content_frame),
-                                   shared_buffers(m.buffers)),
-           "fabric");
+                 loop_.session().encode_frames(std::move(ids), wire::share(m.header_frame), wire::share(m.parent_frame),
+                                               wire::frame(wire::dump_json(md)), wire::share(m.content_frame),
+                                               shared_buffers(m.buffers)),
+                 "fabric");
     }
   }
   ++counters_["broadcast.requests"];
@@ -119,7 +128,10 @@ void BroadcastScheduler::on_broadcast_submit(Frames&& frames) {
 
 void BroadcastScheduler::on_broadcast_reply(Frames&& frames) {
   Message m;
-  if (!loop_.decode("bcast_out", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true})) return;
+  if (!loop_.decode(
+          "bcast_out", std::move(frames), m,
+          {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true}))
+    return;
   if (m.identities.size() < 2) return;
   bool coalescing = wire::get_or<bool>(m.metadata, "is_coalescing", false);
   if (!coalescing) {
@@ -144,7 +156,9 @@ void BroadcastScheduler::on_broadcast_reply(Frames&& frames) {
 
 void BroadcastScheduler::on_coalesced_part(const std::string& job, Frames&& frames) {
   Message m;
-  if (!loop_.decode("fabric.bcast_coalesced", std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!loop_.decode("fabric.bcast_coalesced", std::move(frames), m,
+                    {.parse_parent = false, .parse_metadata = true, .parse_content = false}))
+    return;
   if (m.identities.empty()) return;
   std::string orig = wire::get_or<std::string>(m.metadata, "original_msg_id", "");
   Broadcast* found = find_broadcast(orig);
@@ -201,9 +215,10 @@ void BroadcastScheduler::emit_coalesced(const std::string& orig_id, Broadcast& b
     Frames ids;
     ids.push_back(wire::frame(b.client));
     loop_.send(bcast_in_,
-         loop_.session().encode_frames(std::move(ids), std::move(last.header_frame), std::move(last.parent_frame),
-                                 wire::frame(wire::dump_json(md)), std::move(last.content_frame), std::move(bufs)),
-         "bcast_in");
+               loop_.session().encode_frames(std::move(ids), std::move(last.header_frame), std::move(last.parent_frame),
+                                             wire::frame(wire::dump_json(md)), std::move(last.content_frame),
+                                             std::move(bufs)),
+               "bcast_in");
   }
   broadcasts_.erase(orig_id);
 }
@@ -213,11 +228,10 @@ void BroadcastScheduler::engine_gone(const std::string& uuid) {
   for (auto& [orig, b] : broadcasts_)
     for (std::size_t i = 0; i < b.parts.size(); ++i)
       if (!b.parts[i].done && b.parts[i].targets.size() &&
-          std::any_of(b.parts[i].targets.begin(), b.parts[i].targets.end(),
-                      [&](auto& t) { return t.first == uuid; }))
+          std::any_of(b.parts[i].targets.begin(), b.parts[i].targets.end(), [&](auto& t) { return t.first == uuid; }))
         gone.emplace_back(orig, i);
   for (auto& [orig, i] : gone)
     if (auto it = broadcasts_.find(orig); it != broadcasts_.end()) part_done(orig, it->second, i);
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

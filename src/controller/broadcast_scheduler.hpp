@@ -40,13 +40,13 @@ class BroadcastScheduler {
     std::string job;                                   // "" for a stock engine
     std::vector<std::pair<std::string, int>> targets;  // (uuid, id) in request order
     std::optional<Message> reply;
-    bool done = false;                                 // replied, or its engine(s) died
+    bool done = false;  // replied, or its engine(s) died
   };
   struct Broadcast {
     std::string client;
     std::vector<BroadcastPart> parts;
     std::size_t remaining = 0;
-    std::optional<std::size_t> last;                   // part of the last reply received
+    std::optional<std::size_t> last;  // part of the last reply received
   };
   void part_done(const std::string& orig_id, Broadcast& b, std::size_t part);
   Broadcast* find_broadcast(const std::string& orig_id);  // counts an unexpected reply if none
@@ -62,4 +62,4 @@ class BroadcastScheduler {
   std::unordered_map<std::string, Broadcast> broadcasts_;  // coalescing, by original msg_id
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -75,7 +75,7 @@ bool same_bytes(const zmq::message_t& a, const zmq::message_t& b) {
   if (std::memcmp(p, q, edge) != 0 || std::memcmp(p + n - edge, q + n - edge, edge) != 0) return false;
   return std::memcmp(p, q, n) == 0;
 }
-} // namespace
+}  // namespace
 
 zmq::message_t BufferCopier::copy_or_reuse(zmq::message_t& m) {
   for (auto& r : recent_)
@@ -93,4 +93,4 @@ zmq::message_t BufferCopier::copy_or_reuse(zmq::message_t& m) {
   return copy;
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -30,10 +30,10 @@ class BufferCopier {
  public:
   struct Job {
     std::string msg_id;
-    bool result = false;         // result_buffers (else the request's buffers)
+    bool result = false;  // result_buffers (else the request's buffers)
     std::size_t index = 0;
-    std::uint64_t gen = 0;       // the record's buffer generation when submitted
-    zmq::message_t shared;       // dropped by the worker once copied
+    std::uint64_t gen = 0;  // the record's buffer generation when submitted
+    zmq::message_t shared;  // dropped by the worker once copied
     zmq::message_t copy;
   };
 
@@ -68,4 +68,4 @@ class BufferCopier {
   std::thread thread_;  // last: started once every member above exists
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

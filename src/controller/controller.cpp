@@ -22,7 +22,7 @@ std::string hostname() {
   if (gethostname(buf, sizeof buf - 1) != 0) return "localhost";
   return buf;
 }
-} // namespace
+}  // namespace
 
 Controller::Controller(Options opts)
     : opts_(std::move(opts)),
@@ -32,7 +32,8 @@ Controller::Controller(Options opts)
       relays_(loop_, engines_, records_, link_, hub_, mux_in_, control_in_, iopub_out_),
       broadcasts_(loop_, engines_, relays_, bcast_in_, bcast_out_, fabric_),
       heart_(loop_, engines_, hub_, link_, opts_, hb_ping_),
-      hub_(loop_, engines_, records_, tasks_, broadcasts_, link_, heart_, copier_, opts_, engine_info_, query_, notifier_),
+      hub_(loop_, engines_, records_, tasks_, broadcasts_, link_, heart_, copier_, opts_, engine_info_, query_,
+           notifier_),
       trim_(loop_.counters()) {
   link_.attach(hub_, tasks_, broadcasts_, relays_);
   location_ = conn::resolve_profile(opts_.profile);
@@ -101,12 +102,11 @@ void Controller::start() {
 
   // With --reuse the old ports go first in the pool, in the order sockets are bound below.
   if (old_client && old_engine) {
-    port_pool_ = {old_client->registration, old_client->mux,     old_engine->mux,
-                  old_client->control,      old_engine->control, old_client->task,
-                  old_engine->task,         old_client->broadcast};
+    port_pool_ = {old_client->registration, old_client->mux,  old_engine->mux,  old_client->control,
+                  old_engine->control,      old_client->task, old_engine->task, old_client->broadcast};
     for (int p : old_engine->broadcast) port_pool_.push_back(p);
-    for (int p : {old_engine->iopub, old_client->iopub, old_client->notification, old_engine->hb_ping,
-                  old_engine->hb_pong})
+    for (int p :
+         {old_engine->iopub, old_client->iopub, old_client->notification, old_engine->hb_ping, old_engine->hb_pong})
       port_pool_.push_back(p);
   } else if (opts_.registration_port) {
     port_pool_.insert(port_pool_.begin(), opts_.registration_port);
@@ -154,7 +154,8 @@ void Controller::start() {
   const std::string monitor_ep = "inproc://pxf-fabric-monitor";
   constexpr int kHandshakeFailed =
       ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH;
-  if (zmq_socket_monitor(fabric_.handle(), monitor_ep.c_str(), ZMQ_EVENT_DISCONNECTED | (opts_.curve ? kHandshakeFailed : 0)) != 0)
+  if (zmq_socket_monitor(fabric_.handle(), monitor_ep.c_str(),
+                         ZMQ_EVENT_DISCONNECTED | (opts_.curve ? kHandshakeFailed : 0)) != 0)
     throw zmq::error_t();
   if (opts_.curve) {
     const std::string query_ep = "inproc://pxf-query-monitor";
@@ -204,14 +205,14 @@ void Controller::start() {
   if (opts_.curve)
     PXF_LOG(info, kLog) << "CurveZMQ on every socket; the public key is curve_serverkey in the connection files";
   else if (!loopback(opts_.client_ip) || !loopback(opts_.engine_ip))
-    PXF_LOG(warning, kLog) << "listening on a network (" << (loopback(opts_.client_ip) ? opts_.engine_ip : opts_.client_ip)
+    PXF_LOG(warning, kLog) << "listening on a network ("
+                           << (loopback(opts_.client_ip) ? opts_.engine_ip : opts_.client_ip)
                            << ") without encryption: messages are signed, not encrypted; add --curve "
                               "(IPController.enable_curve=True or IPP_ENABLE_CURVE=1) to encrypt them";
   if (opts_.keep_records)
     PXF_LOG(info, kLog) << "task records: in memory (DictDB), up to " << opts_.record_limit << " records and "
                         << opts_.size_limit << " buffer bytes";
-  else
-    PXF_LOG(info, kLog) << "task records: none kept (NoDB)";
+  else PXF_LOG(info, kLog) << "task records: none kept (NoDB)";
   heart_.start(mono_ms());
   PXF_LOG(info, kLog) << "listening on " << client_info_.interface << " (registration port " << reg
                       << "); connection files in " << location_.security_dir().string();
@@ -241,19 +242,19 @@ struct Controller::Dispatch {
   void on_monitor() { c.link_.on_monitor(); }
   void on_message(EventLoop::Source source, Frames&& frames) {
     switch (source) {
-      case EventLoop::kQuery: c.hub_.on_query(std::move(frames)); break;
-      case EventLoop::kMuxIn: c.relays_.on_client_direct(std::move(frames), false); break;
-      case EventLoop::kMuxOut: c.relays_.on_engine_direct(std::move(frames), false); break;
-      case EventLoop::kControlIn: c.relays_.on_client_direct(std::move(frames), true); break;
-      case EventLoop::kControlOut: c.relays_.on_engine_direct(std::move(frames), true); break;
-      case EventLoop::kTaskIn: c.tasks_.on_task_submit(std::move(frames)); break;
-      case EventLoop::kTaskOut: c.tasks_.on_task_reply(std::move(frames)); break;
-      case EventLoop::kBcastIn: c.broadcasts_.on_broadcast_submit(std::move(frames)); break;
-      case EventLoop::kBcastOut: c.broadcasts_.on_broadcast_reply(std::move(frames)); break;
-      case EventLoop::kIopub: c.relays_.on_iopub(std::move(frames)); break;
-      case EventLoop::kPong: c.heart_.on_pong(std::move(frames)); break;
-      case EventLoop::kFabric: c.link_.on_fabric(std::move(frames)); break;
-      case EventLoop::kSources: break;
+    case EventLoop::kQuery: c.hub_.on_query(std::move(frames)); break;
+    case EventLoop::kMuxIn: c.relays_.on_client_direct(std::move(frames), false); break;
+    case EventLoop::kMuxOut: c.relays_.on_engine_direct(std::move(frames), false); break;
+    case EventLoop::kControlIn: c.relays_.on_client_direct(std::move(frames), true); break;
+    case EventLoop::kControlOut: c.relays_.on_engine_direct(std::move(frames), true); break;
+    case EventLoop::kTaskIn: c.tasks_.on_task_submit(std::move(frames)); break;
+    case EventLoop::kTaskOut: c.tasks_.on_task_reply(std::move(frames)); break;
+    case EventLoop::kBcastIn: c.broadcasts_.on_broadcast_submit(std::move(frames)); break;
+    case EventLoop::kBcastOut: c.broadcasts_.on_broadcast_reply(std::move(frames)); break;
+    case EventLoop::kIopub: c.relays_.on_iopub(std::move(frames)); break;
+    case EventLoop::kPong: c.heart_.on_pong(std::move(frames)); break;
+    case EventLoop::kFabric: c.link_.on_fabric(std::move(frames)); break;
+    case EventLoop::kSources: break;
     }
   }
 };
@@ -304,4 +305,4 @@ void Controller::drain_query_monitor() {
   }
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

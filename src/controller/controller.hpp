@@ -96,4 +96,4 @@ class Controller {
   bool files_written_ = false;
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -43,18 +43,18 @@ struct Value {
 
 Value classify(const json& j) {
   switch (j.type()) {
-    case json::value_t::null: return {Kind::none};
-    case json::value_t::boolean: return {Kind::number, j.get<bool>() ? 1.0 : 0.0};
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned:
-    case json::value_t::number_float: return {Kind::number, j.get<double>()};
-    case json::value_t::string: {
-      if (auto d = parse_iso_date(j.get_ref<const std::string&>())) return {Kind::date, 0, *d};
-      return {Kind::str};
-    }
-    case json::value_t::array: return {Kind::list};
-    case json::value_t::object: return {Kind::dict};
-    default: return {Kind::other};
+  case json::value_t::null: return {Kind::none};
+  case json::value_t::boolean: return {Kind::number, j.get<bool>() ? 1.0 : 0.0};
+  case json::value_t::number_integer:
+  case json::value_t::number_unsigned:
+  case json::value_t::number_float: return {Kind::number, j.get<double>()};
+  case json::value_t::string: {
+    if (auto d = parse_iso_date(j.get_ref<const std::string&>())) return {Kind::date, 0, *d};
+    return {Kind::str};
+  }
+  case json::value_t::array: return {Kind::list};
+  case json::value_t::object: return {Kind::dict};
+  default: return {Kind::other};
   }
 }
 
@@ -66,15 +66,14 @@ const char* db_type(const json& j) {
 
 [[noreturn]] void type_error(const std::string& msg) { throw QueryError("TypeError", msg); }
 
-} // namespace
+}  // namespace
 
 std::optional<std::int64_t> parse_iso_date(const std::string& s) {
   // ^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:?\d{2})?$ (jupyter_client's pattern)
   if (s.size() < 19 || !digits(s, 0, 4) || s[4] != '-' || !digits(s, 5, 2) || s[7] != '-' || !digits(s, 8, 2) ||
       s[10] != 'T' || !digits(s, 11, 2) || s[13] != ':' || !digits(s, 14, 2) || s[16] != ':' || !digits(s, 17, 2))
     return std::nullopt;
-  int y = num(s, 0, 4), mo = num(s, 5, 2), d = num(s, 8, 2), h = num(s, 11, 2), mi = num(s, 14, 2),
-      se = num(s, 17, 2);
+  int y = num(s, 0, 4), mo = num(s, 5, 2), d = num(s, 8, 2), h = num(s, 11, 2), mi = num(s, 14, 2), se = num(s, 17, 2);
   if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || se > 59) return std::nullopt;
   std::size_t pos = 19;
   std::int64_t micros = 0;
@@ -114,49 +113,49 @@ bool py_equal(const json& a, const json& b) {
   Value va = classify(a), vb = classify(b);
   if (va.kind != vb.kind) return false;
   switch (va.kind) {
-    case Kind::none: return true;
-    case Kind::number: return va.number == vb.number;
-    case Kind::date: return va.date == vb.date;
-    case Kind::str: return a.get_ref<const std::string&>() == b.get_ref<const std::string&>();
-    case Kind::list: {
-      if (a.size() != b.size()) return false;
-      for (std::size_t i = 0; i < a.size(); ++i)
-        if (!py_equal(a[i], b[i])) return false;
-      return true;
+  case Kind::none: return true;
+  case Kind::number: return va.number == vb.number;
+  case Kind::date: return va.date == vb.date;
+  case Kind::str: return a.get_ref<const std::string&>() == b.get_ref<const std::string&>();
+  case Kind::list: {
+    if (a.size() != b.size()) return false;
+    for (std::size_t i = 0; i < a.size(); ++i)
+      if (!py_equal(a[i], b[i])) return false;
+    return true;
+  }
+  case Kind::dict: {
+    if (a.size() != b.size()) return false;
+    for (auto it = a.begin(); it != a.end(); ++it) {
+      auto jt = b.find(it.key());
+      if (jt == b.end() || !py_equal(*it, *jt)) return false;
     }
-    case Kind::dict: {
-      if (a.size() != b.size()) return false;
-      for (auto it = a.begin(); it != a.end(); ++it) {
-        auto jt = b.find(it.key());
-        if (jt == b.end() || !py_equal(*it, *jt)) return false;
-      }
-      return true;
-    }
-    default: return a == b;
+    return true;
+  }
+  default: return a == b;
   }
 }
 
 int py_compare(const json& a, const json& b, const char* op) {
   Value va = classify(a), vb = classify(b);
   auto refuse = [&] {
-    type_error(std::string("'") + op + "' not supported between instances of '" + db_type(a) + "' and '" +
-               db_type(b) + "'");
+    type_error(std::string("'") + op + "' not supported between instances of '" + db_type(a) + "' and '" + db_type(b) +
+               "'");
   };
   if (va.kind != vb.kind) refuse();
   switch (va.kind) {
-    case Kind::number: return va.number < vb.number ? -1 : va.number > vb.number ? 1 : 0;
-    case Kind::date: return va.date < vb.date ? -1 : va.date > vb.date ? 1 : 0;
-    case Kind::str: {
-      int c = a.get_ref<const std::string&>().compare(b.get_ref<const std::string&>());
-      return c < 0 ? -1 : c > 0 ? 1 : 0;
-    }
-    case Kind::list: {
-      std::size_t n = std::min(a.size(), b.size());
-      for (std::size_t i = 0; i < n; ++i)
-        if (!py_equal(a[i], b[i])) return py_compare(a[i], b[i], op);
-      return a.size() < b.size() ? -1 : a.size() > b.size() ? 1 : 0;
-    }
-    default: refuse();
+  case Kind::number: return va.number < vb.number ? -1 : va.number > vb.number ? 1 : 0;
+  case Kind::date: return va.date < vb.date ? -1 : va.date > vb.date ? 1 : 0;
+  case Kind::str: {
+    int c = a.get_ref<const std::string&>().compare(b.get_ref<const std::string&>());
+    return c < 0 ? -1 : c > 0 ? 1 : 0;
+  }
+  case Kind::list: {
+    std::size_t n = std::min(a.size(), b.size());
+    for (std::size_t i = 0; i < n; ++i)
+      if (!py_equal(a[i], b[i])) return py_compare(a[i], b[i], op);
+    return a.size() < b.size() ? -1 : a.size() > b.size() ? 1 : 0;
+  }
+  default: refuse();
   }
   return 0;
 }
@@ -259,7 +258,7 @@ std::vector<GlobToken> translate_glob(const std::u32string& p) {
   }
   return out;
 }
-} // namespace
+}  // namespace
 
 bool py_fnmatch(const std::string& name_utf8, const std::string& pattern_utf8) {
   const std::u32string name = code_points(name_utf8);
@@ -287,10 +286,10 @@ RecordQuery::RecordQuery(const nlohmann::ordered_json& query) {
   auto plain = [](const nlohmann::ordered_json& j) { return json::parse(j.dump()); };
   if (!query.is_object())
     throw QueryError("AttributeError", std::string("'") + db_type(plain(query)) + "' object has no attribute 'items'");
-  static const std::pair<const char*, Op> names[] = {
-      {"$lt", Op::lt}, {"$gt", Op::gt},   {"$eq", Op::eq},   {"$ne", Op::ne},   {"$lte", Op::lte},     {"$gte", Op::gte},
-      {"$in", Op::in}, {"$nin", Op::nin}, {"$all", Op::all}, {"$mod", Op::mod}, {"$exists", Op::exists},
-      {"$glob", Op::glob}};
+  static const std::pair<const char*, Op> names[] = {{"$lt", Op::lt},   {"$gt", Op::gt},         {"$eq", Op::eq},
+                                                     {"$ne", Op::ne},   {"$lte", Op::lte},       {"$gte", Op::gte},
+                                                     {"$in", Op::in},   {"$nin", Op::nin},       {"$all", Op::all},
+                                                     {"$mod", Op::mod}, {"$exists", Op::exists}, {"$glob", Op::glob}};
   for (auto it = query.begin(); it != query.end(); ++it) {
     Test t;
     t.key = it.key();
@@ -318,56 +317,55 @@ std::vector<std::string> RecordQuery::keys() const {
 
 bool RecordQuery::apply(Op op, const json& a, const json& b) {
   switch (op) {
-    case Op::eq: return py_equal(a, b);
-    case Op::ne: return !py_equal(a, b);
-    case Op::lt: return py_compare(a, b, "<") < 0;
-    case Op::gt: return py_compare(a, b, ">") > 0;
-    case Op::lte: return py_compare(a, b, "<=") <= 0;
-    case Op::gte: return py_compare(a, b, ">=") >= 0;
-    case Op::in: return py_contains(b, a);
-    case Op::nin: return !py_contains(b, a);
-    case Op::all: {
-      // stock: all([a in bb for bb in b])
-      if (b.is_array()) {
-        for (auto& bb : b)
-          if (!py_contains(bb, a)) return false;
-        return true;
-      }
-      if (b.is_string()) {
-        for (char c : b.get_ref<const std::string&>())
-          if (!py_contains(json(std::string(1, c)), a)) return false;
-        return true;
-      }
-      type_error(std::string("'") + db_type(b) + "' object is not iterable");
+  case Op::eq: return py_equal(a, b);
+  case Op::ne: return !py_equal(a, b);
+  case Op::lt: return py_compare(a, b, "<") < 0;
+  case Op::gt: return py_compare(a, b, ">") > 0;
+  case Op::lte: return py_compare(a, b, "<=") <= 0;
+  case Op::gte: return py_compare(a, b, ">=") >= 0;
+  case Op::in: return py_contains(b, a);
+  case Op::nin: return !py_contains(b, a);
+  case Op::all: {
+    // stock: all([a in bb for bb in b])
+    if (b.is_array()) {
+      for (auto& bb : b)
+        if (!py_contains(bb, a)) return false;
+      return true;
     }
-    case Op::mod: {
-      // stock: a % b[0] == b[1]
-      if (!b.is_array() && !b.is_string() && !b.is_object())
-        type_error(std::string("'") + db_type(b) + "' object is not subscriptable");
-      if (!b.is_array() || b.size() < 2) throw QueryError("IndexError", "list index out of range");
-      const json& d = b[0];
-      if (!a.is_number() && !a.is_boolean())
-        type_error(std::string("unsupported operand type(s) for %: '") + db_type(a) + "' and '" + db_type(d) + "'");
-      if (!d.is_number() && !d.is_boolean())
-        type_error(std::string("unsupported operand type(s) for %: '") + db_type(a) + "' and '" + db_type(d) + "'");
-      double x = a.get<double>(), y = d.get<double>();
-      if (y == 0) throw QueryError("ZeroDivisionError", "integer division or modulo by zero");
-      double r = std::fmod(x, y);
-      if (r != 0 && ((r < 0) != (y < 0))) r += y;  // Python's sign convention
-      return py_equal(json(r), b[1]);
+    if (b.is_string()) {
+      for (char c : b.get_ref<const std::string&>())
+        if (!py_contains(json(std::string(1, c)), a)) return false;
+      return true;
     }
-    case Op::exists: {
-      bool want = truthy(b);
-      return want ? !a.is_null() : a.is_null();
-    }
-    case Op::glob: {
-      // stock 9.1: fnmatch.fnmatch(a, b) if a is not None else False
-      if (a.is_null()) return false;
-      for (const json* v : {&a, &b})
-        if (!v->is_string())
-          type_error(std::string("expected str, bytes or os.PathLike object, not ") + db_type(*v));
-      return py_fnmatch(a.get_ref<const std::string&>(), b.get_ref<const std::string&>());
-    }
+    type_error(std::string("'") + db_type(b) + "' object is not iterable");
+  }
+  case Op::mod: {
+    // stock: a % b[0] == b[1]
+    if (!b.is_array() && !b.is_string() && !b.is_object())
+      type_error(std::string("'") + db_type(b) + "' object is not subscriptable");
+    if (!b.is_array() || b.size() < 2) throw QueryError("IndexError", "list index out of range");
+    const json& d = b[0];
+    if (!a.is_number() && !a.is_boolean())
+      type_error(std::string("unsupported operand type(s) for %: '") + db_type(a) + "' and '" + db_type(d) + "'");
+    if (!d.is_number() && !d.is_boolean())
+      type_error(std::string("unsupported operand type(s) for %: '") + db_type(a) + "' and '" + db_type(d) + "'");
+    double x = a.get<double>(), y = d.get<double>();
+    if (y == 0) throw QueryError("ZeroDivisionError", "integer division or modulo by zero");
+    double r = std::fmod(x, y);
+    if (r != 0 && ((r < 0) != (y < 0))) r += y;  // Python's sign convention
+    return py_equal(json(r), b[1]);
+  }
+  case Op::exists: {
+    bool want = truthy(b);
+    return want ? !a.is_null() : a.is_null();
+  }
+  case Op::glob: {
+    // stock 9.1: fnmatch.fnmatch(a, b) if a is not None else False
+    if (a.is_null()) return false;
+    for (const json* v : {&a, &b})
+      if (!v->is_string()) type_error(std::string("expected str, bytes or os.PathLike object, not ") + db_type(*v));
+    return py_fnmatch(a.get_ref<const std::string&>(), b.get_ref<const std::string&>());
+  }
   }
   return false;
 }
@@ -387,4 +385,4 @@ bool RecordQuery::matches(const json& record) const {
   return true;
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

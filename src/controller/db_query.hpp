@@ -41,9 +41,9 @@ class RecordQuery {
   enum class Op { eq, ne, lt, gt, lte, gte, in, nin, all, mod, exists, glob };
   struct Test {
     std::string key;
-    bool composite = false;                         // {"$op": ...} rather than a plain value
-    nlohmann::json value;                           // plain equality
-    std::vector<std::pair<Op, nlohmann::json>> ops; // composite
+    bool composite = false;                          // {"$op": ...} rather than a plain value
+    nlohmann::json value;                            // plain equality
+    std::vector<std::pair<Op, nlohmann::json>> ops;  // composite
   };
   static bool apply(Op op, const nlohmann::json& a, const nlohmann::json& b);
   std::vector<Test> tests_;
@@ -59,4 +59,4 @@ bool py_contains(const nlohmann::json& container, const nlohmann::json& item);
 // escape character, `*` matches `/` and leading dots (ipyparallel 9.1's `$glob`).
 bool py_fnmatch(const std::string& name, const std::string& pattern);
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -46,7 +46,7 @@ template <class Pred>
 bool holds(const std::vector<TaskKey>& ids, bool all, Pred pred) {
   return all ? std::all_of(ids.begin(), ids.end(), pred) : std::any_of(ids.begin(), ids.end(), pred);
 }
-} // namespace
+}  // namespace
 
 Dependency Dependency::parse(const json& j, bool falsy_is_empty) {
   Dependency d;
@@ -119,10 +119,9 @@ std::vector<int> Dependency::destinations(const TaskOutcomes& o) const {
   std::vector<int> out;
   for (TaskKey k : ids) {
     auto r = o.find(k);
-    if (r && counts(r->state) && std::find(out.begin(), out.end(), r->engine) == out.end())
-      out.push_back(r->engine);
+    if (r && counts(r->state) && std::find(out.begin(), out.end(), r->engine) == out.end()) out.push_back(r->engine);
   }
   return out;
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -93,4 +93,4 @@ struct Dependency {
   }
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

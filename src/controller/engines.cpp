@@ -38,10 +38,8 @@ void EngineTable::mark_registered(Engine& e) {
 void EngineTable::remove(int id) {
   auto it = engines_.find(id);
   if (it == engines_.end()) return;
-  if (!it->second.registered)
-    --pending_;
-  else
-    retired_completed_[id] = std::move(it->second.completed);
+  if (!it->second.registered) --pending_;
+  else retired_completed_[id] = std::move(it->second.completed);
   by_uuid_.erase(it->second.uuid);
   engines_.erase(it);
 }
@@ -67,4 +65,4 @@ std::size_t EngineTable::registered_count() const {
   return n;
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -37,17 +37,17 @@ class IdLog {
 
 struct Engine {
   int id = -1;
-  std::string uuid;                           // ZMQ identity of all its sockets
-  bool registered = false;                    // false until its first heartbeat
-  std::int64_t pending_deadline_ms = 0;       // registration stalls after this
+  std::string uuid;                      // ZMQ identity of all its sockets
+  bool registered = false;               // false until its first heartbeat
+  std::int64_t pending_deadline_ms = 0;  // registration stalls after this
   int missed_beats = 0;
-  bool answered = true;                       // answered a ping since the last beat
-  std::unordered_set<std::string> queue;      // outstanding direct (mux) requests
-  std::unordered_set<std::string> tasks;      // outstanding load-balanced tasks
-  IdLog completed;                            // finished msg_ids, both queues
-  std::string job;                            // fabric job uuid (MPI engines); "" = stock engine
-  std::string host;                           // MPI engines: the rank's hostname; stock: peer address
-  int rank = -1;                              // MPI engines: the rank in its job
+  bool answered = true;                   // answered a ping since the last beat
+  std::unordered_set<std::string> queue;  // outstanding direct (mux) requests
+  std::unordered_set<std::string> tasks;  // outstanding load-balanced tasks
+  IdLog completed;                        // finished msg_ids, both queues
+  std::string job;                        // fabric job uuid (MPI engines); "" = stock engine
+  std::string host;                       // MPI engines: the rank's hostname; stock: peer address
+  int rank = -1;                          // MPI engines: the rank in its job
 };
 
 class EngineTable {
@@ -86,4 +86,4 @@ class EngineTable {
   std::size_t pending_ = 0;  // added, not yet registered
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

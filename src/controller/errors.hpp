@@ -23,10 +23,9 @@ inline nlohmann::json error_content(const std::string& ename, const std::string&
   return {{"status", "error"},
           {"ename", ename},
           {"evalue", evalue},
-          {"traceback", nlohmann::json::array({"Traceback (most recent call last):\n",
-                                               "  (raised by pxcontroller)\n",
+          {"traceback", nlohmann::json::array({"Traceback (most recent call last):\n", "  (raised by pxcontroller)\n",
                                                qualified + ": " + evalue + "\n"})},
           {"engine_info", nlohmann::json::object()}};
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

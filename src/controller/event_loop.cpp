@@ -12,11 +12,11 @@ namespace pxf::controller {
 
 namespace {
 constexpr const char* kLog = "controller";
-} // namespace
+}  // namespace
 
 const std::array<const char*, EventLoop::kSources> EventLoop::kSourceNames = {
-    "query", "mux_in", "mux_out", "control_in", "control_out", "task_in",
-    "task_out", "bcast_in", "bcast_out", "iopub", "hb", "fabric"};
+    "query",    "mux_in",   "mux_out",   "control_in", "control_out", "task_in",
+    "task_out", "bcast_in", "bcast_out", "iopub",      "hb",          "fabric"};
 
 EventLoop::~EventLoop() {
   if (epoll_fd_ >= 0) ::close(epoll_fd_);
@@ -87,8 +87,8 @@ bool EventLoop::decode(const char* channel, Frames&& frames, Message& out, wire:
     auto& n = counters_[std::string("drop.") + channel + "." + wire::to_string(d.reason)];
     ++n;
     if (n <= 10 || n % 1000 == 0)
-      PXF_LOG(warning, kLog) << "dropped a message on " << channel << " (" << wire::to_string(d.reason)
-                             << ", #" << n << "): " << d.detail;
+      PXF_LOG(warning, kLog) << "dropped a message on " << channel << " (" << wire::to_string(d.reason) << ", #" << n
+                             << "): " << d.detail;
     return false;
   }
   out = std::move(*d.msg);
@@ -116,7 +116,8 @@ void EventLoop::count_handshake_failure(const char* where, std::uint16_t event) 
                            << (event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "not CurveZMQ, or a wrong curve_serverkey"
                                : event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH   ? "authentication"
                                                                             : "no detail")
-                           << "; #" << n << "): the peer needs the curve_serverkey of this controller's connection files";
+                           << "; #" << n
+                           << "): the peer needs the curve_serverkey of this controller's connection files";
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

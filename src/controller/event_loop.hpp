@@ -36,8 +36,18 @@ class EventLoop {
  public:
   // The sockets poll_once reads, in the order they are served.
   enum Source : std::size_t {
-    kQuery, kMuxIn, kMuxOut, kControlIn, kControlOut, kTaskIn,
-    kTaskOut, kBcastIn, kBcastOut, kIopub, kPong, kFabric,
+    kQuery,
+    kMuxIn,
+    kMuxOut,
+    kControlIn,
+    kControlOut,
+    kTaskIn,
+    kTaskOut,
+    kBcastIn,
+    kBcastOut,
+    kIopub,
+    kPong,
+    kFabric,
     kSources
   };
   static const std::array<const char*, kSources> kSourceNames;  // "query", ..., "hb", "fabric"
@@ -83,9 +93,9 @@ class EventLoop {
   }
 
  private:
-  static constexpr std::size_t kMonitor = kSources;      // index of the fabric monitor
-  static constexpr std::uint32_t kSideEvent = 1000;      // epoll tag of the side fd
-  static constexpr std::size_t kBatch = 256;  // messages drained per socket per poll, for fairness
+  static constexpr std::size_t kMonitor = kSources;  // index of the fabric monitor
+  static constexpr std::uint32_t kSideEvent = 1000;  // epoll tag of the side fd
+  static constexpr std::size_t kBatch = 256;         // messages drained per socket per poll, for fairness
 
   // epoll_wait; marks what signalled. Returns false if interrupted (EINTR).
   bool wait(long timeout_ms, bool& side_ready);
@@ -139,4 +149,4 @@ void EventLoop::poll_once(long timeout_ms, Handler& h) {
   }
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -23,4 +23,4 @@ void HeapTrim::maybe_trim(std::int64_t now, std::uint64_t work_received, bool sc
   ++counters_["malloc_trim"];
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -19,10 +19,10 @@ class HeapTrim {
 
  private:
   Counters& counters_;
-  std::int64_t trim_at_ms_ = 0;               // next once-a-second look
-  std::uint64_t rx_at_trim_check_ = 0;        // work_received at the last look
-  std::uint64_t tasks_at_trim_ = 0;           // tasks_finished at the last trim
-  bool active_since_trim_ = false;            // messages arrived since the last trim
+  std::int64_t trim_at_ms_ = 0;         // next once-a-second look
+  std::uint64_t rx_at_trim_check_ = 0;  // work_received at the last look
+  std::uint64_t tasks_at_trim_ = 0;     // tasks_finished at the last trim
+  bool active_since_trim_ = false;      // messages arrived since the last trim
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

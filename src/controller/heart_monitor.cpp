@@ -14,11 +14,15 @@ using wire::view;
 
 namespace {
 constexpr const char* kLog = "controller";
-} // namespace
+}  // namespace
 
 HeartMonitor::HeartMonitor(EventLoop& loop, EngineTable& engines, Hub& hub, JobLink& link, const Options& opts,
                            zmq::socket_t& hb_ping)
-    : counters_(loop.counters()), engines_(engines), hub_(hub), link_(link), opts_(opts),
+    : counters_(loop.counters()),
+      engines_(engines),
+      hub_(hub),
+      link_(link),
+      opts_(opts),
       hb_ping_(hb_ping) {}
 
 void HeartMonitor::on_timers(std::int64_t now) {
@@ -62,7 +66,8 @@ void HeartMonitor::beat() {
   std::int64_t now = mono_ms();
   auto limit = static_cast<std::int64_t>(opts_.max_heartbeat_misses + 1) * opts_.ping_ms;
   for (auto& j : link_.silent_jobs(now, limit))
-    link_.drop_job(j, "fabric link silent for " + std::to_string(opts_.max_heartbeat_misses + 1) + " heartbeat periods");
+    link_.drop_job(j,
+                   "fabric link silent for " + std::to_string(opts_.max_heartbeat_misses + 1) + " heartbeat periods");
   oldest_valid_beat_ = beat_seq_;  // a pong to the previous ping still counts (late by one)
   std::string payload = std::to_string(++beat_seq_);
   hb_ping_.send(zmq::buffer(payload), zmq::send_flags::dontwait);
@@ -90,4 +95,4 @@ void HeartMonitor::on_pong(Frames&& frames) {
   if (!e->registered) hub_.finish_registration(*e);
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

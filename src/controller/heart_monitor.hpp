@@ -46,4 +46,4 @@ class HeartMonitor {
   std::int64_t next_fast_ping_ms_ = 0;
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -78,21 +78,32 @@ std::string py_repr(const std::vector<std::string>& ids) {
   for (std::size_t i = 0; i < ids.size(); ++i) s += (i ? ", '" : "'") + ids[i] + "'";
   return s + "]";
 }
-} // namespace
+}  // namespace
 
 Hub::Hub(EventLoop& loop, EngineTable& engines, TaskRecords& records, TaskScheduler& tasks,
          BroadcastScheduler& broadcasts, JobLink& link, HeartMonitor& heart, const BufferCopier& copier,
          const Options& opts, const conn::EngineInfo& engine_info, zmq::socket_t& query, zmq::socket_t& notifier)
-    : loop_(loop), counters_(loop.counters()), engines_(engines), records_(records), tasks_(tasks),
-      broadcasts_(broadcasts), link_(link), heart_(heart), copier_(copier), opts_(opts), engine_info_(engine_info),
-      query_(query), notifier_(notifier) {}
+    : loop_(loop),
+      counters_(loop.counters()),
+      engines_(engines),
+      records_(records),
+      tasks_(tasks),
+      broadcasts_(broadcasts),
+      link_(link),
+      heart_(heart),
+      copier_(copier),
+      opts_(opts),
+      engine_info_(engine_info),
+      query_(query),
+      notifier_(notifier) {}
 
 void Hub::reply(const zmq::message_t& ident, const Message& req, const char* type, const json& content,
-                       Frames buffers) {
+                Frames buffers) {
   Frames ids;
   ids.push_back(wire::clone(ident));
-  loop_.send(query_, loop_.session().build(std::move(ids), type, content, req.header, json::object(), std::move(buffers)),
-       "query");
+  loop_.send(query_,
+             loop_.session().build(std::move(ids), type, content, req.header, json::object(), std::move(buffers)),
+             "query");
 }
 
 void Hub::notify(const char* type, const json& content, const json& parent) {
@@ -112,8 +123,7 @@ void Hub::on_query(Frames&& frames) {
       Frames ids;
       ids.push_back(std::move(ident));
       loop_.send(query_,
-                 loop_.session().build(std::move(ids), "hub_error",
-                                       error_content("ValueError", refused.detail, "")),
+                 loop_.session().build(std::move(ids), "hub_error", error_content("ValueError", refused.detail, "")),
                  "query");
     }
     return;
@@ -158,7 +168,9 @@ void Hub::on_engines_request(const zmq::message_t& ident, const Message& m) {
   json engines = json::object();
   for (auto& [id, e] : engines_.all()) {
     if (!e.registered) continue;
-    engines[std::to_string(id)] = {{"uuid", e.uuid}, {"host", e.host}, {"job", e.job.empty() ? json() : json(e.job)},
+    engines[std::to_string(id)] = {{"uuid", e.uuid},
+                                   {"host", e.host},
+                                   {"job", e.job.empty() ? json() : json(e.job)},
                                    {"rank", e.rank < 0 ? json() : json(e.rank)}};
   }
   reply(ident, m, link::kEnginesReply, {{"status", "ok"}, {"engines", engines}});
@@ -223,10 +235,8 @@ void Hub::on_queue_request(const zmq::message_t& ident, const Message& m) {
     auto& t = e ? e->tasks : none;
     const IdLog* retired = e ? nullptr : engines_.retired_completed(id);
     auto& c = e ? e->completed : retired ? *retired : none_list;
-    if (verbose)
-      out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c.list())}, {"tasks", json(t)}};
-    else
-      out[std::to_string(id)] = {{"queue", q.size()}, {"completed", c.size()}, {"tasks", t.size()}};
+    if (verbose) out[std::to_string(id)] = {{"queue", json(q)}, {"completed", json(c.list())}, {"tasks", json(t)}};
+    else out[std::to_string(id)] = {{"queue", q.size()}, {"completed", c.size()}, {"tasks", t.size()}};
   }
   if (verbose) {
     json ids = json::array();
@@ -241,11 +251,10 @@ void Hub::on_queue_request(const zmq::message_t& ident, const Message& m) {
 namespace {
 // Stock's NoDB raises this from every record lookup (ipyparallel.controller.dictdb.NoData).
 [[noreturn]] void no_data() {
-  throw BadRequest("NoData",
-                   "NoDB backend doesn't store any data. Start the Controller with a DB backend to "
-                   "enable resubmission / result persistence.");
+  throw BadRequest("NoData", "NoDB backend doesn't store any data. Start the Controller with a DB backend to "
+                             "enable resubmission / result persistence.");
 }
-} // namespace
+}  // namespace
 
 void Hub::on_result_request(const zmq::message_t& ident, const Message& m) {
   auto ids_it = m.content.find("msg_ids");
@@ -335,7 +344,9 @@ void Hub::on_db_request(const zmq::message_t& ident, const Message& m) {
     records.push_back(std::move(rec));
   });
   reply(ident, m, "db_reply",
-        {{"status", "ok"}, {"records", std::move(records)}, {"buffer_lens", buffer_lens},
+        {{"status", "ok"},
+         {"records", std::move(records)},
+         {"buffer_lens", buffer_lens},
          {"result_buffer_lens", result_buffer_lens}},
         std::move(buffers));
 }
@@ -347,17 +358,20 @@ void Hub::on_purge_request(const zmq::message_t& ident, const Message& m) {
     records_.drop_completed();
     return reply(ident, m, "purge_reply", {{"status", "ok"}});
   }
-  if (!msg_ids.is_array()) throw BadRequest("TypeError", "msg_ids must be a list of msg_ids or 'all', not " + msg_ids.dump());
+  if (!msg_ids.is_array())
+    throw BadRequest("TypeError", "msg_ids must be a list of msg_ids or 'all', not " + msg_ids.dump());
   std::vector<std::string> ids;
   for (auto& id : msg_ids) {
     if (!id.is_string()) throw BadRequest("TypeError", "msg_ids must be strings, not " + id.dump());
     ids.push_back(id.get<std::string>());
   }
   for (auto& id : ids)
-    if (TaskRecord* r = records_.find(id); r && !r->completed) throw BadRequest("IndexError", "msg pending: '" + id + "'");
+    if (TaskRecord* r = records_.find(id); r && !r->completed)
+      throw BadRequest("IndexError", "msg pending: '" + id + "'");
   records_.drop(ids);
   if (engine_ids.is_null()) engine_ids = json::array();
-  if (!engine_ids.is_array()) throw BadRequest("TypeError", "engine_ids must be a list of engine ids, not " + engine_ids.dump());
+  if (!engine_ids.is_array())
+    throw BadRequest("TypeError", "engine_ids must be a list of engine ids, not " + engine_ids.dump());
   for (auto& eid : engine_ids) {
     if (!eid.is_number_integer()) throw BadRequest("TypeError", "engine ids must be integers, not " + eid.dump());
     Engine* e = engines_.by_id(eid.get<int>());
@@ -397,7 +411,8 @@ void Hub::on_resubmit_request(const zmq::message_t& ident, const Message& m) {
     for (auto& b : r.buffers) bufs.push_back(wire::share(b));
     Frames ids_frames;
     ids_frames.push_back(wire::frame("pxf-hub-resubmit"));
-    outgoing.push_back(loop_.session().encode(std::move(ids_frames), header, old_header, json::object(), content, std::move(bufs)));
+    outgoing.push_back(
+        loop_.session().encode(std::move(ids_frames), header, old_header, json::object(), content, std::move(bufs)));
     r.resubmitted = header["msg_id"].get<std::string>();
     resubmitted[id] = r.resubmitted;
   }
@@ -465,4 +480,4 @@ void Hub::unregister_all(const std::string& why) {
   for (int id : ids) unregister(id, why);
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -23,9 +23,9 @@ class Hub {
  public:
   // Answers on `query`, notifies on `notifier`; `engine_info` is what a registering engine is
   // told to connect to.
-  Hub(EventLoop& loop, EngineTable& engines, TaskRecords& records, TaskScheduler& tasks,
-      BroadcastScheduler& broadcasts, JobLink& link, HeartMonitor& heart, const BufferCopier& copier,
-      const Options& opts, const conn::EngineInfo& engine_info, zmq::socket_t& query, zmq::socket_t& notifier);
+  Hub(EventLoop& loop, EngineTable& engines, TaskRecords& records, TaskScheduler& tasks, BroadcastScheduler& broadcasts,
+      JobLink& link, HeartMonitor& heart, const BufferCopier& copier, const Options& opts,
+      const conn::EngineInfo& engine_info, zmq::socket_t& query, zmq::socket_t& notifier);
 
   void on_query(Frames&& frames);
 
@@ -72,4 +72,4 @@ class Hub {
   std::int64_t shutdown_at_ms_ = 0;
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -19,13 +19,20 @@ using wire::view;
 namespace {
 constexpr const char* kLog = "fabric";
 constexpr std::string_view kHeartSuffix = link::kHeartSuffix;  // routing id of a job's heart thread
-}
+}  // namespace
 
 JobLink::JobLink(EventLoop& loop, EngineTable& engines, const Options& opts, zmq::socket_t& fabric,
                  zmq::socket_t& fabric_monitor, zmq::socket_t& mux_out, zmq::socket_t& control_out,
                  zmq::socket_t& task_out)
-    : loop_(loop), counters_(loop.counters()), engines_(engines), opts_(opts), fabric_(fabric),
-      fabric_monitor_(fabric_monitor), mux_out_(mux_out), control_out_(control_out), task_out_(task_out) {}
+    : loop_(loop),
+      counters_(loop.counters()),
+      engines_(engines),
+      opts_(opts),
+      fabric_(fabric),
+      fabric_monitor_(fabric_monitor),
+      mux_out_(mux_out),
+      control_out_(control_out),
+      task_out_(task_out) {}
 
 void JobLink::attach(Hub& hub, TaskScheduler& tasks, BroadcastScheduler& broadcasts, Relays& relays) {
   hub_ = &hub;
@@ -273,4 +280,4 @@ void JobLink::probe_jobs() {
   for (auto& j : gone) drop_job(j, "its gateway's connection closed and did not come back");
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

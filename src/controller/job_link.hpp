@@ -26,8 +26,7 @@ class JobLink {
   // `fabric` is the link's ROUTER, `fabric_monitor` its disconnect monitor; mux_out,
   // control_out and task_out are the stock engine-facing sockets.
   JobLink(EventLoop& loop, EngineTable& engines, const Options& opts, zmq::socket_t& fabric,
-          zmq::socket_t& fabric_monitor, zmq::socket_t& mux_out, zmq::socket_t& control_out,
-          zmq::socket_t& task_out);
+          zmq::socket_t& fabric_monitor, zmq::socket_t& mux_out, zmq::socket_t& control_out, zmq::socket_t& task_out);
   // Where messages from the link go. Attached after construction: these send through the link.
   void attach(Hub& hub, TaskScheduler& tasks, BroadcastScheduler& broadcasts, Relays& relays);
 
@@ -89,4 +88,4 @@ class JobLink {
   std::int64_t probe_at_ms_ = 0;
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

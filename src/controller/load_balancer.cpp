@@ -93,4 +93,4 @@ void LoadBalancer::finished(int id) {
   by_load_.emplace(it->second.load, it->second.last_used, id);
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -15,7 +15,7 @@ class LoadBalancer {
  public:
   LoadBalancer(std::string scheme, int hwm);
 
-  void add_engine(int id);     // new engines go first in LRU order, load 0
+  void add_engine(int id);  // new engines go first in LRU order, load 0
   void remove_engine(int id);
   bool has_engine(int id) const { return state_.count(id) != 0; }
 
@@ -45,9 +45,9 @@ class LoadBalancer {
   std::unordered_map<int, State> state_;
   // Ordered by (load, last_used, id): begin() is leastload's choice in O(log n).
   std::set<std::tuple<int, std::int64_t, int>> by_load_;
-  std::int64_t clock_ = 0;       // increasing "last used" stamps
-  std::int64_t new_clock_ = 0;   // decreasing stamps put new engines first
+  std::int64_t clock_ = 0;      // increasing "last used" stamps
+  std::int64_t new_clock_ = 0;  // decreasing stamps put new engines first
   std::mt19937_64 rng_{std::random_device{}()};
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

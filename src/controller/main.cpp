@@ -12,7 +12,7 @@ pxf::controller::Controller* g_controller = nullptr;
 extern "C" void on_signal(int) {
   if (g_controller) g_controller->request_stop();
 }
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
   pxf::memory::keep_freed_memory();  // before ZeroMQ starts its threads

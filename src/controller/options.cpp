@@ -152,7 +152,7 @@ std::vector<int> parse_ports(const std::string& opt, const std::string& v) {
   return out;
 }
 
-} // namespace
+}  // namespace
 
 namespace {
 
@@ -203,7 +203,7 @@ std::optional<Options> parse_args(const std::vector<std::string>& args, std::siz
       {"IPController.transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
       {"IPController.engine_transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
       {"IPController.client_transport", [&](auto& k, auto& v) { check_transport(k, unquote(v)); }},
-      {"IPController.monitor_ip", [](auto&, auto&) {}},         // stock's internal monitor socket: none here
+      {"IPController.monitor_ip", [](auto&, auto&) {}},  // stock's internal monitor socket: none here
       {"IPController.monitor_transport", [](auto&, auto&) {}},
       {"IPController.enable_curve", [&](auto& k, auto& v) { o.curve = to_bool(k, unquote(v)); }},
       {"IPController.curve_secretkey", [&](auto&, auto& v) { o.curve_secretkey = unquote(v); }},
@@ -234,7 +234,8 @@ std::optional<Options> parse_args(const std::vector<std::string>& args, std::siz
       {"BaseParallelApplication.cluster_id", [&](auto&, auto& v) { o.profile.cluster_id = unquote(v); }},
       {"Application.log_level",
        [&](auto& k, auto& v) {
-         if (!log::parse_level(unquote(v), o.log_level)) throw UsageError("option " + k + ": unknown log level '" + v + "'");
+         if (!log::parse_level(unquote(v), o.log_level))
+           throw UsageError("option " + k + ": unknown log level '" + v + "'");
        }},
   };
   std::map<std::string, std::function<void()>> flags = {
@@ -315,7 +316,7 @@ std::optional<Options> parse_args(const std::vector<std::string>& args, std::siz
   return o;
 }
 
-} // namespace
+}  // namespace
 
 std::optional<Options> parse_options(const std::vector<std::string>& args) {
   // First the command line alone, to find the profile; then the profile's config file's
@@ -403,7 +404,7 @@ bool literal_value(std::string text, std::string& out) {
   return false;
 }
 
-} // namespace
+}  // namespace
 
 std::vector<std::string> read_config_file(const std::string& path, std::vector<std::string>& warnings) {
   std::vector<std::string> out;
@@ -464,4 +465,4 @@ std::vector<std::string> read_config_file(const std::string& path, std::vector<s
   return out;
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

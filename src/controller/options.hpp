@@ -11,7 +11,7 @@ namespace pxf::controller {
 
 struct Options {
   conn::ProfileRequest profile;
-  std::string ip = "127.0.0.1";      // --ip: both sides unless client_ip/engine_ip say otherwise
+  std::string ip = "127.0.0.1";       // --ip: both sides unless client_ip/engine_ip say otherwise
   std::string engine_ip;              // "" = same as ip
   std::string client_ip;              // "" = same as ip
   std::string location;               // "" = this host's name
@@ -24,13 +24,13 @@ struct Options {
   int max_heartbeat_misses = 10;      // HeartMonitor.max_heartmonitor_misses
   double registration_timeout_s = 0;  // 0 = max(30, period/100) as stock
   int log_level = 20;
-  std::string scheme = "leastload";   // TaskScheduler.scheme_name
-  int hwm = 1;                        // TaskScheduler.hwm, 0 = unlimited
-  bool keep_records = true;           // false: --nodb (stock's NoDB)
-  std::size_t record_limit = 1024;    // DictDB.record_limit: task records kept
+  std::string scheme = "leastload";               // TaskScheduler.scheme_name
+  int hwm = 1;                                    // TaskScheduler.hwm, 0 = unlimited
+  bool keep_records = true;                       // false: --nodb (stock's NoDB)
+  std::size_t record_limit = 1024;                // DictDB.record_limit: task records kept
   std::size_t size_limit = std::size_t{1} << 30;  // DictDB.size_limit: buffer bytes kept
-  double cull_fraction = 0.1;         // DictDB.cull_fraction
-  std::string key;                    // "" = random (IPP_SESSION_KEY / Session.key override)
+  double cull_fraction = 0.1;                     // DictDB.cull_fraction
+  std::string key;                                // "" = random (IPP_SESSION_KEY / Session.key override)
   bool key_given = false;
   std::string signature_scheme = "hmac-sha256";
   // CurveZMQ on every socket the controller binds (--curve, IPController.enable_curve,
@@ -62,4 +62,4 @@ std::vector<std::string> read_config_file(const std::string& path, std::vector<s
 
 std::string usage();
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -21,7 +21,7 @@ json parse_or_null(const std::string& s) {
   if (s.empty()) return json();
   return parse_or_string(s);
 }
-} // namespace
+}  // namespace
 
 json TaskRecord::header_json() const { return parse_or_null(header); }
 
@@ -158,13 +158,11 @@ void TaskRecords::maybe_cull() {
   if (records_.size() > limits_.record_limit) {
     auto n = static_cast<std::size_t>(limits_.cull_fraction * static_cast<double>(limits_.record_limit));
     n = std::max<std::size_t>(n, records_.size() - limits_.record_limit);
-    for (std::size_t i = 0; i < n && pop_oldest(); ++i) {
-    }
+    for (std::size_t i = 0; i < n && pop_oldest(); ++i) {}
   }
   if (bytes_ > limits_.size_limit) {
     auto target = static_cast<std::size_t>(static_cast<double>(limits_.size_limit) * (1 - limits_.cull_fraction));
-    while (bytes_ > target && pop_oldest()) {
-    }
+    while (bytes_ > target && pop_oldest()) {}
   }
   compact();
 }
@@ -251,10 +249,10 @@ json TaskRecords::extract(const TaskRecord& r) {
 
 const std::vector<std::string>& TaskRecords::keys() {
   static const std::vector<std::string> k = {
-      "msg_id",      "header",        "metadata",       "content",        "buffers",         "submitted",
-      "client_uuid", "engine_uuid",   "started",        "completed",      "resubmitted",     "received",
-      "result_header", "result_metadata", "result_content", "result_buffers", "queue",       "execute_input",
-      "execute_result", "error",      "stdout",         "stderr",      "label"};
+      "msg_id",         "header",          "metadata",       "content",        "buffers",     "submitted",
+      "client_uuid",    "engine_uuid",     "started",        "completed",      "resubmitted", "received",
+      "result_header",  "result_metadata", "result_content", "result_buffers", "queue",       "execute_input",
+      "execute_result", "error",           "stdout",         "stderr",         "label"};
   return k;
 }
 
@@ -298,4 +296,4 @@ json TaskRecords::to_json(const std::string& msg_id, const TaskRecord& r) {
   return out;
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -27,29 +27,29 @@ class BufferCopier;
 using wire::json;
 
 struct RecordLimits {
-  std::size_t record_limit = 1024;                 // DictDB.record_limit
-  std::size_t size_limit = std::size_t{1} << 30;   // DictDB.size_limit (bytes)
-  double cull_fraction = 0.1;                      // DictDB.cull_fraction
-  bool keep = true;                                // false: NoDB (--nodb)
+  std::size_t record_limit = 1024;                // DictDB.record_limit
+  std::size_t size_limit = std::size_t{1} << 30;  // DictDB.size_limit (bytes)
+  double cull_fraction = 0.1;                     // DictDB.cull_fraction
+  bool keep = true;                               // false: NoDB (--nodb)
 };
 
 struct TaskRecord {
-  std::string header;          // the request's header, JSON as received (parsed on demand)
-  std::string metadata;        // the request's metadata, JSON as received
-  std::string content;         // the request's content, JSON as received
+  std::string header;    // the request's header, JSON as received (parsed on demand)
+  std::string metadata;  // the request's metadata, JSON as received
+  std::string content;   // the request's content, JSON as received
   json header_json() const;
-  wire::Frames buffers;        // the request's buffers (shared with the message, not copied)
-  std::string queue;           // "mux" or "task"
-  std::string engine_uuid;     // "" until assigned
+  wire::Frames buffers;     // the request's buffers (shared with the message, not copied)
+  std::string queue;        // "mux" or "task"
+  std::string engine_uuid;  // "" until assigned
   bool completed = false;
   std::string result_header, result_metadata, result_content;  // reply JSON, as received
   wire::Frames result_buffers;                                 // shares the reply's frames
-  std::string received;        // ISO date the reply passed
-  std::string resubmitted;     // msg_id of its resubmission, "" if none
-  json execute_input, execute_result, error;  // from iopub (null when none)
-  std::string out, err;        // stdout / stderr from iopub
-  std::size_t bytes = 0;       // buffer bytes held (request and result)
-  std::uint64_t buffers_gen = 0, result_gen = 0;  // bumped when buffers / result_buffers are replaced
+  std::string received;                                        // ISO date the reply passed
+  std::string resubmitted;                                     // msg_id of its resubmission, "" if none
+  json execute_input, execute_result, error;                   // from iopub (null when none)
+  std::string out, err;                                        // stdout / stderr from iopub
+  std::size_t bytes = 0;                                       // buffer bytes held (request and result)
+  std::uint64_t buffers_gen = 0, result_gen = 0;               // bumped when buffers / result_buffers are replaced
 };
 
 class TaskRecords {
@@ -60,8 +60,7 @@ class TaskRecords {
   static constexpr std::size_t kCopyAsyncBytes = 1 << 20;
   void set_copier(BufferCopier* copier) { copier_ = copier; }
   // Swaps in a copy made by the copier; false if the record or that buffer is gone or replaced.
-  bool adopt_copy(const std::string& msg_id, bool result, std::size_t index, std::uint64_t gen,
-                  zmq::message_t&& copy);
+  bool adopt_copy(const std::string& msg_id, bool result, std::size_t index, std::uint64_t gen, zmq::message_t&& copy);
 
   // A new record of `request` (its JSON frames and buffers are copied, large buffers shared).
   TaskRecord& add(const std::string& msg_id, wire::Message& request, const char* queue);
@@ -116,4 +115,4 @@ class TaskRecords {
   std::deque<std::string> finished_;  // completion order: culling takes from the front
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -14,19 +14,25 @@ using wire::view;
 namespace {
 std::string reply_type_for(const std::string& request_type) {
   constexpr std::string_view suffix = "_request";
-  if (request_type.ends_with(suffix))
-    return request_type.substr(0, request_type.size() - suffix.size()) + "_reply";
+  if (request_type.ends_with(suffix)) return request_type.substr(0, request_type.size() - suffix.size()) + "_reply";
   return request_type + "_reply";
 }
-} // namespace
+}  // namespace
 
 Relays::Relays(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link, Hub& hub,
                zmq::socket_t& mux_in, zmq::socket_t& control_in, zmq::socket_t& iopub_out)
-    : loop_(loop), counters_(loop.counters()), engines_(engines), records_(records), link_(link), hub_(hub),
-      mux_in_(mux_in), control_in_(control_in), iopub_out_(iopub_out) {}
+    : loop_(loop),
+      counters_(loop.counters()),
+      engines_(engines),
+      records_(records),
+      link_(link),
+      hub_(hub),
+      mux_in_(mux_in),
+      control_in_(control_in),
+      iopub_out_(iopub_out) {}
 
 void Relays::reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
-                                const char* channel) {
+                            const char* channel) {
   ++counters_[std::string("rejected.") + channel];
   Frames ids;
   ids.push_back(std::move(client));
@@ -42,7 +48,9 @@ void Relays::reject_request(zmq::socket_t& s, zmq::message_t client, Message& m,
 void Relays::on_client_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_in" : "mux_in";
   Message m;
-  if (!loop_.decode(channel, std::move(frames), m, {.parse_parent = false, .parse_metadata = true, .parse_content = false})) return;
+  if (!loop_.decode(channel, std::move(frames), m,
+                    {.parse_parent = false, .parse_metadata = true, .parse_content = false}))
+    return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_target"];
     PXF_LOG(warning, "relay") << channel << ": request " << m.msg_id() << " names no engine; dropped";
@@ -68,7 +76,10 @@ void Relays::on_client_direct(Frames&& frames, bool control) {
 void Relays::on_engine_direct(Frames&& frames, bool control) {
   const char* channel = control ? "control_out" : "mux_out";
   Message m;
-  if (!loop_.decode(channel, std::move(frames), m, {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
+  if (!loop_.decode(
+          channel, std::move(frames), m,
+          {.parse_parent = true, .parse_metadata = false, .parse_content = false, .header_fields_only = true}))
+    return;
   if (m.identities.size() < 2) {
     ++counters_[std::string("drop.") + channel + ".no_client"];
     return;
@@ -86,7 +97,10 @@ void Relays::on_engine_direct(Frames&& frames, bool control) {
 
 void Relays::on_iopub(Frames&& frames) {
   Message m;
-  if (!loop_.decode("iopub", std::move(frames), m, {.parse_parent = false, .parse_metadata = false, .parse_content = false, .header_fields_only = true})) return;
+  if (!loop_.decode(
+          "iopub", std::move(frames), m,
+          {.parse_parent = false, .parse_metadata = false, .parse_content = false, .header_fields_only = true}))
+    return;
   // A shutdown_reply on iopub means that engine is leaving (protocol §4.6).
   if (m.msg_type() == "shutdown_reply") {
     if (Engine* e = engines_.by_uuid(m.session())) {
@@ -111,4 +125,4 @@ void Relays::on_iopub(Frames&& frames) {
   zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -13,8 +13,8 @@ class Relays {
  public:
   // Clients are on mux_in/control_in and iopub_out; engines are reached through `link`.
   // A shutdown_reply on iopub unregisters its engine through `hub`.
-  Relays(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link, Hub& hub,
-         zmq::socket_t& mux_in, zmq::socket_t& control_in, zmq::socket_t& iopub_out);
+  Relays(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link, Hub& hub, zmq::socket_t& mux_in,
+         zmq::socket_t& control_in, zmq::socket_t& iopub_out);
 
   // Client -> engine: [C, E, DELIM, ...] arrives; [E, C, DELIM, ...] leaves.
   void on_client_direct(Frames&& frames, bool control);
@@ -25,8 +25,7 @@ class Relays {
 
   // Answers request `m` of `client` on `s` with an error reply (`<type>_reply`, metadata
   // status error) in the controller's name; the broadcast scheduler refuses with it too.
-  void reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content,
-                      const char* channel);
+  void reject_request(zmq::socket_t& s, zmq::message_t client, Message& m, const json& content, const char* channel);
 
  private:
   EventLoop& loop_;
@@ -40,4 +39,4 @@ class Relays {
   zmq::socket_t& iopub_out_;
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

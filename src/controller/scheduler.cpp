@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cstdlib>
 
-
 namespace pxf::controller {
 
 using wire::view;
@@ -29,20 +28,28 @@ json request_header(const Message& m) {
   return h.is_object() ? h : m.header;
 }
 
-} // namespace
+}  // namespace
 
 TaskScheduler::TaskScheduler(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link,
                              zmq::socket_t& task_in, const std::string& scheme, int hwm)
-    : loop_(loop), counters_(loop.counters()), engines_(engines), records_(records), link_(link),
-      task_in_(task_in), balancer_(scheme, hwm) {}
+    : loop_(loop),
+      counters_(loop.counters()),
+      engines_(engines),
+      records_(records),
+      link_(link),
+      task_in_(task_in),
+      balancer_(scheme, hwm) {}
 
 void TaskScheduler::on_task_submit(Frames&& frames, bool from_hub) {
   Message m;
   // What read_task_metadata reads; a plain submission has them all empty and needs no DOM.
   static constexpr std::array<std::string_view, 5> kTaskMetadata{"after", "follow", "targets", "timeout", "retries"};
   if (!loop_.decode("task_in", std::move(frames), m,
-              {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
-               .metadata_skip_if_trivial = kTaskMetadata}))
+                    {.parse_parent = false,
+                     .parse_metadata = true,
+                     .parse_content = false,
+                     .header_fields_only = true,
+                     .metadata_skip_if_trivial = kTaskMetadata}))
     return;
   if (m.identities.empty()) return;
   Task t;
@@ -69,7 +76,8 @@ void TaskScheduler::on_task_submit(Frames&& frames, bool from_hub) {
 void TaskScheduler::read_task_metadata(Task& t, const json& md) {
   if (!md.is_object()) return;  // null: decode found every field empty (the defaults)
   if (auto it = md.find("targets"); it != md.end() && !it->is_null()) {
-    if (!it->is_array()) throw DependencyError("TypeError", std::string("'") + py_type(*it) + "' object is not iterable");
+    if (!it->is_array())
+      throw DependencyError("TypeError", std::string("'") + py_type(*it) + "' object is not iterable");
     for (auto& u : *it) {
       if (!u.is_string())
         throw DependencyError("TypeError", std::string("targets must be engine uuids (str), not ") + py_type(u));
@@ -79,12 +87,10 @@ void TaskScheduler::read_task_metadata(Task& t, const json& md) {
     }
   }
   if (auto it = md.find("retries"); it != md.end() && !it->is_null()) {
-    if (it->is_boolean())
-      t.retries = it->get<bool>() ? 1 : 0;
+    if (it->is_boolean()) t.retries = it->get<bool>() ? 1 : 0;
     else if (it->is_number_integer())
       t.retries = static_cast<int>(std::clamp<std::int64_t>(it->get<std::int64_t>(), 0, 1 << 30));
-    else
-      throw DependencyError("TypeError", std::string("retries must be int, not ") + py_type(*it));
+    else throw DependencyError("TypeError", std::string("retries must be int, not ") + py_type(*it));
   }
   t.after = Dependency::parse(md.value("after", json()), true);
   t.follow = Dependency::parse(md.value("follow", json()), false);
@@ -219,15 +225,15 @@ void TaskScheduler::fail_unreachable(Task&& t, const json& content) {
 // Answers `t` with a failure the scheduler builds (routed [C] or, from an engine, [C, E]),
 // records it and lets its dependents see the outcome.
 void TaskScheduler::fail_task(Task&& t, int engine_id, const std::string& engine_uuid, const json& content,
-                           const json& metadata) {
+                              const json& metadata) {
   outcomes_.finish(t.key, false, engine_id);
   Frames ids;
   ids.push_back(std::move(t.msg.identities.front()));
   if (!engine_uuid.empty()) ids.push_back(wire::frame(engine_uuid));
   std::size_t h = ids.size() + 2;  // [ids..., DELIM, sig, header, parent, metadata, content]
   Frames out = loop_.session().build(std::move(ids), "apply_reply", content, request_header(t.msg), metadata);
-  records_.complete(t.msg_id, std::string(view(out[h])), std::string(view(out[h + 2])),
-                    std::string(view(out[h + 3])), engine_uuid);
+  records_.complete(t.msg_id, std::string(view(out[h])), std::string(view(out[h + 2])), std::string(view(out[h + 3])),
+                    engine_uuid);
   if (!t.hub) loop_.send(task_in_, std::move(out), "task_in");
   done_.push_back(t.key);
 }
@@ -237,8 +243,11 @@ void TaskScheduler::on_task_reply(Frames&& frames) {
   // Only what the scheduler and the record read: status, dependencies_met, engine.
   static constexpr std::array<std::string_view, 3> kReplyMetadata{"status", "dependencies_met", "engine"};
   if (!loop_.decode("task_out", std::move(frames), m,
-              {.parse_parent = true, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
-               .metadata_fields = kReplyMetadata}))
+                    {.parse_parent = true,
+                     .parse_metadata = true,
+                     .parse_content = false,
+                     .header_fields_only = true,
+                     .metadata_fields = kReplyMetadata}))
     return;
   if (m.identities.size() < 2) return;
   auto it = in_flight_.find(task_key(m.parent_msg_id()));
@@ -333,12 +342,14 @@ void TaskScheduler::dispatch_runnable() {
     TaskKey k = take_free ? free_.begin()->second : cit->second;
     auto p = parked_.find(k);
     if (p == parked_.end()) {  // cannot happen; keep the maps consistent anyway
-      if (take_free) free_.erase(free_.begin()); else cit = constrained_.erase(cit);
+      if (take_free) free_.erase(free_.begin());
+      else cit = constrained_.erase(cit);
       continue;
     }
     Task& t = p->second;
     std::uint64_t seq = t.seq;
-    if (take_free) free_.erase(free_.begin()); else cit = constrained_.erase(cit);
+    if (take_free) free_.erase(free_.begin());
+    else cit = constrained_.erase(cit);
     int queue = t.queue;
     t.queue = 0;
     Run r = maybe_run(t);
@@ -395,4 +406,4 @@ void TaskScheduler::strand_tasks(int engine_id, const std::string& uuid, const s
   }
 }
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

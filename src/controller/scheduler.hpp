@@ -31,8 +31,8 @@ class TaskScheduler {
  public:
   // Tasks go to engines through `link` (a stock engine's task socket or its job's gateway);
   // replies and the scheduler's own failures go to clients on `task_in`.
-  TaskScheduler(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link,
-                zmq::socket_t& task_in, const std::string& scheme, int hwm);
+  TaskScheduler(EventLoop& loop, EngineTable& engines, TaskRecords& records, JobLink& link, zmq::socket_t& task_in,
+                const std::string& scheme, int hwm);
 
   // Client submits: [C, DELIM, ...]. The hub resubmits with a private identity (`from_hub`:
   // the reply goes to nobody).
@@ -68,20 +68,20 @@ class TaskScheduler {
 
  private:
   struct Task {
-    Message msg;                    // identities = [client]; none for a hub resubmission
+    Message msg;  // identities = [client]; none for a hub resubmission
     std::string msg_id;
     TaskKey key = 0;
-    std::vector<int> targets;       // allowed engine ids, when `targeted`
+    std::vector<int> targets;  // allowed engine ids, when `targeted`
     bool targeted = false;
-    std::vector<int> blacklist;     // engines it failed on (retries, unmet @depend/@require)
+    std::vector<int> blacklist;  // engines it failed on (retries, unmet @depend/@require)
     Dependency after, follow;
-    double timeout_s = 0;           // armed each time the task is parked; 0 = none
+    double timeout_s = 0;  // armed each time the task is parked; 0 = none
     int retries = 0;
-    std::uint64_t seq = 0;          // queue position: submission order, re-parked tasks last
-    std::uint64_t timer = 0;        // generation of its current timeout
-    int engine = -1;                // in flight: on which engine
-    int queue = 0;                  // parked: 0 blocked, 1 in free_, 2 in constrained_
-    bool hub = false;               // resubmitted by the hub: the reply goes to nobody
+    std::uint64_t seq = 0;    // queue position: submission order, re-parked tasks last
+    std::uint64_t timer = 0;  // generation of its current timeout
+    int engine = -1;          // in flight: on which engine
+    int queue = 0;            // parked: 0 blocked, 1 in free_, 2 in constrained_
+    bool hub = false;         // resubmitted by the hub: the reply goes to nobody
     bool plain() const { return follow.empty() && !targeted && blacklist.empty(); }
   };
   enum class Run { ran, failed, wait };
@@ -131,4 +131,4 @@ class TaskScheduler {
   bool settling_ = false;
 };
 
-} // namespace pxf::controller
+}  // namespace pxf::controller

@@ -41,4 +41,4 @@ std::string iso_format(std::chrono::system_clock::time_point t) {
 
 std::string iso_now() { return iso_format(std::chrono::system_clock::now()); }
 
-} // namespace pxf
+}  // namespace pxf

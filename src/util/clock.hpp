@@ -16,4 +16,4 @@ inline std::int64_t mono_ms() {
   return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
-} // namespace pxf
+}  // namespace pxf

@@ -27,4 +27,4 @@ std::string new_id() {
   return hex.substr(0, 8) + "-" + hex.substr(8);
 }
 
-} // namespace pxf
+}  // namespace pxf

@@ -11,4 +11,4 @@ std::string new_id();
 // Lowercase hex of `n` random bytes from the OS CSPRNG.
 std::string random_hex(std::size_t n);
 
-} // namespace pxf
+}  // namespace pxf

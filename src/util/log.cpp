@@ -24,7 +24,7 @@ const char* level_name(int lvl) {
   if (lvl >= info) return "INFO";
   return "DEBUG";
 }
-} // namespace
+}  // namespace
 
 void set_level(int lvl) { g_level = lvl; }
 int level() { return g_level; }
@@ -42,9 +42,8 @@ bool parse_level(std::string_view text, int& out) {
   }
   std::string up(text);
   std::transform(up.begin(), up.end(), up.begin(), [](unsigned char c) { return std::toupper(c); });
-  static const std::pair<const char*, int> names[] = {{"DEBUG", debug},     {"INFO", info},
-                                                      {"WARN", warning},    {"WARNING", warning},
-                                                      {"ERROR", error},     {"CRITICAL", critical}};
+  static const std::pair<const char*, int> names[] = {{"DEBUG", debug},     {"INFO", info},   {"WARN", warning},
+                                                      {"WARNING", warning}, {"ERROR", error}, {"CRITICAL", critical}};
   for (auto& [n, l] : names)
     if (up == n) {
       out = l;
@@ -61,4 +60,4 @@ void write(int lvl, std::string_view component, const std::string& text) {
   std::fflush(stderr);
 }
 
-} // namespace pxf::log
+}  // namespace pxf::log

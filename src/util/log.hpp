@@ -19,12 +19,12 @@ void write(int level, std::string_view component, const std::string& text);
 
 inline bool enabled(int lvl) { return lvl >= level(); }
 
-} // namespace pxf::log
+}  // namespace pxf::log
 
 // Stream-style logging that costs nothing when the level is off:
 //   PXF_LOG(info, "hub") << "engine " << id << " registered";
-#define PXF_LOG(LVL, COMPONENT)                                                                     \
-  for (bool pxf_once_ = ::pxf::log::enabled(::pxf::log::LVL); pxf_once_; pxf_once_ = false)         \
+#define PXF_LOG(LVL, COMPONENT)                                                                                        \
+  for (bool pxf_once_ = ::pxf::log::enabled(::pxf::log::LVL); pxf_once_; pxf_once_ = false)                            \
   ::pxf::log::detail::Line(::pxf::log::LVL, COMPONENT).stream()
 
 namespace pxf::log::detail {
@@ -39,4 +39,4 @@ class Line {
   std::string_view component_;
   std::ostringstream os_;
 };
-} // namespace pxf::log::detail
+}  // namespace pxf::log::detail

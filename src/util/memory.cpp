@@ -17,7 +17,7 @@ bool user_tuned_malloc() {
     if (std::strncmp(*e, "MALLOC_", 7) == 0 || std::strncmp(*e, "GLIBC_TUNABLES=", 15) == 0) return true;
   return false;
 }
-} // namespace
+}  // namespace
 
 bool keep_freed_memory() {
   const char* off = std::getenv("PXF_KEEP_FREED_MEMORY");
@@ -25,17 +25,15 @@ bool keep_freed_memory() {
   // One arena: a block freed by another thread (frames received on ZeroMQ's I/O thread are
   // freed on the event loop's) goes back where the next receive looks for memory.
   mallopt(M_ARENA_MAX, 1);
-  mallopt(M_MMAP_MAX, 0);                    // large blocks from the heap, reused after free
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);        // keep up to 1 GiB of free heap top
-  mallopt(M_TOP_PAD, kTopPad);               // grow the heap in 64 MiB steps
+  mallopt(M_MMAP_MAX, 0);              // large blocks from the heap, reused after free
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);  // keep up to 1 GiB of free heap top
+  mallopt(M_TOP_PAD, kTopPad);         // grow the heap in 64 MiB steps
   g_keeping = true;
   return true;
 }
 
-bool worth_trimming() {
-  return g_keeping && mallinfo2().fordblks >= (std::size_t{32} << 20);
-}
+bool worth_trimming() { return g_keeping && mallinfo2().fordblks >= (std::size_t{32} << 20); }
 
 void trim_heap() { ::malloc_trim(0); }
 
-} // namespace pxf::memory
+}  // namespace pxf::memory

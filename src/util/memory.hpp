@@ -21,4 +21,4 @@ bool worth_trimming();
 // malloc_trim(0): hand free heap pages back to the kernel.
 void trim_heap();
 
-} // namespace pxf::memory
+}  // namespace pxf::memory

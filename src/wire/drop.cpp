@@ -4,18 +4,18 @@ namespace pxf::wire {
 
 const char* to_string(Drop d) {
   switch (d) {
-    case Drop::none: return "none";
-    case Drop::no_delimiter: return "no_delimiter";
-    case Drop::too_few_frames: return "too_few_frames";
-    case Drop::too_many_frames: return "too_many_frames";
-    case Drop::frame_too_large: return "frame_too_large";
-    case Drop::unsigned_message: return "unsigned_message";
-    case Drop::bad_signature: return "bad_signature";
-    case Drop::replayed: return "replayed";
-    case Drop::invalid_json: return "invalid_json";
-    case Drop::not_an_object: return "not_an_object";
-    case Drop::missing_field: return "missing_field";
-    case Drop::count_: break;
+  case Drop::none: return "none";
+  case Drop::no_delimiter: return "no_delimiter";
+  case Drop::too_few_frames: return "too_few_frames";
+  case Drop::too_many_frames: return "too_many_frames";
+  case Drop::frame_too_large: return "frame_too_large";
+  case Drop::unsigned_message: return "unsigned_message";
+  case Drop::bad_signature: return "bad_signature";
+  case Drop::replayed: return "replayed";
+  case Drop::invalid_json: return "invalid_json";
+  case Drop::not_an_object: return "not_an_object";
+  case Drop::missing_field: return "missing_field";
+  case Drop::count_: break;
   }
   return "unknown";
 }
@@ -39,4 +39,4 @@ std::string DropCounters::summary() const {
   return out.empty() ? "none" : out;
 }
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -9,17 +9,17 @@ namespace pxf::wire {
 
 enum class Drop : std::uint8_t {
   none = 0,
-  no_delimiter,       // no "<IDS|MSG>" frame
-  too_few_frames,     // fewer than signature + 4 JSON frames after the delimiter
-  too_many_frames,    // over Limits::max_frames or max_identities
-  frame_too_large,    // a frame over Limits::max_frame_bytes / max_json_bytes
-  unsigned_message,   // empty signature while a key is set
-  bad_signature,      // HMAC mismatch
-  replayed,           // signature already accepted once
-  invalid_json,       // a JSON frame does not parse (includes invalid UTF-8)
-  not_an_object,      // a JSON frame is valid JSON but not an object
-  missing_field,      // header lacks msg_id / msg_type, or a field has the wrong type
-  count_              // number of reasons (keep last)
+  no_delimiter,      // no "<IDS|MSG>" frame
+  too_few_frames,    // fewer than signature + 4 JSON frames after the delimiter
+  too_many_frames,   // over Limits::max_frames or max_identities
+  frame_too_large,   // a frame over Limits::max_frame_bytes / max_json_bytes
+  unsigned_message,  // empty signature while a key is set
+  bad_signature,     // HMAC mismatch
+  replayed,          // signature already accepted once
+  invalid_json,      // a JSON frame does not parse (includes invalid UTF-8)
+  not_an_object,     // a JSON frame is valid JSON but not an object
+  missing_field,     // header lacks msg_id / msg_type, or a field has the wrong type
+  count_             // number of reasons (keep last)
 };
 
 const char* to_string(Drop d);
@@ -36,4 +36,4 @@ class DropCounters {
   std::array<std::atomic<std::uint64_t>, static_cast<std::size_t>(Drop::count_)> counts_{};
 };
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -73,8 +73,8 @@ class Scanner {
           continue;  // the first member's value / the first element
         }
       } else if (c == '-' || (c >= '0' && c <= '9')) {
-        while (i_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[i_])) || s_[i_] == '-' ||
-                                  s_[i_] == '+' || s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E'))
+        while (i_ < s_.size() && (std::isdigit(static_cast<unsigned char>(s_[i_])) || s_[i_] == '-' || s_[i_] == '+' ||
+                                  s_[i_] == '.' || s_[i_] == 'e' || s_[i_] == 'E'))
           ++i_;
       } else if (!literal("true") && !literal("false") && !literal("null")) {
         return false;
@@ -127,7 +127,7 @@ bool unescape(std::string_view raw, std::string& out) {
   return true;
 }
 
-} // namespace
+}  // namespace
 
 bool scan_object(std::string_view text, std::span<ScanField> fields) {
   for (auto& f : fields) {
@@ -184,4 +184,4 @@ bool scan_object(std::string_view text, std::span<ScanField> fields) {
   }
 }
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -28,4 +28,4 @@ struct ScanField {
 // as with nlohmann::json.
 bool scan_object(std::string_view text, std::span<ScanField> fields);
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

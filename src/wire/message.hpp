@@ -50,4 +50,4 @@ T get_or(const json& obj, const char* key, T fallback) {
   }
 }
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

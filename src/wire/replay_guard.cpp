@@ -14,4 +14,4 @@ bool ReplayGuard::accept(std::string_view signature) {
   return true;
 }
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -33,4 +33,4 @@ class ReplayGuard {
   std::deque<std::uint64_t> order_;  // age order
 };
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

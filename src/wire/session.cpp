@@ -91,12 +91,12 @@ std::string parse_object(const zmq::message_t& f, const char* name, std::size_t 
   }
   return {};
 }
-} // namespace
+}  // namespace
 
 Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
   if (frames.size() > limits_.max_frames)
-    return fail(Drop::too_many_frames, std::to_string(frames.size()) + " frames (limit " +
-                                           std::to_string(limits_.max_frames) + ")");
+    return fail(Drop::too_many_frames,
+                std::to_string(frames.size()) + " frames (limit " + std::to_string(limits_.max_frames) + ")");
   std::size_t delim = frames.size();
   for (std::size_t i = 0; i < frames.size(); ++i) {
     if (view(frames[i]) == kDelimiter) {
@@ -106,8 +106,8 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
   }
   if (delim == frames.size()) return fail(Drop::no_delimiter, "no <IDS|MSG> delimiter frame");
   if (delim > limits_.max_identities)
-    return fail(Drop::too_many_frames, std::to_string(delim) + " routing identities (limit " +
-                                           std::to_string(limits_.max_identities) + ")");
+    return fail(Drop::too_many_frames,
+                std::to_string(delim) + " routing identities (limit " + std::to_string(limits_.max_identities) + ")");
   if (frames.size() - delim < 6)
     return fail(Drop::too_few_frames, std::to_string(frames.size() - delim - 1) +
                                           " frames after the delimiter (need signature + 4 JSON frames)");
@@ -115,9 +115,8 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
     bool is_json = i >= delim + 2 && i <= delim + 5;
     std::size_t cap = is_json ? limits_.max_json_bytes : limits_.max_frame_bytes;
     if (frames[i].size() > cap)
-      return fail(Drop::frame_too_large, "frame " + std::to_string(i) + " has " +
-                                             std::to_string(frames[i].size()) + " bytes (limit " +
-                                             std::to_string(cap) + ")");
+      return fail(Drop::frame_too_large, "frame " + std::to_string(i) + " has " + std::to_string(frames[i].size()) +
+                                             " bytes (limit " + std::to_string(cap) + ")");
   }
 
   auto& sig = frames[delim + 1];
@@ -157,8 +156,8 @@ Decoded Session::decode(Frames&& frames, DecodeOptions opts) {
     }
     if (opts.parse_metadata && !opts.metadata_skip_if_trivial.empty()) {
       auto trivial = [](const ScanField& f) {
-        return !f.present || (!f.value && (f.raw == "null" || f.raw == "[]" || f.raw == "{}" || f.raw == "0" ||
-                                           f.raw == "false"));
+        return !f.present ||
+               (!f.value && (f.raw == "null" || f.raw == "[]" || f.raw == "{}" || f.raw == "0" || f.raw == "false"));
       };
       metadata_done = scan_keys(view(m), opts.metadata_skip_if_trivial, [&](std::span<ScanField> fields) {
         return std::all_of(fields.begin(), fields.end(), trivial) && !nests_deeper_than(view(m), depth);
@@ -215,7 +214,7 @@ Frames assemble(Frames identities, std::string sig, std::string h, std::string p
   for (auto& b : buffers) out.push_back(std::move(b));
   return out;
 }
-} // namespace
+}  // namespace
 
 Frames Session::encode(Frames identities, const json& header, const json& parent, const json& metadata,
                        const json& content, Frames buffers) const {
@@ -225,8 +224,8 @@ Frames Session::encode(Frames identities, const json& header, const json& parent
                   std::move(buffers));
 }
 
-Frames Session::encode_frames(Frames identities, zmq::message_t h, zmq::message_t p, zmq::message_t m,
-                              zmq::message_t c, Frames buffers) const {
+Frames Session::encode_frames(Frames identities, zmq::message_t h, zmq::message_t p, zmq::message_t m, zmq::message_t c,
+                              Frames buffers) const {
   std::string sig = signer_.sign(view(h), view(p), view(m), view(c));
   Frames out = std::move(identities);
   out.reserve(out.size() + 6 + buffers.size());
@@ -246,8 +245,7 @@ Frames Session::reencode(Message&& msg) const {
   if (msg.content.is_null())
     return encode_frames(std::move(msg.identities), frame(dump_json(msg.header)), frame(dump_json(msg.parent)),
                          frame(dump_json(msg.metadata)), std::move(msg.content_frame), std::move(msg.buffers));
-  return encode(std::move(msg.identities), msg.header, msg.parent, msg.metadata, msg.content,
-                std::move(msg.buffers));
+  return encode(std::move(msg.identities), msg.header, msg.parent, msg.metadata, msg.content, std::move(msg.buffers));
 }
 
 Frames Session::forward(Message&& msg) {
@@ -291,4 +289,4 @@ Frames Session::build(Frames identities, std::string_view msg_type, const json& 
   return encode(std::move(identities), make_header(msg_type), parent, metadata, content, std::move(buffers));
 }
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -18,12 +18,12 @@
 namespace pxf::wire {
 
 struct SessionOptions {
-  std::string key;                       // HMAC key; empty = unsigned mode
+  std::string key;  // HMAC key; empty = unsigned mode
   std::string signature_scheme = "hmac-sha256";
-  std::string session_id;                // default: new_id()
+  std::string session_id;  // default: new_id()
   std::string username = "username";
   Limits limits;
-  std::size_t replay_capacity = 65536;   // 0 disables the replay guard
+  std::size_t replay_capacity = 65536;  // 0 disables the replay guard
 };
 
 struct DecodeOptions {
@@ -62,12 +62,12 @@ class Session {
   Decoded decode(Frames&& frames, DecodeOptions opts = {});
 
   // Serializes and signs a new message.
-  Frames encode(Frames identities, const json& header, const json& parent, const json& metadata,
-                const json& content, Frames buffers = {}) const;
+  Frames encode(Frames identities, const json& header, const json& parent, const json& metadata, const json& content,
+                Frames buffers = {}) const;
 
   // Signs already-serialized JSON frames (e.g. one shared content frame for many targets).
-  Frames encode_frames(Frames identities, zmq::message_t header, zmq::message_t parent,
-                       zmq::message_t metadata, zmq::message_t content, Frames buffers = {}) const;
+  Frames encode_frames(Frames identities, zmq::message_t header, zmq::message_t parent, zmq::message_t metadata,
+                       zmq::message_t content, Frames buffers = {}) const;
 
   // Re-serializes a message from its parsed fields (after a handler changed them) and re-signs
   // it; identities and buffers are moved. Content decoded unparsed (null) keeps its original bytes.
@@ -82,9 +82,8 @@ class Session {
   json make_header(std::string_view msg_type) const;
 
   // make_header + encode.
-  Frames build(Frames identities, std::string_view msg_type, const json& content,
-               const json& parent = json::object(), const json& metadata = json::object(),
-               Frames buffers = {}) const;
+  Frames build(Frames identities, std::string_view msg_type, const json& content, const json& parent = json::object(),
+               const json& metadata = json::object(), Frames buffers = {}) const;
 
   const std::string& session_id() const { return session_id_; }
   const std::string& username() const { return username_; }
@@ -109,4 +108,4 @@ class Session {
 // JSON text as jupyter_client accepts it: UTF-8, invalid UTF-8 in strings replaced.
 std::string dump_json(const json& j);
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -105,10 +105,10 @@ std::string Signer::sign(std::string_view h, std::string_view p, std::string_vie
 }
 
 bool Signer::verify(std::string_view signature, std::string_view h, std::string_view p, std::string_view m,
-                     std::string_view c) const {
+                    std::string_view c) const {
   std::string expected = sign(h, p, m, c);
   if (signature.size() != expected.size()) return false;
   return CRYPTO_memcmp(signature.data(), expected.data(), expected.size()) == 0;
 }
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -24,8 +24,8 @@ class Signer {
                    std::string_view content) const;
 
   // Constant-time comparison of `signature` with the expected one.
-  bool verify(std::string_view signature, std::string_view header, std::string_view parent,
-              std::string_view metadata, std::string_view content) const;
+  bool verify(std::string_view signature, std::string_view header, std::string_view parent, std::string_view metadata,
+              std::string_view content) const;
 
  private:
   std::string key_;
@@ -40,4 +40,4 @@ class Signer {
   std::unique_ptr<Sha256Pads> sha256_;
 };
 
-} // namespace pxf::wire
+}  // namespace pxf::wire

@@ -26,12 +26,12 @@ using namespace pxf::wire;
 
 constexpr std::string_view kKey = "fuzz-key";
 
-#define FUZZ_CHECK(cond)                                                           \
-  do {                                                                             \
-    if (!(cond)) {                                                                 \
-      std::fprintf(stderr, "fuzz oracle failed: %s (line %d)\n", #cond, __LINE__); \
-      std::abort();                                                                \
-    }                                                                              \
+#define FUZZ_CHECK(cond)                                                                                               \
+  do {                                                                                                                 \
+    if (!(cond)) {                                                                                                     \
+      std::fprintf(stderr, "fuzz oracle failed: %s (line %d)\n", #cond, __LINE__);                                     \
+      std::abort();                                                                                                    \
+    }                                                                                                                  \
   } while (0)
 
 std::vector<std::string> split(const std::uint8_t* data, std::size_t size) {
@@ -106,7 +106,7 @@ void check_forward(Message m, const std::vector<std::string>& input) {
   FUZZ_CHECK(to_strings(out) == input);
 }
 
-} // namespace
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
@@ -126,8 +126,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       FUZZ_CHECK(copy);
       check_forward(std::move(*copy.msg), parts);
       // The relays' fast path (header_fields_only) reads the same fields as the full parse.
-      DecodeOptions fast_opts{.parse_parent = true, .parse_metadata = false, .parse_content = false,
-                              .check_replay = false, .header_fields_only = true};
+      DecodeOptions fast_opts{.parse_parent = true,
+                              .parse_metadata = false,
+                              .parse_content = false,
+                              .check_replay = false,
+                              .header_fields_only = true};
       Decoded fast = unkeyed.decode(to_frames(parts), fast_opts);
       FUZZ_CHECK(fast);
       FUZZ_CHECK(fast.msg->msg_id() == d.msg->msg_id() && fast.msg->msg_type() == d.msg->msg_type());
@@ -136,8 +139,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       check_reencode(std::move(*d.msg), false, opts.parse_content, unkeyed);
     } else {
       // Whatever the fast path accepts has string msg_id and msg_type (and must not crash).
-      Decoded fast = unkeyed.decode(to_frames(parts), {.parse_parent = true, .parse_metadata = false,
-                                                       .parse_content = false, .check_replay = false,
+      Decoded fast = unkeyed.decode(to_frames(parts), {.parse_parent = true,
+                                                       .parse_metadata = false,
+                                                       .parse_content = false,
+                                                       .check_replay = false,
                                                        .header_fields_only = true});
       if (fast) (void)fast.msg->msg_id(), (void)fast.msg->msg_type(), (void)fast.msg->parent_msg_id();
     }
@@ -165,7 +170,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (opts.check_replay) FUZZ_CHECK(!second && second.reason == Drop::replayed);
       else FUZZ_CHECK(second);
       check_forward(std::move(*d.msg), signed_parts);
-      Decoded third = keyed.decode(to_frames(signed_parts), {.parse_content = opts.parse_content, .check_replay = false});
+      Decoded third =
+          keyed.decode(to_frames(signed_parts), {.parse_content = opts.parse_content, .check_replay = false});
       FUZZ_CHECK(third);
       static Session receiver({.key = std::string(kKey), .replay_capacity = 0});
       check_reencode(std::move(*third.msg), true, opts.parse_content, receiver);

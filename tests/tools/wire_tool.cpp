@@ -100,9 +100,9 @@ json handle(Session& s, const json& req) {
   const std::string op = req.at("op").get<std::string>();
   if (op == "encode") {
     json header = req.contains("header") ? req.at("header") : s.make_header(req.at("msg_type").get<std::string>());
-    Frames out = s.encode(frames_from(req, "identities"), header, object_or_empty(req, "parent"),
-                          object_or_empty(req, "metadata"), object_or_empty(req, "content"),
-                          frames_from(req, "buffers"));
+    Frames out =
+        s.encode(frames_from(req, "identities"), header, object_or_empty(req, "parent"),
+                 object_or_empty(req, "metadata"), object_or_empty(req, "content"), frames_from(req, "buffers"));
     return {{"ok", true}, {"frames", b64_list(out)}};
   }
   if (op == "header") return {{"ok", true}, {"header", s.make_header(req.at("msg_type").get<std::string>())}};
@@ -141,7 +141,7 @@ json handle(Session& s, const json& req) {
   std::exit(2);
 }
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
   SessionOptions opts;

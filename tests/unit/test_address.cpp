@@ -16,7 +16,7 @@ std::string host_name() {
   gethostname(buf, sizeof buf - 1);
   return buf;
 }
-} // namespace
+}  // namespace
 
 TEST(Address, ExplicitAddressesAreKept) {
   EXPECT_EQ(disambiguate_ip_address("10.1.2.3", "elsewhere"), "10.1.2.3");

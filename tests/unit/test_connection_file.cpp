@@ -439,8 +439,8 @@ TEST(ConnectionFileRead, NotAnObject) {
 
 TEST(ConnectionFileKeys, EveryRequiredClientKey) {
   TempDir d;
-  for (const char* key : {"interface", "registration", "control", "mux", "task", "task_scheme", "iopub",
-                          "notification", "broadcast", "key", "pack", "unpack", "signature_scheme"}) {
+  for (const char* key : {"interface", "registration", "control", "mux", "task", "task_scheme", "iopub", "notification",
+                          "broadcast", "key", "pack", "unpack", "signature_scheme"}) {
     json j = to_json(sample_client());
     j.erase(key);
     const std::string msg = client_error(d, j);
@@ -534,8 +534,9 @@ TEST(ConnectionFileKeys, WrongStringTypesAndValues) {
 
 TEST(ConnectionFileKeys, SwappedFilesAreNamedAsSuch) {
   TempDir d;
-  EXPECT_CONTAINS(client_error(d, to_json(sample_engine())), "looks like an ipcontroller-engine.json file (it has 'hb_ping' but no 'notification'); "
-                        "pass the ipcontroller-client.json file instead");
+  EXPECT_CONTAINS(client_error(d, to_json(sample_engine())),
+                  "looks like an ipcontroller-engine.json file (it has 'hb_ping' but no 'notification'); "
+                  "pass the ipcontroller-client.json file instead");
   EXPECT_CONTAINS(engine_error(d, to_json(sample_client())), "looks like an ipcontroller-client.json file");
 }
 

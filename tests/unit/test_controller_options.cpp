@@ -24,7 +24,7 @@ struct TempProfile {
     return more;
   }
 };
-} // namespace
+}  // namespace
 
 TEST(ControllerOptions, IpSetsBothSidesUnlessOneIsGiven) {
   auto o = parse_options({"--ip=*"});
@@ -58,14 +58,13 @@ TEST(ControllerOptions, SshServersAndTransport) {
 
 TEST(ControllerOptions, ProfileConfigIsReadAndTheCommandLineWins) {
   TempProfile p;
-  p.config(
-      "c = get_config()  # noqa\n"
-      "c.HubFactory.client_ip = '10.0.0.1'\n"
-      "c.IPController.engine_ip = \"*\"   # a comment\n"
-      "c.IPController.location = u'login1'\n"
-      "c.HeartMonitor.period = 500\n"
-      "c.IPController.ports = [\n  40100,\n  40101,\n]\n"
-      "c.TaskScheduler.scheme_name = 'lru'\n");
+  p.config("c = get_config()  # noqa\n"
+           "c.HubFactory.client_ip = '10.0.0.1'\n"
+           "c.IPController.engine_ip = \"*\"   # a comment\n"
+           "c.IPController.location = u'login1'\n"
+           "c.HeartMonitor.period = 500\n"
+           "c.IPController.ports = [\n  40100,\n  40101,\n]\n"
+           "c.TaskScheduler.scheme_name = 'lru'\n");
   auto o = parse_options(p.args());
   EXPECT_EQ(o->client_ip, "10.0.0.1");
   EXPECT_EQ(o->engine_ip, "*");

@@ -27,7 +27,7 @@ std::string ename(const json& q, const json& r) {
   }
   return "";
 }
-} // namespace
+}  // namespace
 
 TEST(IsoDate, Parses) {
   auto a = parse_iso_date("2026-01-01T00:00:00Z");
@@ -48,7 +48,7 @@ TEST(RecordQuery, Equality) {
   auto r = rec("a", "2026-01-01T00:00:01Z", 3);
   EXPECT_TRUE(match({{"msg_id", "a"}}, r));
   EXPECT_FALSE(match({{"msg_id", "b"}}, r));
-  EXPECT_TRUE(match({{"n", 3.0}}, r));           // 3 == 3.0
+  EXPECT_TRUE(match({{"n", 3.0}}, r));            // 3 == 3.0
   EXPECT_TRUE(match({{"missing", nullptr}}, r));  // a missing key reads as None
   EXPECT_TRUE(match(json::object(), r));
   EXPECT_TRUE(match({{"completed", "2026-01-01T00:00:01.000000Z"}}, r));  // dates, not strings
@@ -84,7 +84,7 @@ TEST(RecordQuery, Operators) {
 TEST(RecordQuery, ErrorsAreThePythonOnes) {
   auto pending = rec("p", nullptr, 1);
   EXPECT_EQ(ename({{"n", {{"$foo", 1}}}}, pending), "KeyError");
-  EXPECT_THROW(RecordQuery(json{{"n", {{"$regex", "x"}}}}), QueryError);  // before any record
+  EXPECT_THROW(RecordQuery(json{{"n", {{"$regex", "x"}}}}), QueryError);                       // before any record
   EXPECT_EQ(ename({{"completed", {{"$lt", "2026-01-01T00:00:00Z"}}}}, pending), "TypeError");  // None < datetime
   EXPECT_EQ(ename({{"msg_id", {{"$gt", 5}}}}, pending), "TypeError");
   EXPECT_EQ(ename({{"msg_id", {{"$in", 5}}}}, pending), "TypeError");
@@ -110,7 +110,11 @@ TEST(PySemantics, CompareAndContains) {
 
 TEST(Glob, MatchesAsPythonsFnmatch) {
   // Expected values printed by Python 3.11's fnmatch.fnmatchcase for every (name, pattern).
-  struct Case { const char* name; const char* pattern; bool match; };
+  struct Case {
+    const char* name;
+    const char* pattern;
+    bool match;
+  };
   const Case cases[] = {
       {"group_a", "group_a*", true},
       {"group_a/subgroup_a", "group_a*", true},

@@ -20,7 +20,7 @@ struct Fixture : ::testing::Test {
   }
   Dependency dep(json j) { return Dependency::parse(j, false); }
 };
-} // namespace
+}  // namespace
 
 TEST_F(Fixture, ParseForms) {
   auto d = dep(json::array({"ok0", "ok1", "ok0"}));
@@ -101,7 +101,7 @@ TEST_F(Fixture, FollowIsPerEngine) {
   EXPECT_TRUE(d.met_on(o, 0));
   EXPECT_FALSE(d.met_on(o, 1));
   d = dep(json::array({"ok0", "ok1"}));
-  EXPECT_TRUE(d.met(o));  // globally met ...
+  EXPECT_TRUE(d.met(o));         // globally met ...
   EXPECT_FALSE(d.met_on(o, 0));  // ... but on no single engine
   EXPECT_FALSE(d.met_on(o, 1));
   EXPECT_EQ(d.destinations(o).size(), 2u);

@@ -13,7 +13,7 @@ Engine& registered(EngineTable& t, int requested, const std::string& uuid) {
   t.mark_registered(e);
   return e;
 }
-} // namespace
+}  // namespace
 
 TEST(EngineIds, RequestedIdOfAnEngineGoneIsGivenAgain) {
   EngineTable t;

@@ -56,7 +56,9 @@ struct FakeSink : gateway::Sink {
 // The controller's end: a ROUTER bound on inproc, signing and verifying with the job's key.
 struct FakeController {
   explicit FakeController(zmq::context_t& ctx, std::string key = kKey)
-      : url("inproc://pxf-gateway-test-" + new_id()), router(ctx, zmq::socket_type::router), session(keyed(key)) {
+      : url("inproc://pxf-gateway-test-" + new_id()),
+        router(ctx, zmq::socket_type::router),
+        session(keyed(key)) {
     router.set(zmq::sockopt::linger, 0);
     router.bind(url);
   }
@@ -174,8 +176,7 @@ class GatewayTest : public ::testing::Test {
     Frames ids;
     ids.push_back(frame("bcast"));
     ids.push_back(frame("client-1"));
-    json md{{"targets", targets}, {"original_msg_id", orig}, {"is_coalescing", coalescing},
-            {"is_broadcast", true}};
+    json md{{"targets", targets}, {"original_msg_id", orig}, {"is_coalescing", coalescing}, {"is_broadcast", true}};
     return controller.session.build(std::move(ids), "apply_request", json::object(), json::object(), md);
   }
 
@@ -328,8 +329,8 @@ TEST_F(GatewayTest, CoalescingRepliesLeaveAsOneMessageInTargetOrder) {
   ASSERT_EQ(sink.to_alls.size(), 1u);
 
   gw->from_rank(part(0, "orig-2", {"b0-first", "b0-second"}), sink);  // arrives first
-  gw->from_rank(part(1, "orig-2", {"b1"}), sink);                      // not a target: dropped
-  gw->from_rank(part(1, "no-such-broadcast", {"x"}), sink);            // unknown: dropped
+  gw->from_rank(part(1, "orig-2", {"b1"}), sink);                     // not a target: dropped
+  gw->from_rank(part(1, "no-such-broadcast", {"x"}), sink);           // unknown: dropped
   EXPECT_TRUE(controller.quiet(job));
   gw->from_rank(part(2, "orig-2", {"b2"}), sink);
 
@@ -480,4 +481,4 @@ TEST(GatewayBcastKey, OriginalMsgIdElseTheHeaders) {
   EXPECT_EQ(gateway::bcast_key({{"msg_id", "h"}}, json::object()), "h");
 }
 
-} // namespace
+}  // namespace

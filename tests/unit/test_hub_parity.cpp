@@ -24,7 +24,7 @@ TaskRecord record(const std::string& metadata) {
   r.queue = "task";
   return r;
 }
-} // namespace
+}  // namespace
 
 TEST(EngineTable, NoEnginesMeansNoIds) {
   EngineTable t;

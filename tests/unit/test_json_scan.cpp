@@ -10,9 +10,9 @@
 
 namespace {
 
-using pxf::wire::ScanField;
-using pxf::wire::scan_object;
 using nlohmann::json;
+using pxf::wire::scan_object;
+using pxf::wire::ScanField;
 
 struct Three {
   std::array<ScanField, 3> f{{ScanField("msg_id"), ScanField("msg_type"), ScanField("session")}};
@@ -72,7 +72,8 @@ TEST(JsonScan, ReadsBooleans) {
 }
 
 TEST(JsonScan, GivesTheRawTextOfOtherValues) {
-  std::array<ScanField, 5> f{{ScanField("after"), ScanField("timeout"), ScanField("retries"), ScanField("x"), ScanField("s")}};
+  std::array<ScanField, 5> f{
+      {ScanField("after"), ScanField("timeout"), ScanField("retries"), ScanField("x"), ScanField("s")}};
   ASSERT_TRUE(scan_object(R"({"after": [ ], "timeout": null, "retries": 3, "x": {"a": [1, {}]}, "s": "str"})", f));
   EXPECT_EQ(f[0].raw, "[ ]");
   EXPECT_EQ(f[1].raw, "null");
@@ -99,10 +100,10 @@ TEST(JsonScan, EmptyObjectAndWhitespace) {
 
 TEST(JsonScan, RefusesWhatIsNotAnObject) {
   Three t;
-  for (const char* bad : {"", "[]", "\"s\"", "1", "{", "{\"a\"}", "{\"a\":}", "{\"a\":1,}", "{\"a\":1} x",
-                          "{\"a\":\"unterminated}", "{\"a\":[1,2}", "{\"a\":{\"b\":1]}", "{\"a\":tru}",
-                          "{\"a\":\"ctl\x01\"}", "{a:1}", "{\"a\":1 \"b\":2}", "{\"a\":{1:2}}",
-                          "{\"msg_id\":\"bad escape \\x\"}"}) {
+  for (const char* bad :
+       {"", "[]", "\"s\"", "1", "{", "{\"a\"}", "{\"a\":}", "{\"a\":1,}", "{\"a\":1} x", "{\"a\":\"unterminated}",
+        "{\"a\":[1,2}", "{\"a\":{\"b\":1]}", "{\"a\":tru}", "{\"a\":\"ctl\x01\"}", "{a:1}", "{\"a\":1 \"b\":2}",
+        "{\"a\":{1:2}}", "{\"msg_id\":\"bad escape \\x\"}"}) {
     EXPECT_FALSE(t.scan(bad)) << bad;
   }
 }
@@ -121,21 +122,21 @@ json random_value(std::mt19937& rng, int depth) {
   static const char* words[] = {"msg_id", "msg_type", "session", "x", "é", "a\"b", "\\", "\n", ""};
   auto word = [&] { return std::string(words[rng() % 9]) + std::to_string(rng() % 3); };
   switch (kind(rng)) {
-    case 0: return nullptr;
-    case 1: return rng() % 2 == 0;
-    case 2: return static_cast<int>(rng() % 2000) - 1000;
-    case 3: return (static_cast<double>(rng() % 100000) - 50000.0) / 7.0;
-    case 4: return word();
-    case 5: {
-      json a = json::array();
-      for (int i = rng() % 4; i > 0; --i) a.push_back(random_value(rng, depth + 1));
-      return a;
-    }
-    default: {
-      json o = json::object();
-      for (int i = rng() % 4; i > 0; --i) o[word()] = random_value(rng, depth + 1);
-      return o;
-    }
+  case 0: return nullptr;
+  case 1: return rng() % 2 == 0;
+  case 2: return static_cast<int>(rng() % 2000) - 1000;
+  case 3: return (static_cast<double>(rng() % 100000) - 50000.0) / 7.0;
+  case 4: return word();
+  case 5: {
+    json a = json::array();
+    for (int i = rng() % 4; i > 0; --i) a.push_back(random_value(rng, depth + 1));
+    return a;
+  }
+  default: {
+    json o = json::object();
+    for (int i = rng() % 4; i > 0; --i) o[word()] = random_value(rng, depth + 1);
+    return o;
+  }
   }
 }
 
@@ -168,4 +169,4 @@ TEST(JsonScan, AgreesWithNlohmannOnRandomObjects) {
   }
 }
 
-} // namespace
+}  // namespace

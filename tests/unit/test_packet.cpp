@@ -9,11 +9,11 @@
 namespace {
 
 using pxf::mpi::kShareFrameBytes;
-using pxf::mpi::Packet;
 using pxf::mpi::pack_frames;
+using pxf::mpi::Packet;
 using pxf::mpi::unpack_frames;
-using pxf::wire::Frames;
 using pxf::wire::frame;
+using pxf::wire::Frames;
 using pxf::wire::view;
 
 Frames sample() {
@@ -76,4 +76,4 @@ TEST(Packet, RejectsTruncatedAndLyingPackets) {
   EXPECT_THROW(unpack_frames(lie.data(), lie.size()), std::runtime_error);
 }
 
-} // namespace
+}  // namespace

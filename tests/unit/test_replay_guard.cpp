@@ -86,4 +86,4 @@ TEST(ReplayGuard, ComparesWholeBinarySignatures) {
   EXPECT_FALSE(g.accept(std::string("a\0b", 3)));
 }
 
-} // namespace
+}  // namespace

@@ -91,8 +91,8 @@ struct Scheduler : ::testing::Test {
     ids.push_back(wire::frame(uuid));
     ids.push_back(wire::frame("client"));
     json md = {{"status", status}, {"dependencies_met", deps_met}, {"engine", uuid}};
-    sched->on_task_reply(session.encode(std::move(ids), session.make_header("apply_reply"), parent, md,
-                                        {{"status", status}}));
+    sched->on_task_reply(
+        session.encode(std::move(ids), session.make_header("apply_reply"), parent, md, {{"status", status}}));
   }
 
   static std::optional<Got> recv(zmq::socket_t& s, int timeout_ms = 200) {
@@ -125,7 +125,7 @@ struct Scheduler : ::testing::Test {
   std::optional<Got> client_reply(int timeout_ms = 200) { return recv(client, timeout_ms); }
 };
 
-} // namespace
+}  // namespace
 
 TEST_F(Scheduler, WaitingTasksRunInSubmissionOrder) {
   make("lru", 1);

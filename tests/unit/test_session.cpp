@@ -180,8 +180,10 @@ TEST(SessionEncode, EncodeFramesSignsGivenBytesAndKeepsThem) {
 }
 
 TEST(SessionEncode, DumpJsonReplacesInvalidUtf8) {
-  json j = {{"t", std::string("a\xff" "b")}};
-  EXPECT_EQ(dump_json(j), "{\"t\":\"a\xef\xbf\xbd" "b\"}");  // U+FFFD, no throw
+  json j = {{"t", std::string("a\xff"
+                              "b")}};
+  EXPECT_EQ(dump_json(j), "{\"t\":\"a\xef\xbf\xbd"
+                          "b\"}");  // U+FFFD, no throw
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -375,9 +377,9 @@ TEST(SessionDrop, GarbageFrames) {
   expect_drop(s, {}, Drop::no_delimiter, "delimiter");
   Frames junk;
   junk.push_back(frame(std::string("\x00\xff\xfe garbage", 11)));
-  junk.push_back(frame("<IDS|MSG"));       // one byte short
-  junk.push_back(frame("<IDS|MSG>\n"));    // one byte long
-  junk.push_back(frame("<ids|msg>"));      // case matters
+  junk.push_back(frame("<IDS|MSG"));     // one byte short
+  junk.push_back(frame("<IDS|MSG>\n"));  // one byte long
+  junk.push_back(frame("<ids|msg>"));    // case matters
   expect_drop(s, std::move(junk), Drop::no_delimiter, "<IDS|MSG>");
 }
 
@@ -401,8 +403,8 @@ TEST(SessionDrop, TooFewFrames) {
 TEST(SessionDrop, InvalidJsonInEachFrame) {
   const char* names[] = {"header", "parent_header", "metadata", "content"};
   for (int which = 0; which < 4; ++which) {
-    for (std::string bad : {"", "{\"msg_id\":", "{} trailing", "{'a': 1}", "{\"a\": NaN}", "{\"a\":1,}",
-                            "/* c */ {}", "{\"a\":\"\x01\"}"}) {
+    for (std::string bad : {"", "{\"msg_id\":", "{} trailing", "{'a': 1}", "{\"a\": NaN}", "{\"a\":1,}", "/* c */ {}",
+                            "{\"a\":\"\x01\"}"}) {
       std::string parts[4] = {kHeader, "{}", "{}", "{}"};
       parts[which] = bad;
       Session s(keyed());
@@ -417,7 +419,7 @@ TEST(SessionDrop, InvalidUtf8InsideAJsonString) {
                           std::string("\xed\xa0\x80"),                   // UTF-8-encoded surrogate
                           std::string("\xe2\x9c"),                       // truncated sequence
                           std::string("\xf4\x90\x80\x80"),               // above U+10FFFF
-                          std::string("\\ud800")}) {                      // lone surrogate escape
+                          std::string("\\ud800")}) {                     // lone surrogate escape
     Session s(keyed());
     SCOPED_TRACE(bad);
     expect_drop(s, simple_message("{\"text\":\"ok " + bad + " ok\"}"), Drop::invalid_json, "content");
@@ -546,8 +548,8 @@ TEST(SessionDrop, OverMaxFrameBytes) {
   Limits l;
   l.max_frame_bytes = 100;
   Session s(keyed(l));
-  EXPECT_TRUE(s.decode(raw_message({std::string(100, 'i')}, kHeader, "{}", "{}", R"({"n":1})",
-                                   {std::string(100, 'b')})));
+  EXPECT_TRUE(
+      s.decode(raw_message({std::string(100, 'i')}, kHeader, "{}", "{}", R"({"n":1})", {std::string(100, 'b')})));
   expect_drop(s, raw_message({}, kHeader, "{}", "{}", R"({"n":2})", {std::string(101, 'b')}), Drop::frame_too_large,
               "101 bytes (limit 100)");
   expect_drop(s, raw_message({std::string(101, 'i')}, kHeader, "{}", "{}", R"({"n":3})"), Drop::frame_too_large,
@@ -636,7 +638,7 @@ TEST(SessionMessage, AccessorsOnAHandBuiltMessage) {
   EXPECT_EQ(get_or<int>(json::array(), "n", -1), -1);
 }
 
-} // namespace
+}  // namespace
 
 namespace {
 // ---------------------------------------------------------------------------------------------
@@ -669,21 +671,24 @@ TEST(SessionDecodeFast, BadFramesStillGetTheFullParsersVerdict) {
     expect_drop(s, raw_message({}, kHeader, bad, "{}", "{}"), Drop::invalid_json, "parent_header", fast);
   }
   Session s(keyed());
-  expect_drop(s, raw_message({}, R"({"msg_id": 5, "msg_type": "x"})", "{}", "{}", "{}"), Drop::missing_field,
-              "msg_id", fast);
+  expect_drop(s, raw_message({}, R"({"msg_id": 5, "msg_type": "x"})", "{}", "{}", "{}"), Drop::missing_field, "msg_id",
+              fast);
   expect_drop(s, raw_message({}, R"({"msg_type": "x"})", "{}", "{}", "{}"), Drop::missing_field, "msg_id", fast);
   // A parent whose msg_id is not a string is taken by the full parser (it reads as "").
   Decoded d = s.decode(raw_message({}, kHeader, R"({"msg_id": 1})", "{}", "{}"), fast);
   ASSERT_TRUE(d) << d.detail;
   EXPECT_EQ(d.msg->parent_msg_id(), "");
 }
-} // namespace
+}  // namespace
 
 namespace {
 using pxf::wire::DecodeOptions;
 constexpr std::array<std::string_view, 3> kTaskKeys{"after", "targets", "retries"};
 DecodeOptions task_opts() {
-  return {.parse_parent = false, .parse_metadata = true, .parse_content = false, .header_fields_only = true,
+  return {.parse_parent = false,
+          .parse_metadata = true,
+          .parse_content = false,
+          .header_fields_only = true,
           .metadata_skip_if_trivial = kTaskKeys};
 }
 }  // namespace
@@ -692,22 +697,29 @@ TEST(SessionDecode, TrivialMetadataIsLeftUnparsedAndEverythingElseParsed) {
   const std::string h = R"({"msg_id": "t_1", "msg_type": "apply_request"})";
   Session s(keyed());
   // every wanted member empty (or absent; other members do not matter): no DOM
-  Decoded d = s.decode(raw_message({}, h, "{}", R"({"after": [], "targets": null, "retries": 0, "x": [1, {"y": 2}]})", "{}"), task_opts());
+  Decoded d =
+      s.decode(raw_message({}, h, "{}", R"({"after": [], "targets": null, "retries": 0, "x": [1, {"y": 2}]})", "{}"),
+               task_opts());
   ASSERT_TRUE(d) << d.detail;
   EXPECT_TRUE(d.msg->metadata.is_null());
   // one member with a value: parsed as usual
-  Decoded e = s.decode(raw_message({}, R"({"msg_id": "t_2", "msg_type": "apply_request"})", "{}", R"({"after": ["a"], "retries": 0})", "{}"), task_opts());
+  Decoded e = s.decode(raw_message({}, R"({"msg_id": "t_2", "msg_type": "apply_request"})", "{}",
+                                   R"({"after": ["a"], "retries": 0})", "{}"),
+                       task_opts());
   ASSERT_TRUE(e) << e.detail;
   EXPECT_EQ(e.msg->metadata["after"], json::array({"a"}));
   // what the full parser refuses is still refused, with its reasons
-  Decoded bad = s.decode(raw_message({}, R"({"msg_id": "t_3", "msg_type": "apply_request"})", "{}", R"({"after": [})", "{}"), task_opts());
+  Decoded bad = s.decode(
+      raw_message({}, R"({"msg_id": "t_3", "msg_type": "apply_request"})", "{}", R"({"after": [})", "{}"), task_opts());
   EXPECT_FALSE(bad);
   EXPECT_EQ(bad.reason, Drop::invalid_json);
-  Decoded arr = s.decode(raw_message({}, R"({"msg_id": "t_4", "msg_type": "apply_request"})", "{}", "[]", "{}"), task_opts());
+  Decoded arr =
+      s.decode(raw_message({}, R"({"msg_id": "t_4", "msg_type": "apply_request"})", "{}", "[]", "{}"), task_opts());
   EXPECT_FALSE(arr);
   EXPECT_EQ(arr.reason, Drop::not_an_object);
   std::string deep = R"({"after": [], "x": )" + std::string(1100, '[') + std::string(1100, ']') + "}";
-  Decoded d2 = s.decode(raw_message({}, R"({"msg_id": "t_5", "msg_type": "apply_request"})", "{}", deep, "{}"), task_opts());
+  Decoded d2 =
+      s.decode(raw_message({}, R"({"msg_id": "t_5", "msg_type": "apply_request"})", "{}", deep, "{}"), task_opts());
   EXPECT_FALSE(d2);
   EXPECT_EQ(d2.reason, Drop::invalid_json);
 }

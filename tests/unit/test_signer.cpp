@@ -21,9 +21,8 @@ const std::string kParent = "{}";
 const std::string kMetadata = "{\"engine\":\"\xc3\xa9t\xc3\xa9\"}";  // raw UTF-8, as ensure_ascii=False sends
 const std::string kContent = R"j({"code": "print(1)"})j";
 constexpr const char* kSha256 = "f8b8542ddf068e52f01e7ada7d25226e0c379f375bf6aecbe593a3954eb98c26";
-constexpr const char* kSha512 =
-    "8098e9fea734b5555c54ab0642a90cccd60bfecf30e9e0992528e80b23b6c032"
-    "50456618ffc1f3faba7446c88a74757a8310408b15de4734fcfa56aaf4ac2cc4";
+constexpr const char* kSha512 = "8098e9fea734b5555c54ab0642a90cccd60bfecf30e9e0992528e80b23b6c032"
+                                "50456618ffc1f3faba7446c88a74757a8310408b15de4734fcfa56aaf4ac2cc4";
 
 TEST(Signer, Sha256MatchesPythonHmac) {
   Signer s(kKey);
@@ -143,4 +142,4 @@ TEST(Signer, SignsConsistentlyFromManyThreads) {
   for (auto& r : results) EXPECT_EQ(r, kSha256);
 }
 
-} // namespace
+}  // namespace

@@ -89,7 +89,7 @@ TEST(LogLevel, ParsesPythonNumbersAndNames) {
   struct Case {
     const char* text;
     int level;
-  } cases[] = {{"DEBUG", 10}, {"debug", 10}, {"Info", 20},     {"INFO", 20},      {"WARN", 30},
+  } cases[] = {{"DEBUG", 10},   {"debug", 10}, {"Info", 20},     {"INFO", 20},    {"WARN", 30},
                {"warning", 30}, {"ERROR", 40}, {"critical", 50}, {"CRITICAL", 50}};
   for (auto& c : cases) {
     lvl = -1;
@@ -124,4 +124,4 @@ TEST(LogLevel, DisabledLinesAreNotEvaluated) {
   EXPECT_NE(err.find("CRITICAL test: shown 1"), std::string::npos) << err;
 }
 
-} // namespace
+}  // namespace
