@@ -73,6 +73,14 @@ def _id_span(ids) -> str:
     return ",".join(str(i) for i in ids)
 
 
+def record_restart(state: dict, elapsed: float) -> None:
+    """Count a restart in the state (``pxcluster list``, the watcher and benchmarks read it)."""
+    state["restarts"] = int(state.get("restarts") or 0) + 1
+    state["restart_time"] = time.time()
+    state["restart_time_iso"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    state["restart_seconds"] = round(elapsed, 2)
+
+
 def _job_env(state: dict, mpirun: Optional[psutil.Process]) -> Dict[str, str]:
     """The environment the engine job was started with, as faithfully as we can get it."""
     env: Optional[Dict[str, str]] = None
@@ -306,10 +314,7 @@ def restart_cluster(profile: Optional[str] = None, profile_dir: Optional[str] = 
             state["engines"]["descendants"] = [
                 cl._proc_record(p) for p in cl._tree(psutil.Process(mpi.pid))[1:]]
             state["status"] = "running"
-            state["restarts"] = int(state.get("restarts") or 0) + 1
-            state["restart_time"] = time.time()
-            state["restart_time_iso"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            state["restart_seconds"] = round(elapsed, 2)
+            record_restart(state, elapsed)
             state["restart_phases"] = dict(phases, registered_s=round(elapsed, 3))
             state["hosts"] = cl.engine_hosts(client_file)
             cl.save_state(state)

@@ -53,6 +53,7 @@ SLURM_DIR = paths.SLURM_DIR
 JOB_SCRIPT = SLURM_DIR / "pxfabric.sbatch"
 DEFAULT_TEMPLATE = SLURM_DIR / "pxcluster.sbatch.template"
 COMMAND_TIMEOUT = 30.0      # seconds for one sbatch/squeue/scancel/scontrol call
+RESTART_JOB_CHECK = 1.0    # seconds between squeue calls while a restart waits for the engines
 STOP_TIMEOUT = 60.0         # seconds for a cancelled job to leave the queue
 ENDED = ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
          "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT")
@@ -403,6 +404,8 @@ def restart_slurm(state: dict, timeout: float, quiet: bool = False) -> dict:
     its engine job and starts it again in the same allocation when its shell gets USR2
     (``scancel --batch --signal=USR2``); the controller inside the job stays, and the new ranks
     get the same ids. Returns the state once all ``n`` new engines registered."""
+    from pxfabric import restart  # restart imports this module for Slurm clusters
+
     say = (lambda m: None) if quiet else cl._say
     job_id = state["slurm"]["job_id"]
     n = int(state["n"])
@@ -431,34 +434,33 @@ def restart_slurm(state: dict, timeout: float, quiet: bool = False) -> dict:
                          f"{_slurm_words(r.stderr or r.stdout)}")
     deadline = t0 + timeout
     have: Dict[int, str] = {}
+    job_checked = time.monotonic()
     while True:
         got = cl.registered_engines(client_file)
         if got is not None:
             have = {i: u for i, u in got.items() if u not in old_uuids}
             if len(have) >= n and not old_uuids & set(got.values()):
                 break
-        info = job_info(job_id)
-        if info.get("state") != "RUNNING":
-            raise SlurmError(f"job {job_id} ended during the restart: "
-                             f"{info.get('state') or 'gone'}\n" + _job_output_tail(state))
+        if time.monotonic() - job_checked >= RESTART_JOB_CHECK:  # squeue is slurmctld's load
+            job_checked = time.monotonic()
+            info = job_info(job_id)
+            if info.get("state") != "RUNNING":
+                raise SlurmError(f"job {job_id} ended during the restart: "
+                                 f"{info.get('state') or 'gone'}\n" + _job_output_tail(state))
         if time.monotonic() > deadline:
             raise SlurmError(
                 f"timed out after {timeout:.0f}s: {len(have)} of {n} engines of the new engine "
                 f"job registered; job {job_id} keeps running.\n" + _job_output_tail(state))
         time.sleep(0.1)
     elapsed = time.monotonic() - t0
-    state["restarts"] = int(state.get("restarts") or 0) + 1
-    state["restart_time"] = time.time()
-    state["restart_time_iso"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    state["restart_seconds"] = round(elapsed, 2)
+    restart.record_restart(state, elapsed)
     state["hosts"] = cl.engine_hosts(client_file)
     cl.save_state(state)
     want = list(range(n))
     if sorted(have) != want:
         raise SlurmError(f"the new engine job of job {job_id} is running, but its engines got "
-                         f"ids {sorted(have)} instead of 0..{n - 1}")
-    span = f"{want[0]}-{want[-1]}" if n > 1 else "0"
-    say(f"restarted {n} engines (ids {span}) in {elapsed:.1f} s")
+                         f"ids {restart._id_span(have)} instead of {restart._id_span(want)}")
+    say(f"restarted {n} engines (ids {restart._id_span(want)}) in {elapsed:.1f} s")
     return state
 
 

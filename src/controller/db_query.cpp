@@ -202,10 +202,12 @@ std::u32string code_points(const std::string& s) {
   return out;
 }
 
+}  // namespace
+
 // One element of a translated pattern (fnmatch.translate's pieces).
-struct GlobToken {
+struct GlobPattern::Token {
   enum Kind { literal, any, star, set } kind;
-  explicit GlobToken(Kind k, char32_t ch = 0) : kind(k), c(ch) {}
+  explicit Token(Kind k, char32_t ch = 0) : kind(k), c(ch) {}
   char32_t c;
   bool negated = false;
   std::vector<std::pair<char32_t, char32_t>> ranges;  // set: inclusive; an empty one never matches
@@ -220,25 +222,26 @@ struct GlobToken {
 
 // fnmatch.translate: a '[' without its ']' is a literal; the first ']' after '[' or '[!' belongs
 // to the set; `a-z` is a range, a '-' first or last is literal; a reversed range matches nothing.
-std::vector<GlobToken> translate_glob(const std::u32string& p) {
-  std::vector<GlobToken> out;
+namespace {
+std::vector<GlobPattern::Token> translate_glob(const std::u32string& p) {
+  std::vector<GlobPattern::Token> out;
   std::size_t i = 0, n = p.size();
   while (i < n) {
     char32_t c = p[i++];
     if (c == U'*') {
-      if (out.empty() || out.back().kind != GlobToken::star) out.emplace_back(GlobToken::star);
+      if (out.empty() || out.back().kind != GlobPattern::Token::star) out.emplace_back(GlobPattern::Token::star);
     } else if (c == U'?') {
-      out.emplace_back(GlobToken::any);
+      out.emplace_back(GlobPattern::Token::any);
     } else if (c == U'[') {
       std::size_t j = i;
       if (j < n && p[j] == U'!') ++j;
       if (j < n && p[j] == U']') ++j;
       while (j < n && p[j] != U']') ++j;
       if (j >= n) {
-        out.emplace_back(GlobToken::literal, U'[');
+        out.emplace_back(GlobPattern::Token::literal, U'[');
         continue;
       }
-      GlobToken t(GlobToken::set);
+      GlobPattern::Token t(GlobPattern::Token::set);
       std::size_t k = i;
       if (p[k] == U'!') t.negated = true, ++k;
       while (k < j) {
@@ -253,20 +256,29 @@ std::vector<GlobToken> translate_glob(const std::u32string& p) {
       out.push_back(std::move(t));
       i = j + 1;
     } else {
-      out.emplace_back(GlobToken::literal, c);
+      out.emplace_back(GlobPattern::Token::literal, c);
     }
   }
   return out;
 }
 }  // namespace
 
+GlobPattern::GlobPattern(const std::string& pattern_utf8) : tokens_(translate_glob(code_points(pattern_utf8))) {}
+GlobPattern::GlobPattern(GlobPattern&&) noexcept = default;
+GlobPattern& GlobPattern::operator=(GlobPattern&&) noexcept = default;
+GlobPattern::~GlobPattern() = default;
+
 bool py_fnmatch(const std::string& name_utf8, const std::string& pattern_utf8) {
+  return GlobPattern(pattern_utf8).matches(name_utf8);
+}
+
+bool GlobPattern::matches(const std::string& name_utf8) const {
   const std::u32string name = code_points(name_utf8);
-  const std::vector<GlobToken> pat = translate_glob(code_points(pattern_utf8));
+  const std::vector<Token>& pat = tokens_;
   // Greedy match with one backtrack point (the last '*'): linear in practice, never exponential.
   std::size_t s = 0, t = 0, star_t = std::string::npos, star_s = 0;
   while (s < name.size()) {
-    if (t < pat.size() && pat[t].kind == GlobToken::star) {
+    if (t < pat.size() && pat[t].kind == GlobPattern::Token::star) {
       star_t = t++;
       star_s = s;
     } else if (t < pat.size() && pat[t].matches(name[s])) {
@@ -278,7 +290,7 @@ bool py_fnmatch(const std::string& name_utf8, const std::string& pattern_utf8) {
       return false;
     }
   }
-  while (t < pat.size() && pat[t].kind == GlobToken::star) ++t;
+  while (t < pat.size() && pat[t].kind == GlobPattern::Token::star) ++t;
   return t == pat.size();
 }
 
@@ -300,7 +312,9 @@ RecordQuery::RecordQuery(const nlohmann::ordered_json& query) {
         for (auto& [name, o] : names)
           if (op.key() == name) found = &o;
         if (!found) throw QueryError("KeyError", "'" + op.key() + "'");
-        t.ops.emplace_back(*found, plain(*op));
+        Test::Operand o{*found, plain(*op), std::nullopt};
+        if (o.op == Op::glob && o.arg.is_string()) o.glob.emplace(o.arg.get_ref<const std::string&>());
+        t.ops.push_back(std::move(o));
       }
     } else {
       t.value = plain(*it);
@@ -315,8 +329,9 @@ std::vector<std::string> RecordQuery::keys() const {
   return out;
 }
 
-bool RecordQuery::apply(Op op, const json& a, const json& b) {
-  switch (op) {
+bool RecordQuery::apply(const Test::Operand& o, const json& a) {
+  const json& b = o.arg;
+  switch (o.op) {
   case Op::eq: return py_equal(a, b);
   case Op::ne: return !py_equal(a, b);
   case Op::lt: return py_compare(a, b, "<") < 0;
@@ -364,7 +379,7 @@ bool RecordQuery::apply(Op op, const json& a, const json& b) {
     if (a.is_null()) return false;
     for (const json* v : {&a, &b})
       if (!v->is_string()) type_error(std::string("expected str, bytes or os.PathLike object, not ") + db_type(*v));
-    return py_fnmatch(a.get_ref<const std::string&>(), b.get_ref<const std::string&>());
+    return o.glob->matches(a.get_ref<const std::string&>());  // b is a string: compiled
   }
   }
   return false;
@@ -379,8 +394,8 @@ bool RecordQuery::matches(const json& record) const {
       if (!py_equal(v, t.value)) return false;
       continue;
     }
-    for (auto& [op, arg] : t.ops)
-      if (!apply(op, v, arg)) return false;
+    for (auto& o : t.ops)
+      if (!apply(o, v)) return false;
   }
   return true;
 }

@@ -25,6 +25,21 @@ using QueryError = PyError;
 // ("2024-01-02T03:04:05.678901Z", offset or no zone allowed; no zone = UTC); nullopt otherwise.
 std::optional<std::int64_t> parse_iso_date(const std::string& s);
 
+// Python's fnmatch.fnmatchcase pattern, translated once (ipyparallel 9.1's `$glob`): `*`, `?`,
+// `[seq]`, `[!seq]`, no escape character, `*` matches `/` and leading dots; code points, not bytes.
+class GlobPattern {
+ public:
+  explicit GlobPattern(const std::string& pattern_utf8);
+  GlobPattern(GlobPattern&&) noexcept;
+  GlobPattern& operator=(GlobPattern&&) noexcept;
+  ~GlobPattern();
+  bool matches(const std::string& name_utf8) const;
+  struct Token;  // one piece of the translated pattern (db_query.cpp)
+
+ private:
+  std::vector<Token> tokens_;
+};
+
 class RecordQuery {
  public:
   // Compiles a query; unknown operators are refused here, before any record is read. Tests run
@@ -41,11 +56,16 @@ class RecordQuery {
   enum class Op { eq, ne, lt, gt, lte, gte, in, nin, all, mod, exists, glob };
   struct Test {
     std::string key;
-    bool composite = false;                          // {"$op": ...} rather than a plain value
-    nlohmann::json value;                            // plain equality
-    std::vector<std::pair<Op, nlohmann::json>> ops;  // composite
+    bool composite = false;  // {"$op": ...} rather than a plain value
+    nlohmann::json value;    // plain equality
+    struct Operand {
+      Op op;
+      nlohmann::json arg;
+      std::optional<GlobPattern> glob;  // $glob with a string pattern: translated once per query
+    };
+    std::vector<Operand> ops;  // composite
   };
-  static bool apply(Op op, const nlohmann::json& a, const nlohmann::json& b);
+  static bool apply(const Test::Operand& o, const nlohmann::json& a);
   std::vector<Test> tests_;
 };
 
@@ -55,8 +75,7 @@ bool py_equal(const nlohmann::json& a, const nlohmann::json& b);
 int py_compare(const nlohmann::json& a, const nlohmann::json& b, const char* op);
 // `a in b`; throws QueryError("TypeError") when Python would.
 bool py_contains(const nlohmann::json& container, const nlohmann::json& item);
-// Python's fnmatch.fnmatchcase(name, pattern) on UTF-8 strings: `*`, `?`, `[seq]`, `[!seq]`, no
-// escape character, `*` matches `/` and leading dots (ipyparallel 9.1's `$glob`).
+// Python's fnmatch.fnmatchcase(name, pattern) on UTF-8 strings (GlobPattern, translated each call).
 bool py_fnmatch(const std::string& name, const std::string& pattern);
 
 }  // namespace pxf::controller

@@ -11,6 +11,7 @@
 #include "util/log.hpp"
 
 #include <cstring>
+#include <set>
 
 namespace pxf::controller {
 
@@ -168,12 +169,13 @@ void JobLink::on_job_register(const std::string& job, const Message& m) {
   // unregister them (srun or mpirun ending a step with SIGKILL, then starting the same job
   // again): its gateway's connection is gone, and the ROUTER says so now rather than at the
   // next probe one ping period later.
-  for (auto& [uuid, rank] : ranks) {
-    const Engine* held = engines_.by_id(rank);
-    if (!held || held->job.empty() || held->job == job) continue;
-    const std::string holder = held->job;  // a copy: drop_job removes the engine
+  // Each holding job is probed once (a live one gets one pxf_probe, not one per rank).
+  std::set<std::string> holders;  // copies: drop_job removes the engines
+  for (auto& [uuid, rank] : ranks)
+    if (const Engine* held = engines_.by_id(rank); held && !held->job.empty() && held->job != job)
+      holders.insert(held->job);
+  for (const auto& holder : holders)
     if (!probe_job(holder)) drop_job(holder, "its gateway's connection closed (seen at a registration)");
-  }
   // Engine id = rank when no live engine holds those ids (a job started again after the old
   // one unregistered gets the same ids: pxcluster restart); otherwise the job is offset past
   // every id ever used.
