@@ -19,6 +19,7 @@ Engine& EngineTable::add(int id, std::string uuid) {
   ++pending_;
   e.id = id;
   e.uuid = std::move(uuid);
+  e.serial = ++serials_;
   return e;
 }
 

@@ -48,6 +48,7 @@ struct Engine {
   std::string job;                        // fabric job uuid (MPI engines); "" = stock engine
   std::string host;                       // MPI engines: the rank's hostname; stock: peer address
   int rank = -1;                          // MPI engines: the rank in its job
+  std::uint64_t serial = 0;               // this registration: ids come back (restart), serials never
 };
 
 class EngineTable {
@@ -83,6 +84,7 @@ class EngineTable {
   std::vector<int> history_;
   std::unordered_map<int, IdLog> retired_completed_;
   int next_id_ = 0;
+  std::uint64_t serials_ = 0;
   std::size_t pending_ = 0;  // added, not yet registered
 };
 

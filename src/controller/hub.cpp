@@ -459,6 +459,7 @@ void Hub::unregister(int id, const std::string& why) {
   Engine* e = engines_.by_id(id);
   if (!e) return;
   std::string uuid = e->uuid;
+  std::uint64_t serial = e->serial;
   bool was_registered = e->registered;
   PXF_LOG(info, kLog) << "engine " << id << " (" << uuid << ") unregistered: " << why;
   tasks_.remove_engine(id);
@@ -468,7 +469,7 @@ void Hub::unregister(int id, const std::string& why) {
   if (!e->job.empty()) link_.retire(uuid, e->job);
   engines_.remove(id);
   if (was_registered) notify("unregistration_notification", {{"id", id}, {"uuid", uuid}});
-  tasks_.strand_tasks(id, uuid, stranded);
+  tasks_.strand_tasks(id, uuid, serial, stranded);
   // Coalescing broadcasts stop waiting for it (for a job, for the part that covers it).
   broadcasts_.engine_gone(uuid);
   tasks_.settle();

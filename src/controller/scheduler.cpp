@@ -139,7 +139,7 @@ TaskScheduler::Run TaskScheduler::maybe_run(Task& t) {
     std::vector<int> ok;
     auto consider = [&](int id) {
       if (!balancer_.eligible(id)) return;
-      if (std::find(t.blacklist.begin(), t.blacklist.end(), id) != t.blacklist.end()) return;
+      if (failed_on(t, id)) return;
       if (!t.follow.met_on(outcomes_, id)) return;
       ok.push_back(id);
     };
@@ -155,9 +155,7 @@ TaskScheduler::Run TaskScheduler::maybe_run(Task& t) {
         return Run::failed;
       }
       if (t.targeted) {
-        std::erase_if(t.targets, [&](int id) {
-          return std::find(t.blacklist.begin(), t.blacklist.end(), id) != t.blacklist.end();
-        });
+        std::erase_if(t.targets, [&](int id) { return failed_on(t, id); });
         if (std::none_of(t.targets.begin(), t.targets.end(), [&](int id) { return balancer_.has_engine(id); })) {
           fail_unreachable(std::move(t), scheduler_error("ImpossibleDependency"));
           return Run::failed;
@@ -266,10 +264,10 @@ void TaskScheduler::on_task_reply(Frames&& frames) {
   std::string status = wire::get_or<std::string>(m.metadata, "status", "");
   bool success = status == "ok";
   if (!deps_met) {
-    retry_elsewhere(std::move(t), sender->id);
+    retry_elsewhere(std::move(t), sender->serial);
   } else if (!success && t.retries > 0) {
     --t.retries;
-    retry_elsewhere(std::move(t), sender->id);
+    retry_elsewhere(std::move(t), sender->serial);
   } else {
     if (status != "aborted") sender->completed.push_back(t.msg_id);
     task_done(std::move(t), std::move(m), success);
@@ -277,12 +275,16 @@ void TaskScheduler::on_task_reply(Frames&& frames) {
   settle();
 }
 
-void TaskScheduler::retry_elsewhere(Task&& t, int engine) {
+bool TaskScheduler::failed_on(const Task& t, int id) {
+  const Engine* e = engines_.by_id(id);
+  return e && std::find(t.blacklist.begin(), t.blacklist.end(), e->serial) != t.blacklist.end();
+}
+
+void TaskScheduler::retry_elsewhere(Task&& t, std::uint64_t engine_serial) {
   ++counters_["task.retried"];
-  if (std::find(t.blacklist.begin(), t.blacklist.end(), engine) == t.blacklist.end()) t.blacklist.push_back(engine);
-  if (t.targeted && std::all_of(t.targets.begin(), t.targets.end(), [&](int id) {
-        return std::find(t.blacklist.begin(), t.blacklist.end(), id) != t.blacklist.end();
-      }))
+  if (std::find(t.blacklist.begin(), t.blacklist.end(), engine_serial) == t.blacklist.end())
+    t.blacklist.push_back(engine_serial);
+  if (t.targeted && std::all_of(t.targets.begin(), t.targets.end(), [&](int id) { return failed_on(t, id); }))
     return fail_unreachable(std::move(t), scheduler_error("ImpossibleDependency"));
   if (maybe_run(t) == Run::wait) park(std::move(t));
 }
@@ -388,7 +390,8 @@ std::vector<std::string> TaskScheduler::waiting_ids() const {
   return ids;
 }
 
-void TaskScheduler::strand_tasks(int engine_id, const std::string& uuid, const std::vector<std::string>& msg_ids) {
+void TaskScheduler::strand_tasks(int engine_id, const std::string& uuid, std::uint64_t serial,
+                                 const std::vector<std::string>& msg_ids) {
   for (auto& msg_id : msg_ids) {
     auto it = in_flight_.find(task_key(msg_id));
     if (it == in_flight_.end() || it->second.engine != engine_id) continue;
@@ -397,7 +400,7 @@ void TaskScheduler::strand_tasks(int engine_id, const std::string& uuid, const s
     // As if the engine had answered with an error: retries apply.
     if (t.retries > 0) {
       --t.retries;
-      retry_elsewhere(std::move(t), engine_id);
+      retry_elsewhere(std::move(t), serial);
       continue;
     }
     ++counters_["task.engine_lost"];

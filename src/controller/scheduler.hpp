@@ -45,7 +45,9 @@ class TaskScheduler {
   // An engine going away takes no more; its tasks are then strand_tasks'.
   void remove_engine(int id) { balancer_.remove_engine(id); }
   // Fails or reschedules the tasks an engine had when it went away (stock handle_stranded_tasks).
-  void strand_tasks(int engine_id, const std::string& uuid, const std::vector<std::string>& msg_ids);
+  // `serial` is the gone engine's Engine::serial.
+  void strand_tasks(int engine_id, const std::string& uuid, std::uint64_t serial,
+                    const std::vector<std::string>& msg_ids);
   // Re-examines what finished tasks unblock, then gives engines with room the first runnable tasks.
   void settle();
 
@@ -73,7 +75,9 @@ class TaskScheduler {
     TaskKey key = 0;
     std::vector<int> targets;  // allowed engine ids, when `targeted`
     bool targeted = false;
-    std::vector<int> blacklist;  // engines it failed on (retries, unmet @depend/@require)
+    // Engines it failed on (retries, unmet @depend/@require), by Engine::serial: stock keeps
+    // uuids, so the new engine that takes a restarted job's id may run it.
+    std::vector<std::uint64_t> blacklist;
     Dependency after, follow;
     double timeout_s = 0;  // armed each time the task is parked; 0 = none
     int retries = 0;
@@ -99,7 +103,9 @@ class TaskScheduler {
   // Takes a parked task out of the queues.
   Task unpark(std::unordered_map<TaskKey, Task>::iterator it);
   // A reply that does not count (unmet @depend, or a failure with retries left): try elsewhere.
-  void retry_elsewhere(Task&& t, int engine);
+  void retry_elsewhere(Task&& t, std::uint64_t engine_serial);
+  // Whether `t` failed on the engine that holds `id` now.
+  bool failed_on(const Task& t, int id);
   // The end of a task: relay `reply` (or nothing for a hub resubmission), record, unblock.
   void task_done(Task&& t, Message&& reply, bool success);
   // Answers a task in the scheduler's name (InvalidDependency, ImpossibleDependency,

@@ -59,12 +59,12 @@ struct Scheduler : ::testing::Test {
     sched = std::make_unique<TaskScheduler>(loop, engines, records, *link, task_in, scheme, hwm);
   }
 
-  int add_engine(const std::string& uuid) {
+  int add_engine(const std::string& uuid, int requested_id = -1) {
     zmq::socket_t s(ctx, zmq::socket_type::dealer);
     s.set(zmq::sockopt::routing_id, uuid);
     s.connect(ep_out);
     engine_socks.emplace(uuid, std::move(s));
-    int id = engines.allocate_id(-1);
+    int id = engines.allocate_id(requested_id);
     Engine& e = engines.add(id, uuid);
     engines.mark_registered(e);
     sched->add_engine(id);
@@ -230,6 +230,27 @@ TEST_F(Scheduler, AFailureWithRetriesLeftGoesToAnotherEngine) {
   EXPECT_EQ(r->metadata["status"], "error");
 }
 
+// A restarted job's engines take the old ids; a task that failed on the old engine 0 may run on
+// the new one (stock blacklists by uuid), and a 1-engine job's retried task does not wait forever.
+TEST_F(Scheduler, ARetriedTaskMayRunOnTheNewEngineThatTookTheSameId) {
+  make("lru", 1);
+  int id = add_engine("old-e0");
+  submit("a", {{"retries", 1}});
+  EXPECT_EQ(task_on("old-e0"), "a");
+  reply("old-e0", "a", "error");
+  EXPECT_FALSE(client_reply(50));    // retried: waits for an engine it has not failed on
+  EXPECT_EQ(task_on("old-e0"), "");  // not the engine it failed on
+  EXPECT_EQ(sched->waiting_ids(), std::vector<std::string>{"a"});
+  sched->remove_engine(id);
+  engines.remove(id);
+  ASSERT_EQ(add_engine("new-e0", id), id);  // the restarted job asks for the same id
+  EXPECT_EQ(task_on("new-e0"), "a");
+  reply("new-e0", "a");
+  auto r = client_reply();
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->metadata["status"], "ok");
+}
+
 TEST_F(Scheduler, UnmetDependenciesOnEveryTargetIsImpossible) {
   make("lru", 1);
   add_engine("e0");
@@ -267,9 +288,10 @@ TEST_F(Scheduler, ALostEnginesTasksFailWithEngineError) {
   submit("a");
   EXPECT_EQ(task_on("e0"), "a");
   std::vector<std::string> stranded(engines.by_id(id)->tasks.begin(), engines.by_id(id)->tasks.end());
+  std::uint64_t engines_serial_gone = engines.by_id(id)->serial;
   sched->remove_engine(id);
   engines.remove(id);
-  sched->strand_tasks(id, "e0", stranded);
+  sched->strand_tasks(id, "e0", engines_serial_gone, stranded);
   sched->settle();
   auto r = client_reply();
   ASSERT_TRUE(r);
