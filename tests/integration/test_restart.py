@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_pxcluster import (  # noqa: E402  (the same helpers and teardown as test_pxcluster)
     CLI_TIMEOUT, PYTHON, REPO, describe, px, start_args,
 )
+from cluster import wait_until  # noqa: E402
 
 PXCONTROLLER = Path(os.environ.get("PXF_PXCONTROLLER") or REPO / "build" / "bin" / "pxcontroller")
 PXENGINE = Path(os.environ.get("PXF_PXENGINE") or REPO / "build" / "bin" / "pxengine")
@@ -200,6 +201,42 @@ def test_restart_with_retries_runs_stranded_tasks_on_the_new_engines(px):
         res, _ = _restart(px)
         assert res.returncode == 0, f"restart failed:\n{res.stdout}\n{res.stderr}"
         assert amr.get(timeout=120) == [None] * 8
+    finally:
+        rc.close()
+
+
+@interactive
+def fail_first_time(marker):
+    """Raises on the first call (and leaves ``marker``); the engine's pid afterwards."""
+    import os
+
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("first try fails")
+    return os.getpid()
+
+
+@pytest.mark.timeout(CLI_TIMEOUT + RESTART_TIMEOUT + 180)
+def test_restart_lets_a_retried_task_run_on_the_new_engine_with_the_same_id(px, tmp_path):
+    """A 1-rank job: a task that failed on engine 0 with a retry left waits (it is not sent to
+    the engine it failed on); after a restart, the new engine 0 is another engine and runs it
+    (stock blacklists by uuid)."""
+    _start(px, 1)
+    rc = px.client()
+    try:
+        old_pid = rc[0].apply_sync(os.getpid)
+        view = rc.load_balanced_view()
+        view.retries = 1
+        ar = view.apply_async(fail_first_time, str(tmp_path / "tried"))
+        wait_until(lambda: (tmp_path / "tried").exists(), 30, 0.1, "the first try")
+        wait_until(lambda: rc.queue_status().get("unassigned") == 1, 30, 0.1,
+                   "the retried task to wait in the scheduler")
+        assert not ar.ready()
+        res, _ = _restart(px)
+        assert res.returncode == 0, f"restart failed:\n{res.stdout}\n{res.stderr}"
+        new_pid = ar.get(timeout=60)
+        assert new_pid != old_pid
+        assert ar.engine_id == 0
     finally:
         rc.close()
 
