@@ -33,6 +33,7 @@ import psutil
 PYTHON = "/usr/bin/python3"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "python"))
+from pxfabric import processes as P  # noqa: E402  (stopping by PID, shared with pxcluster and tests)
 
 CELL = "if MPI.COMM_WORLD.rank == 0: MPI.COMM_WORLD.Barrier()"
 
@@ -70,12 +71,7 @@ def kill_survivors(pids: dict) -> None:
                 left.append(p)
         except psutil.Error:
             pass
-    for p in left:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(left, timeout=5)
+    P.kill(left)
 
 
 def stderr_of(ar, i):

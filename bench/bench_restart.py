@@ -40,6 +40,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
+from pxfabric import processes as P  # noqa: E402  (on sys.path through _harness: stopping by PID)
 
 PYTHON = h.PYTHON
 REPO = h.REPO
@@ -92,13 +93,9 @@ class Side:
                     left.append(p)
         return left
 
-    def kill_survivors(self) -> List[int]:
-        left = self.alive()
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-        psutil.wait_procs(left, timeout=5)
-        return [p.pid for p in left]
+    def kill_survivors(self, wait: float = 0.0) -> List[int]:
+        """Wait up to ``wait`` s for our processes to exit, SIGKILL the rest; their PIDs."""
+        return P.kill(P.wait_gone(self.alive(), wait))
 
     def run(self, argv: List[str], timeout: float = STEP_TIMEOUT) -> subprocess.CompletedProcess:
         res = subprocess.run(argv, capture_output=True, text=True, env=self.env, timeout=timeout,
@@ -198,10 +195,7 @@ class Side:
                 self.run(PXCLUSTER + ["stop", "--profile-dir", str(self.profile_dir)], 90)
             else:
                 self.run(self.stock_cmd("stop"), 90)
-        deadline = time.monotonic() + 15  # what the stop signalled may still be exiting
-        while time.monotonic() < deadline and self.alive():
-            time.sleep(0.2)
-        return self.kill_survivors()
+        return self.kill_survivors(wait=15)  # what the stop signalled may still be exiting
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -2,7 +2,8 @@
 
 One helper for ``pxcluster`` (:mod:`pxfabric.cluster`, :mod:`pxfabric.restart`,
 :mod:`pxfabric.connect`), the test harnesses (``tests/integration/cluster.py``,
-``engine_job.py``, ``tests/python/harness.py``) and the benchmarks (``bench/_harness.py``).
+``engine_job.py``, ``tests/python/harness.py``), the tests and benchmarks that stop processes
+themselves, and the benchmarks' harness (``bench/_harness.py``).
 Processes are ``psutil.Process`` objects, which refuse to signal a PID that was reused; nothing
 is ever found or signalled by name. Callers that also reap their own children
 (``subprocess.Popen.wait``) do so after these return.
@@ -59,12 +60,14 @@ def wait_gone(procs: Iterable[psutil.Process], timeout: float) -> List[psutil.Pr
 
 
 def terminate(procs: Iterable[psutil.Process], grace: float,
-              first: ProcessOrProcesses = None) -> List[int]:
+              first: ProcessOrProcesses = None,
+              first_grace: Optional[float] = None) -> List[int]:
     """SIGTERM (``first`` alone, then the rest), wait ``grace`` s, SIGKILL what is left.
     Returns the PIDs SIGKILLed.
 
-    ``first`` (a process or several, e.g. mpirun) gets SIGTERM on its own and ``grace / 2`` s
-    to take the others down itself (mpirun forwards the signal to its ranks)."""
+    ``first`` (a process or several, e.g. mpirun) gets SIGTERM on its own and ``first_grace``
+    s (default ``grace / 2``) to take the others down itself (mpirun forwards the signal to its
+    ranks); the wait ends early once every process is gone."""
     targets = alive(procs)
     if not targets:
         return []
@@ -74,11 +77,18 @@ def terminate(procs: Iterable[psutil.Process], grace: float,
     if leaders:
         send(leaders, signal.SIGTERM)
         # give mpirun a moment to forward the signal and take its ranks down itself
-        targets = wait_gone(targets, grace / 2)
+        targets = wait_gone(targets, grace / 2 if first_grace is None else first_grace)
     send(targets, signal.SIGTERM)
-    still = wait_gone(targets, grace)
-    killed = [p.pid for p in send(still, signal.SIGKILL)]
-    wait_gone(still, 5)
+    return kill(wait_gone(targets, grace))
+
+
+def kill(procs: Iterable[psutil.Process], timeout: float = 5.0) -> List[int]:
+    """SIGKILL each process now (no SIGTERM first: for processes already asked to stop, or
+    whose grace is over) and wait up to ``timeout`` s for them to be gone. Returns the PIDs
+    SIGKILLed (gone ones are skipped)."""
+    procs = list(procs)
+    killed = [p.pid for p in send(procs, signal.SIGKILL)]
+    wait_gone(procs, timeout)
     return killed
 
 

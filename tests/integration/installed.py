@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -29,6 +30,10 @@ from typing import Dict, List, Optional, Sequence
 import psutil
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "python"))
+# the checkout's copy, in the test process only: what a sandbox runs is the installed one
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
+
 BUILD = Path(os.environ.get("PXF_BUILD_DIR") or REPO / "build").resolve()
 CLI_TIMEOUT = 240.0           # one pxcluster/ipcluster/cmake command (2 busy cores)
 GONE_TIMEOUT = 20.0           # every process of a stopped cluster gone
@@ -172,16 +177,9 @@ class Sandbox:
         for p in left:
             try:
                 desc.append(f"{p.pid}: {' '.join(p.cmdline())[:200]}")
-                p.terminate()
             except psutil.Error:
                 pass
-        _, alive = psutil.wait_procs(left, timeout=5)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        processes.stop_procs(left, grace=5.0)
         return desc
 
 

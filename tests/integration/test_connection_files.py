@@ -29,6 +29,9 @@ from jupyter_client.session import Session
 from zmq.utils.monitor import recv_monitor_message
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "python"))
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
+
 TOOL = REPO / "build" / "bin" / "connfile_tool"
 PYTHON = "/usr/bin/python3"
 TOOL_TIMEOUT = 30
@@ -64,22 +67,14 @@ def resolve(*args, env=None):
 
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL; then any descendant still alive, each by PID."""
-    try:
-        kids = psutil.Process(proc.pid).children(recursive=True)
+    try:  # a reaped proc's PID is no longer ours
+        tree = processes.descendants(psutil.Process(proc.pid)) if proc.poll() is None else []
     except psutil.NoSuchProcess:
-        kids = []
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(STOP_TIMEOUT)
-    for kid in kids:
-        try:
-            kid.kill()  # psutil checks the PID was not reused
-        except psutil.NoSuchProcess:
-            pass
+        tree = []
+    if tree:
+        processes.terminate(tree[:1], STOP_TIMEOUT)
+        proc.wait(STOP_TIMEOUT)
+    processes.kill(tree[1:])
 
 
 class Bound:
@@ -256,15 +251,9 @@ def test_stock_controller_files_are_read_by_cpp(tmp_path):
         stop(ctl)
         # stock 7.1 forks its schedulers (same argv) and may do so after our look at the
         # children: stop whatever still names our private profile dir, by PID
-        left = []
-        for p in psutil.process_iter(["cmdline"]):
-            try:
-                if str(prof) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid():
-                    p.kill()
-                    left.append(p)
-            except psutil.Error:
-                pass
-        psutil.wait_procs(left, timeout=STOP_TIMEOUT)
+        left = [p for p in psutil.process_iter(["cmdline"])
+                if str(prof) in " ".join(p.info["cmdline"] or []) and p.pid != os.getpid()]
+        processes.kill(left, STOP_TIMEOUT)
 
     for kind, keys in (("client", CLIENT_KEYS), ("engine", ENGINE_KEYS)):
         stock = json.loads(texts[kind])

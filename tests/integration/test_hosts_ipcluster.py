@@ -42,6 +42,7 @@ PXCONTROLLER = Path(os.environ.get("PXF_PXCONTROLLER") or REPO / "build" / "bin"
 PXENGINE = Path(os.environ.get("PXF_PXENGINE") or REPO / "build" / "bin" / "pxengine")
 
 sys.path.insert(0, str(PYTHON_DIR))
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
 
 MPI_ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
@@ -91,19 +92,8 @@ def _describe(procs) -> str:
 
 
 def _kill(procs) -> None:
-    """Fallback: stop by PID (SIGTERM, then SIGKILL)."""
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=3)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=3)
+    """Fallback: stop by PID (SIGTERM, 3 s, SIGKILL)."""
+    processes.stop_procs(procs, grace=3.0)
 
 
 class IpCluster:
@@ -310,13 +300,9 @@ def test_seed_ssh_profile_stock_ipcontroller(hosts):
         assert p.poll() is None and engine_file.exists(), \
             f"stock ipcontroller exited (rc {p.returncode}):\n{text[-600:]}"
     finally:
-        if p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=5)
+        if p.poll() is None:  # not reaped: its PID is still ours
+            processes.terminate([psutil.Process(p.pid)], 10.0)  # SIGTERM, 10 s, SIGKILL
+            p.wait(timeout=5)
         _kill(_strays(hosts))
 
 

@@ -35,6 +35,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cluster import PXCONTROLLER, PXENGINE, REPO, log_tail, wait_until  # noqa: E402
+from pxfabric import processes  # noqa: E402  (stopping by PID, shared with pxcluster and bench/)
 
 HOSTS = ("nodeA", "nodeB", "nodeC")
 
@@ -61,30 +62,6 @@ def _wchan(pid: int) -> str:
         return Path(f"/proc/{pid}/wchan").read_text() or "-"
     except OSError:
         return "?"
-
-
-def _alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def stop_pids(procs: List[psutil.Process], grace: float = STOP_GRACE) -> None:
-    """SIGTERM, wait up to ``grace``, SIGKILL (psutil refuses a reused PID)."""
-    procs = [p for p in procs if _alive(p)]
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, still = psutil.wait_procs(procs, timeout=grace)
-    for p in still:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(still, timeout=grace)
 
 
 class Procs:
@@ -114,17 +91,13 @@ class Procs:
         """Stop ``p`` and what it started: SIGTERM to ``p`` first (mpirun takes its ranks down),
         then anything of its subtree still alive. Returns its exit status."""
         self.refresh()
-        try:
-            tree = [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
+        try:  # a reaped p's PID is no longer ours
+            tree = processes.descendants(psutil.Process(p.pid)) if p.poll() is None else []
         except psutil.Error:
             tree = []
-        if p.poll() is None:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        stop_pids(tree, grace)
+        # p alone gets the whole grace to take its subtree down, then all of it: SIGTERM, grace,
+        # SIGKILL (by PID); then p is reaped for its status
+        processes.terminate(tree, grace, first=tree[:1], first_grace=grace)
         try:
             p.wait(timeout=grace)
         except subprocess.TimeoutExpired:
@@ -157,7 +130,7 @@ class Procs:
         for p in reversed(self.popens):
             if p.poll() is None:
                 self.stop(p)
-        stop_pids(list(self.seen.values()))
+        processes.stop_procs(self.seen.values(), STOP_GRACE)
         for p in self.popens:
             for f in (p.stdin, p.stdout, p.stderr):
                 if f is not None and not f.closed:
@@ -183,7 +156,7 @@ def netns_procs(node, *needles: str) -> List[psutil.Process]:
             cmd = " ".join(p.cmdline())
         except (psutil.Error, ValueError):
             continue
-        if all(n in cmd for n in needles) and _alive(p):
+        if all(n in cmd for n in needles) and processes.is_alive(p):
             out.append(p)
     return out
 
@@ -517,7 +490,7 @@ def test_client_on_third_host_through_ssh(hosts, procs, tmp_path):
             rc.close_client()
         finally:
             # zmq.ssh.tunnel's `ssh -f ... sleep 60` daemons outlive the client: by PID.
-            stop_pids(ssh_tunnels(C, rports))
+            processes.stop_procs(ssh_tunnels(C, rports), STOP_GRACE)
     assert not ssh_tunnels(C, rports)
 
 
