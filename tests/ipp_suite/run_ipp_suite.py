@@ -57,6 +57,10 @@ DEFAULT_PXCONTROLLER = Path(os.environ.get("PXF_PXCONTROLLER")
 DEFAULT_PXENGINE = Path(os.environ.get("PXF_PXENGINE") or REPO / "build" / "bin" / "pxengine")
 TOKEN_VAR = "PXF_IPP_SUITE_TOKEN"
 
+sys.path.insert(0, str(REPO / "python"))
+import psutil  # noqa: E402
+from pxfabric import processes  # noqa: E402
+
 # Open MPI as root, more ranks than cores (stock MPI engines of test_mpi.py and pxengine jobs).
 MPI_ENV = {
     "OMPI_ALLOW_RUN_AS_ROOT": "1",
@@ -159,28 +163,14 @@ def processes_with_token(token: str) -> List[int]:
 
 
 def stop_pids(pids: List[int], grace: float = 3.0) -> None:
+    """SIGTERM, ``grace`` s, SIGKILL: :func:`pxfabric.processes.terminate` on these PIDs."""
+    procs = []
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
+            procs.append(psutil.Process(pid))
+        except psutil.Error:
+            pass  # already gone
+    processes.terminate(procs, grace)
 
 
 def _describe(pid: int) -> str:
