@@ -40,6 +40,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _harness as h  # noqa: E402
+import _report as R  # noqa: E402
 from pxfabric import processes as P  # noqa: E402  (on sys.path through _harness: stopping by PID)
 
 PYTHON = h.PYTHON
@@ -270,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         px = s.get("px", {}).get("median")
         st = s.get("stock", {}).get("median")
         ratio = s.get("paired_ratio_stock_over_px", {}).get("median")
-        print(f"| {n} | {h.fmt(px)} | {h.fmt(st)} | {h.fmt(ratio)}x |")
+        print(f"| {n} | {R.fmt(px)} | {R.fmt(st)} | {R.fmt(ratio)}x |")
     print(f"\nJSON: {out_path}")
     return 0
 
