@@ -100,6 +100,20 @@ def test_dependent_functions_are_canned_once_their_module_exists():
     assert out.splitlines() == ["False", "CannedObject dependent 7"]
 
 
+def test_numpy_is_not_imported_by_canning_until_user_code_imports_it():
+    out = run("""
+        from ipyparallel.serialize import canning, can, uncan, serialize_object
+        serialize_object(len)  # what the first apply does with its result
+        print("numpy" in sys.modules, any(isinstance(k, str) for k in canning.can_map))
+        import numpy as np
+        a = np.arange(10000.0)  # over the 1 kB threshold: sent as its own buffer
+        c = can(a)
+        bufs = serialize_object(a)
+        print(type(c).__name__, len(bufs), bytes(bufs[-1]) == a.tobytes(), uncan(c).sum())
+    """)
+    assert out.splitlines() == ["False False", "CannedArray 2 True 49995000.0"]
+
+
 def test_shell_completer_is_created_on_first_use():
     out = run("""
         import tempfile, os
