@@ -142,7 +142,10 @@ void Controller::start() {
   int iopub_e = bind(iopub_in_, opts_.engine_ip);
   iopub_out_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
   int iopub_c = bind(iopub_out_, opts_.client_ip);
-  notifier_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
+  // An XPUB that hears every client's subscription (verbose: not only the first to a topic),
+  // so the hub can repeat registrations a client subscribed too late for (Hub::on_subscription).
+  notifier_ = zmq::socket_t(ctx_, zmq::socket_type::xpub);
+  notifier_.set(zmq::sockopt::xpub_verbose, 1);
   int notif = bind(notifier_, opts_.client_ip);
   hb_ping_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
   int ping = bind(hb_ping_, opts_.engine_ip);
@@ -167,7 +170,7 @@ void Controller::start() {
   fabric_monitor_.connect(monitor_ep);
   records_.set_copier(&copier_);
   loop_.watch({&query_, &mux_in_, &mux_out_, &control_in_, &control_out_, &task_in_, &task_out_, &bcast_in_,
-               &bcast_out_, &iopub_in_, &hb_pong_, &fabric_},
+               &bcast_out_, &iopub_in_, &hb_pong_, &fabric_, &notifier_},
               fabric_monitor_, copier_.fd());
 
   auto common = [&](conn::Common& c, const std::string& ip) {
@@ -254,6 +257,7 @@ struct Controller::Dispatch {
     case EventLoop::kIopub: c.relays_.on_iopub(std::move(frames)); break;
     case EventLoop::kPong: c.heart_.on_pong(std::move(frames)); break;
     case EventLoop::kFabric: c.link_.on_fabric(std::move(frames)); break;
+    case EventLoop::kNotification: c.hub_.on_subscription(std::move(frames)); break;
     case EventLoop::kSources: break;
     }
   }
@@ -265,6 +269,7 @@ int Controller::run() {
     std::int64_t now = mono_ms();
     std::int64_t next = heart_.next_deadline();
     if (std::int64_t at = hub_.shutdown_at_ms()) next = std::min(next, at);
+    if (std::int64_t at = hub_.next_replay_ms()) next = std::min(next, at);
     if (std::int64_t at = link_.next_probe_ms()) next = std::min(next, at);
     if (auto at = tasks_.next_timeout()) next = std::min(next, *at);
     if (std::int64_t at = trim_.next_look_ms()) next = std::min(next, at);
@@ -288,6 +293,7 @@ void Controller::on_timers() {
   std::int64_t now = mono_ms();
   drain_query_monitor();
   heart_.on_timers(now);
+  hub_.on_timers(now);
   link_.on_timers(now);
   tasks_.on_timeouts(now);
   trim_.maybe_trim(now, loop_.work_received(), tasks_.idle(), tasks_.tasks_finished());

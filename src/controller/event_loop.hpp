@@ -48,9 +48,10 @@ class EventLoop {
     kIopub,
     kPong,
     kFabric,
+    kNotification,  // the notification XPUB: clients' subscriptions
     kSources
   };
-  static const std::array<const char*, kSources> kSourceNames;  // "query", ..., "hb", "fabric"
+  static const std::array<const char*, kSources> kSourceNames;  // "query", ..., "fabric", "notification"
 
   EventLoop() = default;
   ~EventLoop();

@@ -107,7 +107,38 @@ void Hub::reply(const zmq::message_t& ident, const Message& req, const char* typ
 }
 
 void Hub::notify(const char* type, const json& content, const json& parent) {
-  zmq::send_multipart(notifier_, loop_.session().build({}, type, content, parent));
+  loop_.send(notifier_, loop_.session().build({}, type, content, parent), "notification");
+}
+
+void Hub::forget_old_registrations(std::int64_t now) {
+  while (!recent_.empty() && now - recent_.front().at_ms > kReplayWindowMs) recent_.pop_front();
+}
+
+void Hub::on_subscription(Frames&& frames) {
+  // XPUB: one frame, 0x01 + topic for a subscription, 0x00 + topic when a subscriber leaves.
+  if (frames.size() != 1 || frames.front().size() == 0 || *frames.front().data<std::uint8_t>() != 1) return;
+  const std::int64_t now = mono_ms();
+  if (!replay_due_ms_) replay_due_ms_ = std::max(now, last_replay_ms_ + kReplayIntervalMs);
+  on_timers(now);
+}
+
+void Hub::on_timers(std::int64_t now) {
+  if (!replay_due_ms_ || now < replay_due_ms_) return;
+  replay_due_ms_ = 0;
+  last_replay_ms_ = now;
+  repeat_recent_registrations(now);
+}
+
+void Hub::repeat_recent_registrations(std::int64_t now) {
+  forget_old_registrations(now);
+  std::uint64_t repeated = 0;
+  for (const auto& r : recent_) {
+    const Engine* e = engines_.by_id(r.id);
+    if (!e || !e->registered || e->serial != r.serial) continue;  // gone since, or another registration
+    notify("registration_notification", {{"id", e->id}, {"uuid", e->uuid}});
+    ++repeated;
+  }
+  if (repeated) counters_["notification.registrations_repeated"] += repeated;
 }
 
 void Hub::on_query(Frames&& frames) {
@@ -208,6 +239,9 @@ void Hub::finish_registration(Engine& e) {
   tasks_.add_engine(e.id);
   PXF_LOG(info, kLog) << "engine::engine " << e.id << " (" << e.uuid << ") registered";
   notify("registration_notification", {{"id", e.id}, {"uuid", e.uuid}});
+  const std::int64_t now = mono_ms();
+  forget_old_registrations(now);
+  recent_.push_back({now, e.id, e.serial});
   tasks_.settle();
 }
 

@@ -10,6 +10,7 @@
 #include "controller/records.hpp"
 
 #include <cstdint>
+#include <deque>
 #include <string>
 
 namespace pxf::controller {
@@ -31,6 +32,20 @@ class Hub {
 
   // A registered engine (first pong, or its job registered): it takes tasks, clients are told.
   void finish_registration(Engine& e);
+  // A client subscribed to notifications. The stock client learns of engines from its
+  // connection reply and then from notifications, but its subscription reaches us some time
+  // after that reply, and a PUB drops what nobody has subscribed to yet: an engine that
+  // registered in between stayed unknown to that client for good (wait_for_engines timed out
+  // with the engines up). So each subscription repeats, to every subscriber, the
+  // registration_notification of the engines registered within kReplayWindowMs that are still
+  // registered; a client handles a registration it knows already as a no-op. At most one
+  // repeat per kReplayIntervalMs (subscriptions are not signed: a flood of them coalesces).
+  void on_subscription(Frames&& frames);
+  static constexpr std::int64_t kReplayWindowMs = 10000;
+  static constexpr std::int64_t kReplayIntervalMs = 100;
+  // A repeat held back by kReplayIntervalMs: when it is due (0 = none), and sending it.
+  std::int64_t next_replay_ms() const { return replay_due_ms_; }
+  void on_timers(std::int64_t now);
   // An engine goes: notification, its tasks elsewhere or failed, broadcasts stop waiting for it.
   void unregister(int id, const std::string& why);
   void unregister_all(const std::string& why);
@@ -70,6 +85,16 @@ class Hub {
   zmq::socket_t& query_;
   zmq::socket_t& notifier_;
   std::int64_t shutdown_at_ms_ = 0;
+  struct RecentRegistration {
+    std::int64_t at_ms;
+    int id;
+    std::uint64_t serial;  // the registration, not just the id (ids come back after a restart)
+  };
+  std::deque<RecentRegistration> recent_;  // oldest first, at most kReplayWindowMs old
+  std::int64_t replay_due_ms_ = 0;
+  std::int64_t last_replay_ms_ = -kReplayIntervalMs;
+  void forget_old_registrations(std::int64_t now);
+  void repeat_recent_registrations(std::int64_t now);
 };
 
 }  // namespace pxf::controller
