@@ -247,13 +247,24 @@ class ClientsMixin:
     Needs ``self.profile_dir`` and ``self._clients`` (a list)."""
 
     client_timeout = 20.0
+    subscribe_timeout = 10.0
 
     def client(self, timeout: "float | None" = None):
-        """A new ``ipyparallel.Client`` for this cluster."""
+        """A new ``ipyparallel.Client`` for this cluster, whose subscriptions are live.
+
+        The stock client returns from its constructor before its SUB sockets (iopub,
+        notification) have connected, and a PUB drops what nobody has subscribed to yet: a
+        test that sends a request at once could lose the first output or status of it (seen
+        in CI under load: a missing idle status, missing stdout). So this waits until both SUB
+        sockets completed their handshake (a socket monitor, set before they connect), after
+        which their subscriptions are on the wire ahead of any request."""
         import ipyparallel as ipp
 
-        rc = ipp.Client(profile_dir=str(self.profile_dir), timeout=timeout or self.client_timeout)
+        with _watch_subscriptions() as monitors:
+            rc = ipp.Client(profile_dir=str(self.profile_dir), timeout=timeout or self.client_timeout)
         self._clients.append(rc)
+        rc._pxf_test_monitors = monitors
+        _wait_handshakes(monitors, self.subscribe_timeout)
         return rc
 
     def close_client(self, rc) -> None:
@@ -263,8 +274,49 @@ class ClientsMixin:
             rc.close()
         except Exception:
             pass
+        for monitor in getattr(rc, "_pxf_test_monitors", ()):
+            monitor.close(linger=0)
         if rc in self._clients:
             self._clients.remove(rc)
+
+
+class _watch_subscriptions:
+    """While constructing a stock client: a handshake monitor on each SUB socket it connects
+    (``ipyparallel.util.connect`` is what the client connects every socket with)."""
+
+    def __enter__(self):
+        import zmq
+        from ipyparallel import util as ipp_util
+
+        self.util = ipp_util
+        self.real_connect = real = ipp_util.connect
+        self.monitors = monitors = []
+
+        def connect(socket, url, *args, **kwargs):
+            if socket.type == zmq.SUB:
+                monitors.append(socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+            return real(socket, url, *args, **kwargs)
+
+        ipp_util.connect = connect
+        return monitors
+
+    def __exit__(self, *exc):
+        self.util.connect = self.real_connect
+        if exc[0] is not None:
+            for monitor in self.monitors:
+                monitor.close(linger=0)
+        return False
+
+
+def _wait_handshakes(monitors, timeout: float) -> None:
+    """Until each monitored socket reported a completed handshake, or ``timeout`` s (then the
+    client is used as it is: a test of a broken connection sees its own failure)."""
+    deadline = time.monotonic() + timeout
+    for monitor in monitors:
+        left = deadline - time.monotonic()
+        if left <= 0 or not monitor.poll(int(left * 1000)):
+            return
+        monitor.recv_multipart()
 
 
 def _interactive(f):
