@@ -464,7 +464,18 @@ void Fabric::run() {
 
 // After the job ended: finish our own sends (rank 0 keeps receiving so they can complete), then
 // an Ibarrier while still receiving, so no rank enters MPI_Finalize with traffic in flight.
+// A SIGTERM to rank 0 while it waits here (Slurm's scancel signals every process of the job at
+// once: the other ranks may be dead and never join the barrier) gives up the wait: the rank
+// then dies of the signal without MPI_Finalize, as in run(), instead of hanging until SIGKILL.
 void Fabric::drain_and_quiesce() {
+  auto torn_down = [&] {
+    int sig = rank_ == 0 ? g_term_signal.load() : 0;
+    if (!sig) return false;
+    PXF_LOG(warning, kLog) << "terminated by signal " << sig << " while ending the job: not waiting for the other ranks";
+    terminated_by_ = sig;
+    exit_code_ = 128 + sig;
+    return true;
+  };
   auto flush_outbox = [&] {
     std::deque<Frames> out;
     {
@@ -478,6 +489,7 @@ void Fabric::drain_and_quiesce() {
   };
   flush_outbox();
   while (!sends_.empty()) {
+    if (torn_down()) return;
     progress_sends();
     progress_recv();
     usleep(50);
@@ -488,6 +500,7 @@ void Fabric::drain_and_quiesce() {
     int done = 0;
     MPI_Test(&barrier, &done, MPI_STATUS_IGNORE);
     if (done) break;
+    if (torn_down()) return;
     progress_recv();
     progress_sends();
     usleep(100);

@@ -230,3 +230,27 @@ def test_coalescing_broadcast_with_a_rank_shut_down(mpi_cluster, tmp_path):
     ar2 = rc.broadcast_view(is_coalescing=True).apply_async(getpid)
     pids = ar2.get(timeout=60)
     assert dict(zip(ar2.engine_id, pids)) == {i: c.engine_pids[i] for i in (0, 1)}
+
+
+@pytest.mark.timeout(150)
+def test_sigterm_while_the_job_ends_with_a_rank_gone_does_not_hang(mpi_cluster):
+    """Slurm's scancel signals every process of a job at once: the controller exits (rank 0 is
+    told to end the job) while the other ranks are being killed, so the end-of-job barrier
+    never completes. Rank 0's own SIGTERM then ends it at once (no MPI_Finalize), instead of
+    waiting for Slurm's SIGKILL after KillWait (the batch script was killed with it before it
+    could clean up). Here rank 1 is stopped (SIGSTOP) so that it cannot join the barrier."""
+    c = mpi_cluster(jobs=(2,))
+    rank0, rank1 = c.engine_process(0), c.engine_process(1)
+    rank1.send_signal(signal.SIGSTOP)
+    try:
+        c.controller.send_signal(signal.SIGTERM)
+        log = c.engine_logs[0]
+        wait_until(lambda: "ending the job" in log.read_text(errors="replace"), 30, 0.1,
+                   "rank 0 to start ending the job")
+        time.sleep(0.5)
+        assert rank0.is_running() and rank0.status() != "zombie", "rank 0 ended with rank 1 stopped"
+        rank0.send_signal(signal.SIGTERM)
+        wait_until(lambda: not c.alive([rank0]), 10, 0.1, "rank 0 to exit on SIGTERM")
+        assert "terminated by signal 15 while ending the job" in log.read_text(errors="replace")
+    finally:
+        rank1.send_signal(signal.SIGCONT)
