@@ -140,7 +140,11 @@ void Controller::start() {
   iopub_in_ = zmq::socket_t(ctx_, zmq::socket_type::sub);
   iopub_in_.set(zmq::sockopt::subscribe, "");
   int iopub_e = bind(iopub_in_, opts_.engine_ip);
-  iopub_out_ = zmq::socket_t(ctx_, zmq::socket_type::pub);
+  // An XPUB read by the event loop: a client's new subscription is applied as soon as it arrives
+  // (served before iopub_in_ in each round), not at a later send (libzmq applies a PUB's
+  // subscriptions only when a send happens more than ~1 ms after the last one: the first output
+  // of a client's first request could be dropped for it).
+  iopub_out_ = zmq::socket_t(ctx_, zmq::socket_type::xpub);
   int iopub_c = bind(iopub_out_, opts_.client_ip);
   // An XPUB that hears every client's subscription (verbose: not only the first to a topic),
   // so the hub can repeat registrations a client subscribed too late for (Hub::on_subscription).
@@ -170,7 +174,7 @@ void Controller::start() {
   fabric_monitor_.connect(monitor_ep);
   records_.set_copier(&copier_);
   loop_.watch({&query_, &mux_in_, &mux_out_, &control_in_, &control_out_, &task_in_, &task_out_, &bcast_in_,
-               &bcast_out_, &iopub_in_, &hb_pong_, &fabric_, &notifier_},
+               &bcast_out_, &iopub_out_, &iopub_in_, &hb_pong_, &fabric_, &notifier_},
               fabric_monitor_, copier_.fd());
 
   auto common = [&](conn::Common& c, const std::string& ip) {
@@ -254,6 +258,7 @@ struct Controller::Dispatch {
     case EventLoop::kTaskOut: c.tasks_.on_task_reply(std::move(frames)); break;
     case EventLoop::kBcastIn: c.broadcasts_.on_broadcast_submit(std::move(frames)); break;
     case EventLoop::kBcastOut: c.broadcasts_.on_broadcast_reply(std::move(frames)); break;
+    case EventLoop::kIopubOut: break;  // a subscription: reading it applied it
     case EventLoop::kIopub: c.relays_.on_iopub(std::move(frames)); break;
     case EventLoop::kPong: c.heart_.on_pong(std::move(frames)); break;
     case EventLoop::kFabric: c.link_.on_fabric(std::move(frames)); break;

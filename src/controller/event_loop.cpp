@@ -16,7 +16,7 @@ constexpr const char* kLog = "controller";
 
 const std::array<const char*, EventLoop::kSources> EventLoop::kSourceNames = {
     "query",    "mux_in",   "mux_out",   "control_in", "control_out", "task_in",
-    "task_out", "bcast_in", "bcast_out", "iopub",      "hb",          "fabric",
+    "task_out", "bcast_in", "bcast_out", "iopub_out", "iopub",      "hb",          "fabric",
     "notification"};
 
 EventLoop::~EventLoop() {

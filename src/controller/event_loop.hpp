@@ -45,6 +45,7 @@ class EventLoop {
     kTaskOut,
     kBcastIn,
     kBcastOut,
+    kIopubOut,  // the clients' iopub XPUB: served first, so a new subscription applies before output
     kIopub,
     kPong,
     kFabric,

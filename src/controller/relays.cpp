@@ -105,7 +105,7 @@ void Relays::on_iopub(Frames&& frames) {
   if (m.msg_type() == "shutdown_reply") {
     if (Engine* e = engines_.by_uuid(m.session())) {
       int id = e->id;
-      zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
+      loop_.send(iopub_out_, wire::Session::forward(std::move(m)), "iopub_out");
       hub_.unregister(id, "shutdown_reply on iopub");
       return;
     }
@@ -122,7 +122,7 @@ void Relays::on_iopub(Frames&& frames) {
       if (content.is_object()) records_.add_output(parent, type, content);
     }
   }
-  zmq::send_multipart(iopub_out_, wire::Session::forward(std::move(m)));
+  loop_.send(iopub_out_, wire::Session::forward(std::move(m)), "iopub_out");
 }
 
 }  // namespace pxf::controller

@@ -248,6 +248,10 @@ class ClientsMixin:
 
     client_timeout = 20.0
     subscribe_timeout = 10.0
+    # After the handshakes, how long the controller may take to apply the subscriptions: 0 for
+    # pxcontroller (it reads them as they arrive, before relaying output); stock's relays apply
+    # them at their next poll or send, in their own processes.
+    subscription_settle = 0.0
 
     def client(self, timeout: "float | None" = None):
         """A new ``ipyparallel.Client`` for this cluster, whose subscriptions are live.
@@ -265,6 +269,8 @@ class ClientsMixin:
         self._clients.append(rc)
         rc._pxf_test_monitors = monitors
         _wait_handshakes(monitors, self.subscribe_timeout)
+        if self.subscription_settle:
+            time.sleep(self.subscription_settle)
         return rc
 
     def close_client(self, rc) -> None:
@@ -357,6 +363,8 @@ class Cluster(ClientsMixin):
             raise ValueError(f"unknown engine kind {engine_kind!r}")
         self.kind = kind
         self.engine_kind = engine_kind
+        if kind == "stock":
+            self.subscription_settle = 0.1
         self.extra_args = list(extra_args)  # more controller options, the same for every kind
         self.jobs = list(jobs) if jobs is not None else [n_engines]
         if engine_kind == "mpi" and n_engines and sum(self.jobs) != n_engines:
