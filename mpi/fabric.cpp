@@ -428,12 +428,10 @@ void Fabric::run() {
       busy |= progress_bcast_in();
     busy |= rung;  // what was rung for is arriving: poll again at once, then at growing intervals
     if (rank_ == 0 && !ending_) {
-      if (int sig = g_term_signal.load()) {
+      if (int sig = take_term_signal()) {
         // No MPI from here on: the other ranks may be dead already.
         PXF_LOG(warning, kLog) << "terminated by signal " << sig << ": unregistering every engine of the job";
         gw_->close("terminated by signal " + std::to_string(sig));
-        terminated_by_ = sig;
-        exit_code_ = 128 + sig;
         ending_ = true;
         local_.job_ended(exit_code_);
         return;
@@ -467,14 +465,22 @@ void Fabric::run() {
 // A SIGTERM to rank 0 while it waits here (Slurm's scancel signals every process of the job at
 // once: the other ranks may be dead and never join the barrier) gives up the wait: the rank
 // then dies of the signal without MPI_Finalize, as in run(), instead of hanging until SIGKILL.
-void Fabric::drain_and_quiesce() {
-  auto torn_down = [&] {
-    int sig = rank_ == 0 ? g_term_signal.load() : 0;
-    if (!sig) return false;
-    PXF_LOG(warning, kLog) << "terminated by signal " << sig << " while ending the job: not waiting for the other ranks";
+int Fabric::take_term_signal() {
+  int sig = rank_ == 0 ? g_term_signal.load() : 0;
+  if (sig) {
     terminated_by_ = sig;
     exit_code_ = 128 + sig;
-    return true;
+  }
+  return sig;
+}
+
+void Fabric::drain_and_quiesce() {
+  auto torn_down = [&] {
+    int sig = take_term_signal();
+    if (sig)
+      PXF_LOG(warning, kLog) << "terminated by signal " << sig
+                             << " while ending the job: not waiting for the other ranks";
+    return sig != 0;
   };
   auto flush_outbox = [&] {
     std::deque<Frames> out;

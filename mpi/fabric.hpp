@@ -94,6 +94,9 @@ class Fabric final : public gateway::Sink {
   std::int64_t next_wait_us(std::int64_t idle_us) const;
   bool in_flight() const;
   void drain_and_quiesce();
+  // Rank 0 only: the SIGTERM/SIGINT watch_termination caught (0: none), recorded as how the job
+  // ended (terminated_by_, exit code 128 + signal).
+  int take_term_signal();
 
   MPI_Comm p2p_, coll_;
   int rank_, size_;

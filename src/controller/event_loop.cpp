@@ -15,9 +15,8 @@ constexpr const char* kLog = "controller";
 }  // namespace
 
 const std::array<const char*, EventLoop::kSources> EventLoop::kSourceNames = {
-    "query",    "mux_in",   "mux_out",   "control_in", "control_out", "task_in",
-    "task_out", "bcast_in", "bcast_out", "iopub_out", "iopub",      "hb",          "fabric",
-    "notification"};
+    "query",    "mux_in",    "mux_out",   "control_in", "control_out", "task_in", "task_out",
+    "bcast_in", "bcast_out", "iopub_out", "iopub",      "hb",          "fabric",  "notification"};
 
 EventLoop::~EventLoop() {
   if (epoll_fd_ >= 0) ::close(epoll_fd_);

@@ -12,6 +12,7 @@ from ipyparallel import RemoteError, interactive
 from jupyter_client.session import Session
 
 from cluster import engine_command, mpi_engine_command, wait_for_gate, wait_until
+from pxfabric.cluster import hub
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -207,10 +208,6 @@ def test_engine_registered_before_a_new_client_subscribed_is_still_seen(make_clu
     real_connect = ipp_util.connect
     started = []
 
-    def registered():
-        reply = cluster.query("queue_request", {"targets": None, "verbose": False}, 10)
-        return reply is not None and "0" in reply["content"]
-
     def connect(socket, url, *args, **kwargs):
         if url.endswith(port) and not started:
             argv = (mpi_engine_command(cluster.profile_dir, 1) if cluster.engine_kind == "mpi"
@@ -218,7 +215,8 @@ def test_engine_registered_before_a_new_client_subscribed_is_still_seen(make_clu
             log = cluster.workdir / "late-engine.log"
             cluster.engine_logs.append(log)
             started.append(cluster._popen(argv, log, "engine"))
-            wait_until(registered, 60, 0.1, "the engine to register")
+            wait_until(lambda: 0 in (hub.registered_engines(cluster.client_file) or {}), 60, 0.1,
+                       "the engine to register")
             cluster.tracker.refresh()
         return real_connect(socket, url, *args, **kwargs)
 
@@ -244,18 +242,18 @@ def test_a_flood_of_subscriptions_repeats_registrations_at_most_ten_times_a_seco
     flood = ctx.socket(zmq.SUB)
     flood.linger = 0
     try:
+        def counters():
+            stats = hub.controller_stats(cluster.client_file, 10)
+            assert stats is not None, "the controller stopped answering\n" + cluster.logs()
+            return stats["counters"]
+
         flood.connect(f"{info['interface']}:{info['notification']}")
         listener.settle()
-        before = cluster.query("pxf_stats_request", {}, 10)["content"]["counters"]
+        before = counters()
         t0 = time.monotonic()
         for i in range(2000):
             flood.setsockopt(zmq.SUBSCRIBE, b"flood")
             flood.setsockopt(zmq.UNSUBSCRIBE, b"flood")
-        def counters():
-            reply = cluster.query("pxf_stats_request", {}, 10)
-            assert reply is not None, "the controller stopped answering\n" + cluster.logs()
-            return reply["content"]["counters"]
-
         wait_until(lambda: counters()["in.notification"] - before["in.notification"] >= 1000, 20, 0.1,
                    "the controller to read the subscriptions")
         time.sleep(0.3)
